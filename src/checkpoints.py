@@ -1,0 +1,82 @@
+"""Reading and writing checkpoints: one format (Ultralytics' pickled-model dict), written atomically."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import tempfile
+from datetime import datetime
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable, or of the wrong model."""
+
+
+def load_model(path: str | Path) -> tuple[nn.Module, dict]:
+    """(FP32 model in eval mode, checkpoint dict) from any checkpoint this project or Ultralytics writes."""
+    from ultralytics.nn.tasks import load_checkpoint
+
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint not found: {p}")
+    try:
+        model, ckpt = load_checkpoint(p)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
+        raise CheckpointError(f"cannot read checkpoint {p}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    return model, ckpt
+
+
+def model_size_of(model: nn.Module) -> str | None:
+    """'n', 's', 'm', 'l' or 'x' for a YOLO11 model (from its yaml's scale or file name), None if unknown."""
+    y = getattr(model, "yaml", None) or {}
+    if y.get("scale") in ("n", "s", "m", "l", "x"):
+        return y["scale"]
+    m = re.search(r"yolo\d+([nslmx])", str(y.get("yaml_file", "")))
+    return m.group(1) if m else None
+
+
+def check_model_size(model: nn.Module, expected: str, source: str) -> None:
+    size = model_size_of(model)
+    if size is not None and size != expected:
+        raise CheckpointError(f"{source} is a yolo11{size} checkpoint, but the config asks for yolo11{expected} "
+                              f"(pass --model-size {size} or another checkpoint)")
+
+
+def atomic_save(obj, path: str | Path) -> Path:
+    """torch.save to a temporary file in the same folder, then rename: a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(buf.getvalue())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def save_stock_checkpoint(model: nn.Module, path: str | Path, train_args: dict | None = None, extra: dict | None = None) -> Path:
+    """Save `model` the way Ultralytics saves final weights (FP16 pickled model under 'model'), so that
+    `ultralytics.YOLO(path)` loads it on any machine. `model` must hold only Ultralytics / torch classes."""
+    from ultralytics import __version__
+
+    import copy
+
+    m = copy.deepcopy(model).half()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    if hasattr(m, "criterion"):
+        m.criterion = None
+    ckpt = {"model": m, "ema": None, "train_args": dict(train_args or {}), "date": datetime.now().isoformat(),
+            "version": __version__, "epoch": -1, "optimizer": None}
+    ckpt.update(extra or {})
+    return atomic_save(ckpt, path)

@@ -1,0 +1,207 @@
+"""The one configuration loader: YAML + OmegaConf interpolation, strict key validation, CLI overrides.
+
+Every root script calls `load_config(path, overrides)`; nothing else reads config files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+MODEL_SIZES = ("n", "s", "m", "l", "x")
+C2PSA_MODES = ("bitlinear_ttq", "bitlinear_standard")
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user must fix; the message says what and where."""
+
+
+@dataclass
+class BaseConfig:
+    checkpoint_dir: str = "checkpoints"  # stage outputs go to <checkpoint_dir>/yolo11<size>/<stage name>/
+    weights: str = "yolo11${model_size}.pt"  # starting FP checkpoint (Ultralytics downloads it when missing)
+    data: str = "coco.yaml"  # Ultralytics data yaml (name or path)
+
+
+@dataclass
+class QuantizationConfig:
+    threshold_rule: str = "mean"  # mean: Δ = t·mean|w| ; max: Δ = t·max|w| (the paper's rule)
+    scale_grad: str = "paper"  # paper: summed gradients ; normalized: mean / scale, clipped to ±1
+    per_channel: bool = False  # one Wp/Wn per output channel instead of per layer (beyond the paper)
+    act_bits: int = 8  # BitLinear activation bits (C2PSA stages)
+    act_per_token: bool = True  # BitLinear absmax per token (pixel) instead of per tensor
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    batch: int = 8
+    imgsz: int = 640
+    optimizer: str = "Adam"
+    lr0: float = 1.0e-4
+    lrf: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5.0e-4
+    warmup_epochs: float = 1.0
+    warmup_bias_lr: float = 0.0
+    patience: int = 20
+    scale_lr: float = 1.0e-4  # learning rate of the Wp/Wn (Ap/An) group
+    scale_weight_decay: float = 0.0
+    device: Optional[str] = None
+    workers: int = 8
+    seed: int = 0
+    deterministic: bool = True
+    amp: bool = True
+    val: bool = True
+    plots: bool = True
+    save_period: int = -1
+    ultralytics: Dict[str, Any] = field(default_factory=dict)  # any other Ultralytics train argument, passed through
+
+
+@dataclass
+class StageConfig:
+    name: str = "stage"
+    layers: List[int] = field(default_factory=list)  # layer indices of the model yaml to ternarise
+    include_1x1: bool = False
+    threshold: float = 0.7
+    c2psa: Optional[str] = None  # bitlinear_ttq | bitlinear_standard: replace the convs inside C2PSA
+    train: Dict[str, Any] = field(default_factory=dict)  # overrides of the top-level `train` for this stage
+
+
+@dataclass
+class ProjectConfig:
+    model_size: str = "n"
+    base: BaseConfig = field(default_factory=BaseConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    stages: List[StageConfig] = field(default_factory=list)
+
+
+_TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def _check_keys(node: Any, schema: type, where: str, source: str) -> None:
+    """Raise ConfigError for any key not in the dataclass schema, naming the key and the valid ones."""
+    if not isinstance(node, dict):
+        raise ConfigError(f"{source}: '{where or 'top level'}' must be a mapping, got {type(node).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key, value in node.items():
+        full = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            raise ConfigError(f"{source}: unknown config key '{full}'; valid keys here: {', '.join(fields)}")
+        sub = {"base": BaseConfig, "quantization": QuantizationConfig, "train": TrainConfig}.get(key)
+        if schema is ProjectConfig and sub is not None and value is not None:
+            _check_keys(value, sub, full, source)
+        elif schema is ProjectConfig and key == "stages":
+            if not isinstance(value, list):
+                raise ConfigError(f"{source}: 'stages' must be a list of stage mappings")
+            for i, stage in enumerate(value):
+                _check_keys(stage, StageConfig, f"stages[{i}]", source)
+        elif schema is StageConfig and key == "train" and value is not None:
+            for k in value:
+                if k not in _TRAIN_KEYS:
+                    raise ConfigError(
+                        f"{source}: unknown config key '{full}.{k}'; valid keys here: {', '.join(sorted(_TRAIN_KEYS))}"
+                    )
+
+
+def _validate_values(cfg: ProjectConfig, source: str) -> None:
+    from .quantization.ternary import SCALE_GRAD_MODES, THRESHOLD_RULES
+
+    if cfg.model_size not in MODEL_SIZES:
+        raise ConfigError(f"{source}: model_size must be one of {', '.join(MODEL_SIZES)}, got {cfg.model_size!r}")
+    if cfg.quantization.threshold_rule not in THRESHOLD_RULES:
+        raise ConfigError(f"{source}: quantization.threshold_rule must be one of {THRESHOLD_RULES}")
+    if cfg.quantization.scale_grad not in SCALE_GRAD_MODES:
+        raise ConfigError(f"{source}: quantization.scale_grad must be one of {SCALE_GRAD_MODES}")
+    names = [s.name for s in cfg.stages]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{source}: stage names must be unique, got {names}")
+    for s in cfg.stages:
+        if s.c2psa is not None and s.c2psa not in C2PSA_MODES:
+            raise ConfigError(f"{source}: stage '{s.name}' c2psa must be one of {C2PSA_MODES} or null")
+        if not 0 <= s.threshold < 10:
+            raise ConfigError(f"{source}: stage '{s.name}' threshold {s.threshold} is out of range [0, 10)")
+
+
+def load_config(path: str | Path | None, overrides: dict | None = None, dotlist: list[str] | None = None) -> ProjectConfig:
+    """Load a YAML config, apply overrides, resolve interpolation and validate.
+
+    `overrides` maps flat names to values: model_size, weights, data, checkpoint_dir and any `train` key (epochs,
+    imgsz, batch, device, ...). A train override applies to every stage (it replaces per-stage values too).
+    `dotlist` takes OmegaConf 'a.b=value' strings for anything else.
+    """
+    source = str(path) if path else "<defaults>"
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            raw = OmegaConf.to_container(OmegaConf.load(p), resolve=False) or {}
+        except (OmegaConfBaseException, ValueError, OSError) as e:
+            raise ConfigError(f"{source}: cannot parse YAML ({e})") from e
+    _check_keys(raw, ProjectConfig, "", source)
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(ProjectConfig), raw)
+        for item in dotlist or []:
+            key = item.split("=", 1)[0]
+            if OmegaConf.select(cfg, key, default="__missing__") == "__missing__" and not key.startswith(
+                ("train.ultralytics.", "stages[")
+            ):
+                raise ConfigError(f"{source}: unknown config key '{key}' in override '{item}'")
+            cfg.merge_with_dotlist([item])
+        for key, value in (overrides or {}).items():
+            if value is None:
+                continue
+            if key == "model_size":
+                cfg.model_size = value
+            elif key in ("weights", "data", "checkpoint_dir"):
+                cfg.base[key] = str(value)
+            elif key in _TRAIN_KEYS:
+                cfg.train[key] = value
+                for stage in cfg.stages:
+                    stage.train.pop(key, None)
+            else:
+                raise ConfigError(f"unknown override '{key}'")
+        OmegaConf.resolve(cfg)
+        obj = OmegaConf.to_object(cfg)
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{source}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+    _validate_values(obj, source)
+    return obj
+
+
+def stage_train_args(cfg: ProjectConfig, stage: StageConfig) -> dict:
+    """Effective training hyper-parameters of a stage: top-level `train` merged with the stage's own overrides."""
+    merged = dataclasses.asdict(cfg.train)
+    merged.update(stage.train or {})
+    extra = dict(cfg.train.ultralytics)
+    extra.update((stage.train or {}).get("ultralytics", {}) or {})
+    merged["ultralytics"] = extra
+    return merged
+
+
+def find_stage(cfg: ProjectConfig, key: int | str) -> tuple[int, StageConfig]:
+    """A stage by 1-based number or by name."""
+    if isinstance(key, str) and not key.isdigit():
+        for i, s in enumerate(cfg.stages):
+            if s.name == key:
+                return i, s
+        raise ConfigError(f"no stage named {key!r}; stages: {', '.join(s.name for s in cfg.stages)}")
+    n = int(key)
+    if not 1 <= n <= len(cfg.stages):
+        raise ConfigError(f"stage {n} does not exist; this config has stages 1..{len(cfg.stages)}")
+    return n - 1, cfg.stages[n - 1]
+
+
+def stage_dir(cfg: ProjectConfig, stage: StageConfig) -> Path:
+    """<checkpoint_dir>/yolo11<size>/<stage name>"""
+    return Path(cfg.base.checkpoint_dir) / f"yolo11{cfg.model_size}" / stage.name

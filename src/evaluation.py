@@ -1,0 +1,30 @@
+"""Validation through Ultralytics' own validator, for FP and every checkpoint this project writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .checkpoints import CheckpointError, load_model
+
+
+def validate(checkpoint: str | Path, data: str, imgsz: int = 640, batch: int = 16, device: str | None = None,
+             split: str = "val", plots: bool = False, verbose: bool = False, project: str | None = None) -> dict:
+    """mAP50, mAP50-95, precision and recall of a checkpoint on `data` (Ultralytics DetectionValidator)."""
+    from ultralytics import YOLO
+
+    if data.endswith((".yaml", ".yml")) and ("/" in data or "\\" in data) and not Path(data).is_file():
+        raise FileNotFoundError(f"data yaml not found: {data}")
+    load_model(checkpoint)  # one clear error for a missing or unreadable file
+    try:
+        model = YOLO(str(checkpoint))
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"cannot load {checkpoint} with Ultralytics: {e}") from e
+    kwargs = dict(data=data, imgsz=imgsz, batch=batch, split=split, plots=plots, verbose=verbose)
+    if device is not None:
+        kwargs["device"] = device
+    if project:
+        kwargs["project"] = project
+    m = model.val(**kwargs)
+    p, r, map50, map5095 = m.box.mean_results()
+    return {"checkpoint": str(checkpoint), "data": data, "imgsz": imgsz, "batch": batch, "split": split,
+            "precision": float(p), "recall": float(r), "mAP50": float(map50), "mAP50-95": float(map5095)}

@@ -1,0 +1,1 @@
+"""Quantized drop-in modules and the math behind them."""

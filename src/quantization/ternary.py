@@ -1,0 +1,141 @@
+"""Pure quantization math: thresholds, TTQ ternarisation, BitNet absmean weights, absmax activations.
+
+Nothing here knows about models, files or Ultralytics. Every function works on tensors only.
+
+TTQ (Zhu et al. 2016, arXiv:1612.01064): a latent weight w is mapped to
+    w_t = +Wp  where w >  Δ
+    w_t =  0   where |w| <= Δ
+    w_t = -Wn  where w < -Δ
+with learned positive scales Wp, Wn. Gradients (paper, eq. 7-8), with g = dL/dw_t:
+    dL/dWp =  Σ_{w>Δ} g        dL/dWn = -Σ_{w<-Δ} g
+    dL/dw  = Wp·g on {w>Δ},  g on {|w|<=Δ},  Wn·g on {w<-Δ}
+Wp/Wn may be scalars (one per layer, as in the paper) or per-output-channel tensors of shape (C_out, 1, 1, 1).
+"""
+
+from __future__ import annotations
+
+import torch
+
+THRESHOLD_RULES = ("mean", "max")
+SCALE_GRAD_MODES = ("paper", "normalized")
+
+
+def ternary_threshold(weight: torch.Tensor, factor: float, rule: str = "mean") -> torch.Tensor:
+    """Δ = factor · mean|w| (rule 'mean') or factor · max|w| (rule 'max', the paper's). No gradient flows through Δ."""
+    w = weight.detach().abs()
+    if rule == "mean":
+        return factor * w.mean()
+    if rule == "max":
+        return factor * w.max()
+    raise ValueError(f"unknown threshold rule {rule!r}; valid rules: {', '.join(THRESHOLD_RULES)}")
+
+
+def ternary_masks(weight: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boolean masks of the positive set {w > Δ} and the negative set {w < -Δ}."""
+    return weight > delta, weight < -delta
+
+
+def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Sum `t` down to `shape` (a scalar-like shape sums everything; (C,1,1,1) sums per output channel)."""
+    if len(shape) == 0 or all(s == 1 for s in shape):
+        return t.sum().reshape(shape)
+    dims = tuple(d for d, s in enumerate(shape) if s == 1)
+    return t.sum(dim=dims, keepdim=True)
+
+
+def initial_scales(weight: torch.Tensor, delta: torch.Tensor, per_channel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Wp, Wn initialised as mean|w| over the positive and negative sets (falls back to Δ for an empty set)."""
+    w = weight.detach()
+    pos, neg = ternary_masks(w, delta)
+    shape = (w.shape[0],) + (1,) * (w.dim() - 1) if per_channel else ()
+    pos_sum, pos_n = _sum_to(w * pos, torch.Size(shape)), _sum_to(pos.to(w.dtype), torch.Size(shape))
+    neg_sum, neg_n = _sum_to(-w * neg, torch.Size(shape)), _sum_to(neg.to(w.dtype), torch.Size(shape))
+    fallback = torch.as_tensor(delta, dtype=w.dtype, device=w.device).clamp_min(1e-8)
+    wp = torch.where(pos_n > 0, pos_sum / pos_n.clamp_min(1), fallback)
+    wn = torch.where(neg_n > 0, neg_sum / neg_n.clamp_min(1), fallback)
+    return wp, wn
+
+
+def ttq_scale_grads(
+    grad: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, wp: torch.Tensor, wn: torch.Tensor, mode: str = "paper"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of Wp and Wn. 'paper': sums over the sets. 'normalized': means over the sets, divided by the
+    current scale and clipped to [-1, 1] (keeps the scale step independent of layer size and scale magnitude)."""
+    gp = _sum_to(grad * pos, wp.shape)
+    gn = -_sum_to(grad * neg, wn.shape)
+    if mode == "paper":
+        return gp, gn
+    if mode == "normalized":
+        np_ = _sum_to(pos.to(grad.dtype), wp.shape).clamp_min(1)
+        nn_ = _sum_to(neg.to(grad.dtype), wn.shape).clamp_min(1)
+        return (gp / np_ / wp.detach().abs().clamp_min(1e-8)).clamp(-1, 1), (
+            gn / nn_ / wn.detach().abs().clamp_min(1e-8)
+        ).clamp(-1, 1)
+    raise ValueError(f"unknown scale-gradient mode {mode!r}; valid modes: {', '.join(SCALE_GRAD_MODES)}")
+
+
+class TTQTernarize(torch.autograd.Function):
+    """w_t = Wp·[w>Δ] − Wn·[w<−Δ], with the paper's backward (see module docstring)."""
+
+    @staticmethod
+    def forward(ctx, weight, wp, wn, delta, mode="paper"):
+        pos, neg = ternary_masks(weight, delta)
+        ctx.save_for_backward(pos, neg, wp, wn)
+        ctx.mode = mode
+        return wp * pos - wn * neg
+
+    @staticmethod
+    def backward(ctx, grad):
+        pos, neg, wp, wn = ctx.saved_tensors
+        grad_w = grad * torch.where(pos, wp, torch.where(neg, wn, torch.ones_like(wp)))
+        grad_wp, grad_wn = ttq_scale_grads(grad, pos, neg, wp, wn, ctx.mode)
+        return grad_w, grad_wp, grad_wn, None, None
+
+
+def ttq_ternarize(
+    weight: torch.Tensor, wp: torch.Tensor, wn: torch.Tensor, factor: float, rule: str = "mean", mode: str = "paper"
+) -> torch.Tensor:
+    """Ternary shadow of `weight` with learned scales: threshold from the latent weight, then TTQTernarize."""
+    delta = ternary_threshold(weight, factor, rule)
+    return TTQTernarize.apply(weight, wp, wn, delta, mode)
+
+
+class _RoundSTE(torch.autograd.Function):
+    """round() with identity gradient (straight-through estimator)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    return _RoundSTE.apply(x)
+
+
+def absmean_ternarize(weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """BitNet b1.58 weights: β = mean|W|, W_q = clip(round(W/β), −1, 1)·β; straight-through to the latent W.
+
+    β is computed from the current weight and is not learned (no gradient through β)."""
+    beta = weight.detach().abs().mean().clamp_min(eps)
+    q = (weight / beta).round().clamp(-1, 1) * beta
+    return weight + (q - weight).detach()
+
+
+def absmax_scale(x: torch.Tensor, per_token: bool = True, dim: int = 1, eps: float = 1e-5) -> torch.Tensor:
+    """γ = max|x| per token (over `dim`, kept for broadcasting) or over the whole tensor; never below eps."""
+    a = x.detach().abs()
+    g = a.amax(dim=dim, keepdim=True) if per_token else a.amax()
+    return g.clamp_min(eps)
+
+
+def absmax_quantize(x: torch.Tensor, bits: int = 8, per_token: bool = True, dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer codes x_q = clip(round(x·Q/γ), −Q−1, Q) with Q = 2^(bits−1)−1, and γ. STE through the rounding
+    (the clip has zero gradient outside its range, which absmax never reaches)."""
+    q = 2 ** (bits - 1) - 1
+    gamma = absmax_scale(x, per_token, dim)
+    codes = round_ste(x * (q / gamma)).clamp(-q - 1, q)
+    return codes, gamma

@@ -1,0 +1,125 @@
+"""ShadowTrainer: Ultralytics' DetectionTrainer with quantized layers installed into the model.
+
+Everything else (data pipeline, augmentation, EMA, AMP, warm-up, validation, checkpoints, resume, loggers, plots,
+DDP) is Ultralytics' own. The stage plan travels in `args.ttq` (a plain dict), so it survives Ultralytics' DDP
+re-launch, which rebuilds the trainer from `vars(trainer.args)`, and resume, which rebuilds it from the checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ultralytics.models.yolo.detect import DetectionTrainer
+from ultralytics.utils import DEFAULT_CFG, LOGGER, RANK
+from ultralytics.utils.torch_utils import unwrap_model
+
+from ..checkpoints import load_model, save_stock_checkpoint
+from ..quantization.shadow_weight_manager import LayerPlan, ShadowWeightManager, scale_parameters
+
+PLAN_KEY = "ttq"
+TERNARY_EXPORT_NAME = "ternary.pt"
+
+
+def make_stage_plan(stage, quant, train_args: dict) -> dict:
+    """The plain-dict plan a trainer needs for one stage (from config dataclasses)."""
+    return {
+        "stage": stage.name,
+        "layers": list(stage.layers),
+        "include_1x1": bool(stage.include_1x1),
+        "threshold": float(stage.threshold),
+        "rule": quant.threshold_rule,
+        "scale_grad": quant.scale_grad,
+        "per_channel": bool(quant.per_channel),
+        "c2psa": stage.c2psa,
+        "act_bits": int(quant.act_bits),
+        "act_per_token": bool(quant.act_per_token),
+        "scale_lr": float(train_args["scale_lr"]),
+        "scale_weight_decay": float(train_args["scale_weight_decay"]),
+    }
+
+
+def install_stage(model, plan: dict) -> list[str]:
+    """Install what one stage plan adds (TTQ convs, and BitLinear in C2PSA when asked). Returns new paths."""
+    manager = ShadowWeightManager(model)
+    added = manager.install(
+        LayerPlan(tuple(plan.get("layers", ())), plan.get("include_1x1", False), plan.get("threshold", 0.7),
+                  plan.get("rule", "mean"), plan.get("scale_grad", "paper"), plan.get("per_channel", False))
+    )
+    if plan.get("c2psa"):
+        from ..quantization.c2psa_replace import replace_c2psa
+
+        added += replace_c2psa(model, plan["c2psa"], threshold=plan.get("threshold", 0.7),
+                               act_bits=plan.get("act_bits", 8), per_token=plan.get("act_per_token", True),
+                               rule=plan.get("rule", "mean"), scale_grad=plan.get("scale_grad", "paper"))
+    return added
+
+
+class ShadowTrainer(DetectionTrainer):
+    """DetectionTrainer that trains a model with ternary (TTQ / BitLinear) layers.
+
+    Every network parameter keeps training; the learned scales get their own optimizer group
+    (lr = plan['scale_lr'], weight decay = plan['scale_weight_decay']).
+    """
+
+    def __init__(self, cfg=DEFAULT_CFG, overrides=None, _callbacks=None):
+        overrides = dict(overrides or {})
+        plan = overrides.pop(PLAN_KEY, None)  # not an Ultralytics key: keep it out of their validation
+        super().__init__(cfg, overrides, _callbacks)
+        if plan is None:  # resume: the plan comes back with the checkpoint's train_args
+            plan = getattr(self.args, PLAN_KEY, None)
+        if plan is None:
+            raise ValueError(f"ShadowTrainer needs a '{PLAN_KEY}' plan in its overrides")
+        self.plan = dict(plan)
+        setattr(self.args, PLAN_KEY, self.plan)  # saved in args.yaml, checkpoints and the DDP state file
+
+    def get_validator(self):
+        """Ultralytics' validator re-validates the args it is given, so it gets them without the plan."""
+        plan = self.args.__dict__.pop(PLAN_KEY, None)
+        try:
+            return super().get_validator()
+        finally:
+            setattr(self.args, PLAN_KEY, plan)
+
+    def get_model(self, cfg=None, weights=None, verbose=True):
+        """Fresh model from the yaml; the checkpoint's quantized modules re-installed; its weights loaded;
+        then this stage's new layers installed, initialised from the loaded (pretrained) weights."""
+        model = super().get_model(cfg=cfg, weights=None, verbose=verbose)
+        if weights is not None:
+            ShadowWeightManager(model).replicate_from(weights)
+            model.load(weights, verbose=verbose)
+        added = install_stage(model, self.plan)
+        if verbose and RANK in {-1, 0}:
+            q = ShadowWeightManager(model).quantized
+            LOGGER.info(f"TTQ stage '{self.plan.get('stage')}': {len(added)} modules added, {len(q)} quantized in total")
+        return model
+
+    def build_optimizer(self, model, name="auto", lr=0.001, momentum=0.9, decay=1e-5, iterations=1e5):
+        optimizer = super().build_optimizer(model, name, lr, momentum, decay, iterations)
+        scales = scale_parameters(unwrap_model(model))
+        ids = {id(p) for p in scales}
+        for group in optimizer.param_groups:
+            group["params"] = [p for p in group["params"] if id(p) not in ids]
+        if scales:
+            optimizer.add_param_group({"params": scales, "lr": self.plan.get("scale_lr", lr),
+                                       "weight_decay": self.plan.get("scale_weight_decay", 0.0),
+                                       "param_group": "ttq_scales"})
+            LOGGER.info(f"optimizer: + {len(scales)} ternary scales (lr={self.plan.get('scale_lr', lr)}, "
+                        f"decay={self.plan.get('scale_weight_decay', 0.0)})")
+        return optimizer
+
+    def final_eval(self):
+        super().final_eval()
+        if RANK in {-1, 0}:
+            self.export_ternary()
+
+    def export_ternary(self) -> Path | None:
+        """Write <save_dir>/ternary.pt: the best (else last) weights with TTQ convs as plain three-valued convs."""
+        src = self.best if self.best.exists() else self.last
+        if not src.exists():
+            return None
+        model, ckpt = load_model(src)
+        out = Path(self.save_dir) / TERNARY_EXPORT_NAME
+        save_stock_checkpoint(ShadowWeightManager(model).export_ternary(), out,
+                              train_args=ckpt.get("train_args"), extra={"ternary_source": str(src)})
+        LOGGER.info(f"Ternary export saved to {out}")
+        return out

@@ -1,0 +1,103 @@
+"""Running one stage of a config: where it starts, what it adds, where its outputs go."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..checkpoints import CheckpointError, check_model_size, load_model
+from ..config import ConfigError, ProjectConfig, find_stage, stage_dir, stage_train_args
+from ..quantization.shadow_weight_manager import PlanError, plan_layers_in, select_convs
+from .shadow_trainer import TERNARY_EXPORT_NAME, ShadowTrainer, make_stage_plan
+
+# Ultralytics train arguments taken from the config's `train` section
+_PASSED_TRAIN_KEYS = ("epochs", "batch", "imgsz", "optimizer", "lr0", "lrf", "momentum", "weight_decay",
+                      "warmup_epochs", "warmup_bias_lr", "patience", "device", "workers", "seed", "deterministic",
+                      "amp", "val", "plots", "save_period")
+
+
+def stage_outputs(cfg: ProjectConfig, stage) -> dict:
+    d = stage_dir(cfg, stage)
+    return {"dir": d, "best": d / "weights" / "best.pt", "last": d / "weights" / "last.pt",
+            "ternary": d / TERNARY_EXPORT_NAME}
+
+
+def _local_path_required(value: str) -> bool:
+    return os.sep in value or value.startswith(".")
+
+
+
+
+
+def resolve_start(cfg: ProjectConfig, index: int, start: str | None) -> str:
+    """The checkpoint a stage starts from: `start` if given, the FP weights for the first stage, else the previous
+    stage's best (training) checkpoint, which must exist."""
+    if start:
+        if not Path(start).is_file():
+            raise CheckpointError(f"starting checkpoint not found: {start}")
+        return str(start)
+    if index == 0:
+        w = cfg.base.weights
+        if _local_path_required(w) and not Path(w).is_file():
+            raise CheckpointError(f"weights not found: {w} (pass --weights PATH, or a bare name such as "
+                                  f"yolo11{cfg.model_size}.pt to download it)")
+        return w
+    prev = cfg.stages[index - 1]
+    out = stage_outputs(cfg, prev)
+    for key in ("best", "last"):
+        if out[key].is_file():
+            return str(out[key])
+    raise CheckpointError(f"stage {index + 1} ({cfg.stages[index].name}) starts from stage {index} "
+                          f"({prev.name}), whose output {out['best']} does not exist: train stage {index} first")
+
+
+def check_start(cfg: ProjectConfig, index: int, start: str) -> None:
+    """Readable, right size, holds the earlier stages' ternary layers, and the plan fits the model."""
+    if not Path(start).is_file():
+        return  # a bare name that Ultralytics downloads; checked once it exists
+    model, _ = load_model(start)
+    check_model_size(model, cfg.model_size, start)
+    stage = cfg.stages[index]
+    select_convs(model, stage.layers, stage.include_1x1)  # raises PlanError for a layer the model lacks
+    have = plan_layers_in(model)
+    need = {i for s in cfg.stages[:index] for i in s.layers}
+    missing = need - have
+    if missing and index > 0:
+        raise PlanError(f"{start} does not hold ternary layers {sorted(missing)} of the earlier stages; "
+                        f"start stage {index + 1} from stage {index}'s output")
+
+
+def check_data(data: str) -> None:
+    if (data.endswith((".yaml", ".yml")) and _local_path_required(data)) and not Path(data).is_file():
+        raise ConfigError(f"data yaml not found: {data}")
+
+
+def trainer_overrides(cfg: ProjectConfig, index: int, start: str) -> dict:
+    stage = cfg.stages[index]
+    targs = stage_train_args(cfg, stage)
+    over = {k: targs[k] for k in _PASSED_TRAIN_KEYS if targs.get(k) is not None}
+    over.update(targs.get("ultralytics") or {})
+    out = stage_outputs(cfg, stage)
+    over.update(model=start, data=cfg.base.data, project=str(out["dir"].parent.resolve()), name=stage.name,
+                exist_ok=True, ttq=make_stage_plan(stage, cfg.quantization, targs))
+    return over
+
+
+def train_stage(cfg: ProjectConfig, stage_key, start: str | None = None, resume: bool = False,
+                callbacks: dict | None = None) -> dict:
+    """Train one stage (resuming its last.pt if `resume`). Returns the output paths and final metrics."""
+    index, stage = find_stage(cfg, stage_key)
+    out = stage_outputs(cfg, stage)
+    check_data(cfg.base.data)
+    if resume:
+        if not out["last"].is_file():
+            raise CheckpointError(f"nothing to resume: {out['last']} does not exist")
+        over = trainer_overrides(cfg, index, str(out["last"]))
+        over["resume"] = str(out["last"])
+    else:
+        start = resolve_start(cfg, index, start)
+        check_start(cfg, index, start)
+        over = trainer_overrides(cfg, index, start)
+    trainer = ShadowTrainer(overrides=over, _callbacks=callbacks)
+    trainer.train()
+    return {**{k: str(v) for k, v in out.items()}, "metrics": dict(trainer.metrics or {})}
