@@ -98,6 +98,24 @@ def train_stage(cfg: ProjectConfig, stage_key, start: str | None = None, resume:
         start = resolve_start(cfg, index, start)
         check_start(cfg, index, start)
         over = trainer_overrides(cfg, index, start)
-    trainer = ShadowTrainer(overrides=over, _callbacks=callbacks)
+    trainer = ShadowTrainer(overrides=over)
+    for event, fn in (callbacks or {}).items():
+        trainer.add_callback(event, fn)
     trainer.train()
     return {**{k: str(v) for k, v in out.items()}, "metrics": dict(trainer.metrics or {})}
+
+
+def post_training_ternary(cfg: ProjectConfig, stage_indices, start: str, out: str | Path) -> Path:
+    """Ternarise the layers of the given stages (0-based indices) of an FP checkpoint without training, and save
+    the stock ternary export (Wp/Wn initialised from the weights, as TTQ training starts)."""
+    from ..checkpoints import save_stock_checkpoint
+    from ..quantization.shadow_weight_manager import LayerPlan, ShadowWeightManager
+
+    model, ckpt = load_model(start)
+    manager = ShadowWeightManager(model)
+    q = cfg.quantization
+    for i in stage_indices:
+        s = cfg.stages[i]
+        manager.install(LayerPlan(tuple(s.layers), s.include_1x1, s.threshold, q.threshold_rule, q.scale_grad,
+                                  q.per_channel))
+    return save_stock_checkpoint(manager.export_ternary(), out, train_args=ckpt.get("train_args"))

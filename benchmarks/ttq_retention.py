@@ -1,0 +1,98 @@
+#!/usr/bin/env python
+"""Retention benchmark: how much accuracy progressive TTQ keeps on a fixed small budget.
+
+Budget (fixed): ../shared yolo11n, 128 coco128 train images, 128 val images, imgsz 320, batch 16, CPU,
+--epochs per stage (10), stages 1 -> 2 -> 3 cumulatively. Prints a table and writes JSON with:
+FP baseline; post-training ternarisation (no training) of each cumulative stage and of stages 2 and 3 alone;
+mAP after training each stage; seconds per training epoch.
+
+  python benchmarks/ttq_retention.py --out benchmarks/results/ttq_retention.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from pathlib import Path
+
+from common import REPO, SHARED_DATA, SHARED_WEIGHTS, print_table, provenance, require, write_json
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", default=str(SHARED_WEIGHTS))
+    p.add_argument("--data", default=str(SHARED_DATA))
+    p.add_argument("--config", default=str(REPO / "configs" / "stage1_progressive.yaml"))
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--imgsz", type=int, default=320)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--stages", type=int, default=3, help="train stages 1..N")
+    p.add_argument("--set", dest="dotlist", action="append", default=[], help="config override KEY=VALUE")
+    p.add_argument("--skip-ptq", action="store_true", help="skip the post-training ternarisation rows")
+    p.add_argument("--workdir", default=str(REPO / "benchmarks" / "work" / "retention"))
+    p.add_argument("--tag", default="", help="label stored in the JSON")
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "ttq_retention.json"))
+    a = p.parse_args()
+
+    from src.config import load_config
+    from src.evaluation import validate
+    from src.training.stages import post_training_ternary, stage_outputs, train_stage
+
+    weights, data = require(a.weights, "weights"), require(a.data, "data yaml")
+    work = Path(a.workdir)
+    shutil.rmtree(work / "checkpoints", ignore_errors=True)  # never continue from an earlier run's stages
+    cfg = load_config(a.config, {"weights": str(weights), "data": str(data), "epochs": a.epochs, "imgsz": a.imgsz,
+                                 "batch": a.batch, "device": "cpu", "checkpoint_dir": str(work / "checkpoints")},
+                      a.dotlist)
+    val = lambda ckpt: validate(ckpt, str(data), a.imgsz, 16, "cpu", project=str(work / "val"))  # noqa: E731
+    result = {"benchmark": "ttq_retention", "tag": a.tag, "provenance": provenance(),
+              "budget": {"weights": str(weights), "data": str(data), "epochs_per_stage": a.epochs,
+                         "imgsz": a.imgsz, "batch": a.batch, "device": "cpu"},
+              "config_overrides": a.dotlist, "rows": []}
+    rows = result["rows"]
+
+    def add(row):
+        rows.append(row)
+        write_json(result, a.out)
+        print(f"[retention] {row['name']}: mAP50 {row['mAP50']:.4f}  mAP50-95 {row['mAP50-95']:.4f}", flush=True)
+
+    base = val(str(weights))
+    add({"name": "FP baseline", "kind": "fp", "mAP50": base["mAP50"], "mAP50-95": base["mAP50-95"]})
+    if not a.skip_ptq:
+        plans = [("PTQ stage 1", [0]), ("PTQ stages 1-2", [0, 1]), ("PTQ stages 1-3", [0, 1, 2]),
+                 ("PTQ stage 2 alone", [1]), ("PTQ stage 3 alone", [2])]
+        for name, idx in plans:
+            if max(idx) >= len(cfg.stages):
+                continue
+            out = post_training_ternary(cfg, idx, str(weights), work / "ptq" / f"ptq_{'_'.join(map(str, idx))}.pt")
+            m = val(str(out))
+            add({"name": name, "kind": "ptq", "stages": [i + 1 for i in idx], "mAP50": m["mAP50"],
+                 "mAP50-95": m["mAP50-95"]})
+
+    for n in range(1, min(a.stages, len(cfg.stages)) + 1):
+        times: list[float] = []
+        t0 = {}
+        cbs = {"on_train_epoch_start": lambda tr: t0.__setitem__("t", time.perf_counter()),
+               "on_train_epoch_end": lambda tr: times.append(time.perf_counter() - t0["t"])}
+        start = time.perf_counter()
+        train_stage(cfg, n, start=None, callbacks=cbs)
+        wall = time.perf_counter() - start
+        out = stage_outputs(cfg, cfg.stages[n - 1])
+        m = val(str(out["ternary"]))
+        add({"name": f"TTQ stages 1-{n}" if n > 1 else "TTQ stage 1", "kind": "trained", "stage": n,
+             "mAP50": m["mAP50"], "mAP50-95": m["mAP50-95"], "epochs": a.epochs,
+             "sec_per_epoch": sum(times) / max(len(times), 1), "stage_wall_s": wall, "ternary_export": str(out["ternary"])})
+
+    fp = base["mAP50-95"]
+    for r in rows:
+        r["retention"] = r["mAP50-95"] / fp if fp else None
+    write_json(result, a.out)
+    print()
+    print_table(rows, [("name", "model", "s"), ("mAP50", "mAP50", ".4f"), ("mAP50-95", "mAP50-95", ".4f"),
+                       ("retention", "kept", ".1%"), ("sec_per_epoch", "s/epoch", ".1f")])
+    print(f"\nJSON: {a.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Shared fixtures: ../shared discovery (skip when absent), a tiny generated YOLO dataset, models from yaml."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("YOLO_VERBOSE", "False")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+SHARED = REPO.parent / "shared"
+SHARED_WEIGHTS = SHARED / "weights" / "yolo11n.pt"
+SHARED_DATA = SHARED / "datasets" / "coco128" / "coco128.yaml"
+
+
+@pytest.fixture(scope="session")
+def shared_weights() -> Path:
+    if not SHARED_WEIGHTS.is_file():
+        pytest.skip(f"needs ../shared weights at {SHARED_WEIGHTS}")
+    return SHARED_WEIGHTS
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_file():
+        pytest.skip(f"needs ../shared coco128 at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+def make_tiny_dataset(root: Path, n_train: int = 8, n_val: int = 4, size: int = 64, nc: int = 2, seed: int = 0) -> Path:
+    """Images with bright rectangles on noise and YOLO labels for them; returns the data yaml path."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("val", n_val)):
+        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+        (root / "labels" / split).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            img = (rng.random((size, size, 3)) * 60).astype(np.uint8)
+            lines = []
+            for _ in range(int(rng.integers(1, 3))):
+                c = int(rng.integers(0, nc))
+                w, h = rng.integers(size // 5, size // 2, 2)
+                x0, y0 = rng.integers(0, size - w), rng.integers(0, size - h)
+                color = (255, 64, 64) if c == 0 else (64, 255, 64)
+                img[y0:y0 + h, x0:x0 + w] = color
+                lines.append(f"{c} {(x0 + w / 2) / size:.6f} {(y0 + h / 2) / size:.6f} {w / size:.6f} {h / size:.6f}")
+            cv2.imwrite(str(root / "images" / split / f"{i:03d}.jpg"), img)
+            (root / "labels" / split / f"{i:03d}.txt").write_text("\n".join(lines) + "\n")
+    yaml_path = root / "tiny.yaml"
+    names = "\n".join(f"  {i}: c{i}" for i in range(nc))
+    yaml_path.write_text(f"path: {root}\ntrain: images/train\nval: images/val\nnames:\n{names}\n")
+    return yaml_path
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    return make_tiny_dataset(tmp_path_factory.mktemp("tiny_data"))
+
+
+@pytest.fixture(scope="session")
+def tiny_fp_checkpoint(tmp_path_factory, tiny_data) -> Path:
+    """A yolo11n built from Ultralytics' yaml (random init, nc=2), saved as an Ultralytics checkpoint."""
+    import torch
+    from ultralytics.nn.tasks import DetectionModel
+
+    from src.checkpoints import save_stock_checkpoint
+
+    torch.manual_seed(0)
+    model = DetectionModel("yolo11n.yaml", nc=2, verbose=False)
+    model.names = {0: "c0", 1: "c1"}
+    model.args = {"imgsz": 64}
+    path = tmp_path_factory.mktemp("tiny_ckpt") / "yolo11n_tiny.pt"
+    save_stock_checkpoint(model, path)
+    return path
+
+
+def build_model(name: str = "yolo11n.yaml", nc: int = 80):
+    from ultralytics.nn.tasks import DetectionModel
+
+    return DetectionModel(name, nc=nc, verbose=False)
