@@ -133,9 +133,11 @@ def absmax_scale(x: torch.Tensor, per_token: bool = True, dim: int = 1, eps: flo
 
 
 def absmax_quantize(x: torch.Tensor, bits: int = 8, per_token: bool = True, dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Integer codes x_q = clip(round(x·Q/γ), −Q−1, Q) with Q = 2^(bits−1)−1, and γ. STE through the rounding
-    (the clip has zero gradient outside its range, which absmax never reaches)."""
+    """Integer codes x_q = clip(round(x·Q/γ), −Q−1, Q) with Q = 2^(bits−1)−1, and γ. Straight-through estimator
+    for round and clip together: with γ = max|x| the clip never cuts, and the max element itself (which lands on
+    the clip boundary) keeps its gradient."""
     q = 2 ** (bits - 1) - 1
     gamma = absmax_scale(x, per_token, dim)
-    codes = round_ste(x * (q / gamma)).clamp(-q - 1, q)
+    scaled = x * (q / gamma)
+    codes = scaled + (torch.round(scaled).clamp(-q - 1, q) - scaled).detach()
     return codes, gamma

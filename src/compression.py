@@ -1,0 +1,107 @@
+"""Theoretical model sizes and compression ratios, coverage, and per-layer rows: pure functions over a model.
+
+Ternary layers are judged from the weights themselves (src.report.conv_rows). The original reports' definition:
+baseline at 32 bits per parameter; quantized model at 2 bits per ternary weight and 32 bits per other parameter.
+Parameters are the model's parameters without the learned ternary scales (Wp/Wn, Ap/An), as in src.report.totals.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from .report import conv_rows, totals
+
+LOG2_3 = math.log2(3)
+
+
+@dataclass(frozen=True)
+class BitBudget:
+    """Bits per parameter: of the baseline, of a ternary weight, of every other parameter of the quantized model."""
+
+    name: str
+    baseline_bits: float
+    ternary_bits: float
+    other_bits: float
+
+
+BUDGETS = (
+    BitBudget("paper: FP32 baseline, 2-bit ternary", 32, 2, 32),
+    BitBudget("FP32 baseline, log2(3)-bit ternary", 32, LOG2_3, 32),
+    BitBudget("FP16 baseline, 2-bit ternary", 16, 2, 16),
+    BitBudget("FP16 baseline, log2(3)-bit ternary", 16, LOG2_3, 16),
+)
+
+
+def model_bits(params: int, ternary_params: int, ternary_bits: float, other_bits: float) -> float:
+    """Size in bits of a model with `params` parameters of which `ternary_params` are ternary."""
+    if not 0 <= ternary_params <= params:
+        raise ValueError(f"ternary parameters ({ternary_params}) must be between 0 and the total ({params})")
+    return ternary_params * ternary_bits + (params - ternary_params) * other_bits
+
+
+def compression_ratio(baseline_params: int, params: int, ternary_params: int, budget: BitBudget = BUDGETS[0]) -> float:
+    """Baseline bits / quantized bits under a bit budget."""
+    return (baseline_params * budget.baseline_bits) / model_bits(params, ternary_params, budget.ternary_bits,
+                                                                 budget.other_bits)
+
+
+def count(model: nn.Module) -> dict:
+    """Parameter and conv counts, ternary ones judged from the weights (see src.report.totals)."""
+    return totals(model, conv_rows(model))
+
+
+def layer_rows(model: nn.Module, budget: BitBudget = BUDGETS[0]) -> list[dict]:
+    """One row per yaml layer (model.model[i]): type, parameters, ternary parameters, convs, ternary convs, and the
+    bits this layer takes under `budget` (Wp/Wn and other learned scales are not counted as parameters)."""
+    from .quantization.shadow_weight_manager import scale_parameters
+
+    scale_ids = {id(p) for p in scale_parameters(model)}
+    by_layer: dict[int, list[dict]] = {}
+    for r in conv_rows(model):
+        if r["layer"] is not None:
+            by_layer.setdefault(r["layer"], []).append(r)
+    rows = []
+    for i, layer in enumerate(model.model):
+        params = sum(p.numel() for p in layer.parameters() if id(p) not in scale_ids)
+        convs = by_layer.get(i, [])
+        tern = sum(r["params"] for r in convs if r["ternary"])
+        rows.append({"layer": i, "type": type(layer).__name__, "params": params, "ternary_params": tern,
+                     "convs": len(convs), "ternary_convs": sum(r["ternary"] for r in convs),
+                     "bits": model_bits(params, tern, budget.ternary_bits, budget.other_bits)})
+    return rows
+
+
+def coverage(counts: dict) -> dict:
+    """Share of parameters and of convs that are ternary, in percent."""
+    return {"ternary_param_pct": counts["ternary_param_pct"], "ternary_conv_pct": counts["ternary_conv_pct"]}
+
+
+def theoretical_sizes(baseline_params: int, params: int, ternary_params: int, budgets=BUDGETS) -> list[dict]:
+    """For each bit budget: baseline and quantized size in bytes, and their ratio."""
+    out = []
+    for b in budgets:
+        base = baseline_params * b.baseline_bits / 8
+        quant = model_bits(params, ternary_params, b.ternary_bits, b.other_bits) / 8
+        out.append({"budget": b.name, "baseline_bits_per_param": b.baseline_bits,
+                    "ternary_bits": b.ternary_bits, "other_bits": b.other_bits,
+                    "baseline_bytes": base, "quantized_bytes": quant, "ratio": base / quant})
+    return out
+
+
+def stock_ternary_model(model: nn.Module) -> nn.Module:
+    """The model with every quantized training module (TTQConv2d, ...) replaced by its stock export; the model
+    itself if it holds none."""
+    from .quantization.shadow_weight_manager import ShadowWeightManager, quantized_modules
+
+    return ShadowWeightManager(model).export_ternary() if quantized_modules(model) else model
+
+
+def size_report(baseline: nn.Module, quantized: nn.Module) -> dict:
+    """Counts, per-layer rows, coverage and theoretical sizes of a baseline and a quantized model."""
+    cb, cq = count(baseline), count(quantized)
+    return {"baseline": {"counts": cb, "layers": layer_rows(baseline)},
+            "quantized": {"counts": cq, "layers": layer_rows(quantized), "coverage": coverage(cq)},
+            "theoretical": theoretical_sizes(cb["params"], cq["params"], cq["ternary_params"])}
