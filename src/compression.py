@@ -105,3 +105,83 @@ def size_report(baseline: nn.Module, quantized: nn.Module) -> dict:
     return {"baseline": {"counts": cb, "layers": layer_rows(baseline)},
             "quantized": {"counts": cq, "layers": layer_rows(quantized), "coverage": coverage(cq)},
             "theoretical": theoretical_sizes(cb["params"], cq["params"], cq["ternary_params"])}
+
+
+# ------------------------------------------------------------------------------------------ checkpoints and files
+def _architecture(model: nn.Module) -> tuple:
+    y = getattr(model, "yaml", None) or {}
+    return (y.get("nc"), y.get("scale"), repr(y.get("backbone")), repr(y.get("head")))
+
+
+def load_pair(baseline_path, quantized_path) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """(baseline model, quantized model as stored, its stock ternary form) from two checkpoints of one
+    architecture; the quantized one must hold ternary weights (judged from the weights)."""
+    from .checkpoints import CheckpointError, load_model
+
+    baseline, _ = load_model(baseline_path)
+    quantized, _ = load_model(quantized_path)
+    if _architecture(baseline) != _architecture(quantized):
+        raise CheckpointError(f"{baseline_path} and {quantized_path} are not the same architecture "
+                              f"(yaml or number of classes differ)")
+    if count(quantized)["ternary_params"] == 0:
+        raise CheckpointError(f"{quantized_path} holds no ternary weights (judged from the weights): "
+                              f"not a ternary checkpoint")
+    return baseline, quantized, stock_ternary_model(quantized)
+
+
+def stock_export_bytes(quantized_path, quantized: nn.Module, stock: nn.Module) -> int:
+    """Bytes of the stock-YOLO ternary export: the file itself if it already is one, else the size that
+    src.checkpoints.save_stock_checkpoint writes for the exported model."""
+    import os
+    import tempfile
+
+    from .checkpoints import save_stock_checkpoint
+
+    if stock is quantized:
+        return os.path.getsize(quantized_path)
+    with tempfile.TemporaryDirectory() as d:
+        return os.path.getsize(save_stock_checkpoint(stock, os.path.join(d, "ternary.pt")))
+
+
+def format_size_report(rep: dict) -> str:
+    """Human-readable tables of a report built by compression_calculation.py."""
+    lines = [f"{'layer':>5} {'type':<10} {'params':>10} {'ternary':>10} {'convs':>6} {'tern':>5} "
+             f"{'bits (paper)':>13}"]
+    for r in rep["quantized"]["layers"]:
+        if r["params"]:
+            lines.append(f"{r['layer']:>5} {r['type']:<10} {r['params']:>10,} {r['ternary_params']:>10,} "
+                         f"{r['convs']:>6} {r['ternary_convs']:>5} {r['bits']:>13,.0f}")
+    cb, cq = rep["baseline"]["counts"], rep["quantized"]["counts"]
+    lines += ["", f"baseline parameters: {cb['params']:,}   quantized model parameters: {cq['params']:,}",
+              f"coverage: {cq['ternary_params']:,} ternary parameters ({cq['ternary_param_pct']:.1f}%), "
+              f"{cq['ternary_convs']} / {cq['convs']} convs ({cq['ternary_conv_pct']:.1f}%)", "",
+              f"{'theoretical size':<38} {'baseline MB':>12} {'quantized MB':>13} {'ratio':>7}"]
+    for t in rep["theoretical"]:
+        lines.append(f"{t['budget']:<38} {t['baseline_bytes'] / 1e6:>12.3f} {t['quantized_bytes'] / 1e6:>13.3f} "
+                     f"{t['ratio']:>6.2f}x")
+    lines += ["", f"{'real file':<38} {'bytes':>12} {'MB':>8} {'vs baseline':>12}"]
+    base = rep["files"]["baseline_pt"]
+    for name, b in rep["files"].items():
+        if b is not None:
+            lines.append(f"{name:<38} {b:>12,} {b / 1e6:>8.3f} {base / b:>11.2f}x")
+    return "\n".join(lines)
+
+
+def write_json(obj: dict, path) -> str:
+    """Write JSON atomically (temporary file in the same folder, then rename)."""
+    import json
+    import os
+    import tempfile
+
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return str(path)

@@ -64,6 +64,16 @@ class TrainConfig:
 
 
 @dataclass
+class DistillConfig:
+    enabled: bool = False
+    teacher: str = "fp"  # fp: base.weights ; start: the stage's starting checkpoint ; or a checkpoint path
+    cls_weight: float = 1.0  # class-score KL (teacher's sigmoid scores)
+    box_weight: float = 1.0  # DFL box-distribution KL
+    feature_weight: float = 0.0  # MSE at the layers holding ternary convs (0 = off)
+    temperature: float = 1.0
+
+
+@dataclass
 class StageConfig:
     name: str = "stage"
     layers: List[int] = field(default_factory=list)  # layer indices of the model yaml to ternarise
@@ -79,6 +89,7 @@ class ProjectConfig:
     base: BaseConfig = field(default_factory=BaseConfig)
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     stages: List[StageConfig] = field(default_factory=list)
 
 
@@ -94,7 +105,8 @@ def _check_keys(node: Any, schema: type, where: str, source: str) -> None:
         full = f"{where}.{key}" if where else str(key)
         if key not in fields:
             raise ConfigError(f"{source}: unknown config key '{full}'; valid keys here: {', '.join(fields)}")
-        sub = {"base": BaseConfig, "quantization": QuantizationConfig, "train": TrainConfig}.get(key)
+        sub = {"base": BaseConfig, "quantization": QuantizationConfig, "train": TrainConfig,
+               "distill": DistillConfig}.get(key)
         if schema is ProjectConfig and sub is not None and value is not None:
             _check_keys(value, sub, full, source)
         elif schema is ProjectConfig and key == "stages":

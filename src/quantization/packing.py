@@ -98,14 +98,16 @@ def decode_ternary(codes: torch.Tensor, wp: float, wn: float, shape) -> torch.Te
 
 def quantize_int8_per_channel(w: torch.Tensor, scale_dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-channel INT8: scale_c = max|w_c| / 127 (rounded up to `scale_dtype`, so no code is
-    clipped), q = round(w / scale_c) in [-127, 127]. Returns (q int8 of w's shape, scales of `scale_dtype`)."""
+    clipped), q = round(w / scale_c) in [-127, 127]. Returns (q int8 of w's shape, scales of `scale_dtype`).
+    ValueError if a non-zero scale would overflow or be subnormal in `scale_dtype` (use float32 then)."""
     w2 = w.detach().float().reshape(w.shape[0], -1)
     amax = w2.abs().amax(1)
     scale = (amax / 127).to(scale_dtype)
     low = scale.float() * 127 < amax
     if low.any():
         scale[low] = torch.nextafter(scale[low], torch.full_like(scale[low], float("inf")))
-    if not torch.isfinite(scale).all():
+    tiny = (amax > 0) & (scale.float() < torch.finfo(scale_dtype).tiny)  # subnormal: the step would be coarse
+    if not torch.isfinite(scale).all() or tiny.any():
         raise ValueError(f"a per-channel scale does not fit {scale_dtype}")
     s = scale.float().unsqueeze(1)
     q = torch.round(w2 / torch.where(s > 0, s, torch.ones_like(s))).clamp(-127, 127).to(torch.int8)
@@ -421,3 +423,48 @@ def model_from_packed(tensors: dict[str, torch.Tensor], meta: dict, source: str 
 def precisions(meta: dict) -> dict[str, str]:
     """Tensor (or BatchNorm module) name -> precision tag."""
     return {name: prec for name, prec, _ in meta["tensors"]}
+
+
+@torch.no_grad()
+def verify_round_trip(source: nn.Module, unpacked: nn.Module, meta: dict) -> dict:
+    """Compare an unpacked model with the model it was packed from, tensor by tensor: ternary tensors must be
+    equal, INT8 ones within half a quantization step (per output channel), FP16 ones within FP16 rounding; each
+    BatchNorm is compared as the affine map it computes in eval mode. Returns counts and worst errors."""
+    src, out = source.state_dict(), unpacked.state_dict()
+    mods_src, mods_out = _module_of(source), _module_of(unpacked)
+    rep = {"ternary": 0, "ternary_identical": 0, "int8": 0, "int8_max_err_steps": 0.0, "fp16": 0,
+           "fp16_max_rel_err": 0.0, "bn": 0, "bn_max_rel_err": 0.0}
+
+    def rel(a, b):
+        return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)) if a.numel() else 0.0
+
+    for name, prec, _ in meta["tensors"]:
+        if prec == "ternary":
+            rep["ternary"] += 1
+            rep["ternary_identical"] += int(torch.equal(src[name].float(), out[name].float()))
+        elif prec == "int8":
+            rep["int8"] += 1
+            _, scale = quantize_int8_per_channel(src[name], torch.float32)
+            err = (src[name].float() - out[name].float()).reshape(scale.numel(), -1).abs().amax(1)
+            steps = err / scale.clamp_min(1e-30)
+            rep["int8_max_err_steps"] = max(rep["int8_max_err_steps"], float(steps.max()) if steps.numel() else 0.0)
+        elif prec == "fp16":
+            rep["fp16"] += 1
+            rep["fp16_max_rel_err"] = max(rep["fp16_max_rel_err"], rel(out[name], src[name]))
+        elif prec == "bn_affine_fp16":
+            rep["bn"] += 1
+            a, b = mods_src[name], mods_out[name]
+            sa, ta = bn_affine(a.weight, a.bias, a.running_mean, a.running_var, a.eps)
+            sb, tb = bn_affine(b.weight, b.bias, b.running_mean, b.running_var, b.eps)
+            rep["bn_max_rel_err"] = max(rep["bn_max_rel_err"], rel(sb, sa), rel(tb, ta))
+    rep["ok"] = rep["ternary_identical"] == rep["ternary"] and rep["int8_max_err_steps"] <= 0.5 + 1e-3
+    return rep
+
+
+def unpack_to_checkpoint(packed: str | Path, out: str | Path) -> Path:
+    """Write the unpacked model as an ordinary Ultralytics .pt (FP16 pickle, as Ultralytics saves weights), so
+    that `ultralytics.YOLO(out)` and the project's validate() can use it."""
+    from ..checkpoints import save_stock_checkpoint
+
+    model = load_packed(packed)
+    return save_stock_checkpoint(model, out, extra={"packed_source": str(packed)})

@@ -20,9 +20,11 @@ PLAN_KEY = "ttq"
 TERNARY_EXPORT_NAME = "ternary.pt"
 
 
-def make_stage_plan(stage, quant, train_args: dict) -> dict:
-    """The plain-dict plan a trainer needs for one stage (from config dataclasses)."""
+def make_stage_plan(stage, quant, train_args: dict, distill: dict | None = None) -> dict:
+    """The plain-dict plan a trainer needs for one stage (from config dataclasses). `distill`, when given, holds
+    the resolved teacher path and the loss weights."""
     return {
+        "distill": distill,
         "stage": stage.name,
         "layers": list(stage.layers),
         "include_1x1": bool(stage.include_1x1),
@@ -54,6 +56,23 @@ def install_stage(model, plan: dict) -> list[str]:
     return added
 
 
+def attach_distillation(trainer) -> None:
+    """Replace the student's criterion by detection + distillation loss (after the EMA copy is made, so the
+    teacher is never copied into the EMA or a checkpoint)."""
+    from ..quantization.shadow_weight_manager import plan_layers_in
+    from .distillation import DistillationCriterion
+
+    d = trainer.plan["distill"]
+    teacher, _ = load_model(d["teacher"])
+    model = unwrap_model(trainer.model)
+    model.criterion = DistillationCriterion(
+        model.init_criterion(), model, teacher.to(trainer.device), cls_weight=d.get("cls_weight", 1.0),
+        box_weight=d.get("box_weight", 1.0), feature_weight=d.get("feature_weight", 0.0),
+        feature_layers=sorted(plan_layers_in(model)), temperature=d.get("temperature", 1.0))
+    LOGGER.info(f"distillation: teacher {d['teacher']} (cls {d.get('cls_weight')}, box {d.get('box_weight')}, "
+                f"features {d.get('feature_weight')})")
+
+
 class ShadowTrainer(DetectionTrainer):
     """DetectionTrainer that trains a model with ternary (TTQ / BitLinear) layers.
 
@@ -71,6 +90,8 @@ class ShadowTrainer(DetectionTrainer):
             raise ValueError(f"ShadowTrainer needs a '{PLAN_KEY}' plan in its overrides")
         self.plan = dict(plan)
         setattr(self.args, PLAN_KEY, self.plan)  # saved in args.yaml, checkpoints and the DDP state file
+        if (self.plan.get("distill") or {}).get("teacher"):
+            self.add_callback("on_pretrain_routine_end", attach_distillation)
 
     def get_validator(self):
         """Ultralytics' validator re-validates the args it is given, so it gets them without the plan."""

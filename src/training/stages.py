@@ -72,6 +72,18 @@ def check_data(data: str) -> None:
         raise ConfigError(f"data yaml not found: {data}")
 
 
+def distill_plan(cfg: ProjectConfig, start: str) -> dict | None:
+    """Resolved teacher checkpoint and loss weights, or None when distillation is off."""
+    d = cfg.distill
+    if not d.enabled:
+        return None
+    teacher = {"fp": cfg.base.weights, "start": start}.get(d.teacher, d.teacher)
+    if not Path(teacher).is_file():
+        raise CheckpointError(f"distillation teacher not found: {teacher} (config distill.teacher)")
+    return {"teacher": str(Path(teacher).resolve()), "cls_weight": d.cls_weight, "box_weight": d.box_weight,
+            "feature_weight": d.feature_weight, "temperature": d.temperature}
+
+
 def trainer_overrides(cfg: ProjectConfig, index: int, start: str) -> dict:
     stage = cfg.stages[index]
     targs = stage_train_args(cfg, stage)
@@ -79,7 +91,7 @@ def trainer_overrides(cfg: ProjectConfig, index: int, start: str) -> dict:
     over.update(targs.get("ultralytics") or {})
     out = stage_outputs(cfg, stage)
     over.update(model=start, data=cfg.base.data, project=str(out["dir"].parent.resolve()), name=stage.name,
-                exist_ok=True, ttq=make_stage_plan(stage, cfg.quantization, targs))
+                exist_ok=True, ttq=make_stage_plan(stage, cfg.quantization, targs, distill_plan(cfg, start)))
     return over
 
 

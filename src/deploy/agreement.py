@@ -1,0 +1,176 @@
+"""Does an exported model reproduce the PyTorch model? Raw-output differences and detection agreement.
+
+Raw outputs are the detector's (B, 4 + nc, N) prediction tensor before NMS: box centre/size in input pixels, then
+class scores in [0, 1].
+
+Criteria (stated, not tuned per model):
+- FP32 backends must reproduce PyTorch FP32 closely: max |Δ| over all boxes <= FP32_BOX_TOL_PX input pixels and over
+  all scores <= FP32_SCORE_TOL. Reordered FP32 sums differ by ~1e-3 px on yolo11n at 640 (measured: ONNX Runtime
+  0.002 px, OpenVINO with an f32 hint 0.003 px; scores 5e-6), so these bounds leave room while still catching a wrong
+  graph, a wrong input layout or a silent FP16 / BF16 fallback (BF16 moved boxes by 48 px, scores by 0.07).
+- Reduced-precision backends (FP16, BF16, INT8) move some raw values a lot: INT8 yolo11n moved a box by 129 px, but
+  on an anchor no detection comes from (2 px on anchors scoring >= 0.25). A raw max |Δ| is reported but cannot be the
+  test. What a deployment sees is the detections after NMS, so these must match PyTorch's (same class, IoU >= 0.5)
+  with F1 >= REDUCED_MIN_F1 over the check images. Accuracy of such exports is judged in the end by mAP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+FP32_BOX_TOL_PX = 0.05
+FP32_SCORE_TOL = 1e-3
+REDUCED_MIN_F1 = 0.8
+CONF = 0.25  # detection threshold used for the "confident anchors" figures and the detection match
+NMS_IOU = 0.7  # Ultralytics' predict default
+MATCH_IOU = 0.5
+
+
+class AgreementError(ValueError):
+    """Outputs that cannot be compared (shape mismatch)."""
+
+
+def output_diffs(ref: np.ndarray, out: np.ndarray, conf: float = CONF) -> dict:
+    """Max |out - ref| over the whole tensor, over box and score channels, and over anchors where the reference's
+    best class score is >= conf."""
+    ref = np.asarray(ref, dtype=np.float32)
+    out = np.asarray(out, dtype=np.float32)
+    if ref.shape != out.shape:
+        raise AgreementError(f"output shape {tuple(out.shape)} differs from PyTorch's {tuple(ref.shape)}")
+    if ref.ndim != 3 or ref.shape[1] < 5:
+        raise AgreementError(f"expected a (B, 4 + nc, N) prediction tensor, got shape {tuple(ref.shape)}")
+    d = np.abs(out - ref)
+    confident = ref[:, 4:].max(axis=1) >= conf  # (B, N)
+    dbox, dscore = d[:, :4], d[:, 4:]
+    anchors = int(confident.sum())
+    pick = lambda a: float(a.transpose(0, 2, 1)[confident].max()) if anchors else 0.0  # noqa: E731
+    return {"max_abs": float(d.max()), "max_abs_box": float(dbox.max()), "max_abs_score": float(dscore.max()),
+            "mean_abs_score": float(dscore.mean()), "confident_anchors": anchors,
+            "max_abs_box_confident": pick(dbox), "max_abs_score_confident": pick(dscore)}
+
+
+def merge_diffs(parts: list[dict]) -> dict:
+    """Combine output_diffs of several inputs (max of maxima, mean of means, sum of counts)."""
+    if not parts:
+        raise ValueError("no diffs to merge")
+    out = {}
+    for k in parts[0]:
+        vals = [p[k] for p in parts]
+        out[k] = sum(vals) if k == "confident_anchors" else (float(np.mean(vals)) if k.startswith("mean") else max(vals))
+    return out
+
+
+def detections(pred: np.ndarray, conf: float = CONF, iou: float = NMS_IOU) -> list[np.ndarray]:
+    """Ultralytics NMS on a raw (B, 4 + nc, N) prediction: per image an (n, 6) array x1, y1, x2, y2, score, class."""
+    import torch
+    from ultralytics.utils.nms import non_max_suppression
+
+    out = non_max_suppression(torch.from_numpy(np.ascontiguousarray(pred, dtype=np.float32)), conf, iou)
+    return [o.numpy() for o in out]
+
+
+def box_iou_np(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU matrix of xyxy boxes a (n, 4) and b (m, 4)."""
+    if len(a) == 0 or len(b) == 0:
+        return np.zeros((len(a), len(b)), dtype=np.float32)
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:4], b[None, :, 2:4])
+    inter = np.clip(rb - lt, 0, None).prod(axis=2)
+    area = lambda x: np.clip(x[:, 2] - x[:, 0], 0, None) * np.clip(x[:, 3] - x[:, 1], 0, None)  # noqa: E731
+    return inter / (area(a)[:, None] + area(b)[None, :] - inter + 1e-9)
+
+
+def match_detections(ref: np.ndarray, out: np.ndarray, iou_thr: float = MATCH_IOU) -> int:
+    """Number of one-to-one matches (same class, IoU >= iou_thr), greedy by IoU. Rows: x1, y1, x2, y2, score, cls."""
+    if len(ref) == 0 or len(out) == 0:
+        return 0
+    iou = box_iou_np(ref[:, :4], out[:, :4])
+    iou[ref[:, 5][:, None] != out[:, 5][None, :]] = 0.0
+    matched = 0
+    while True:
+        i, j = np.unravel_index(np.argmax(iou), iou.shape)
+        if iou[i, j] < iou_thr:
+            return matched
+        matched += 1
+        iou[i, :] = 0.0
+        iou[:, j] = 0.0
+
+
+def f1_score(matched: int, n_ref: int, n_out: int) -> float:
+    """2·matched / (n_ref + n_out); 1.0 when neither side detects anything."""
+    if n_ref + n_out == 0:
+        return 1.0
+    return 2.0 * matched / (n_ref + n_out)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    passed: bool
+    criterion: str
+
+
+def verdict(precision: str, diffs: dict, det_f1: float, min_f1: float = REDUCED_MIN_F1,
+            box_tol: float = FP32_BOX_TOL_PX, score_tol: float = FP32_SCORE_TOL) -> Verdict:
+    """Pass/fail of an export against PyTorch under the criterion for its precision (see the module docstring)."""
+    if precision == "fp32":
+        ok = diffs["max_abs_box"] <= box_tol and diffs["max_abs_score"] <= score_tol
+        return Verdict(ok, f"fp32: max|Δbox| <= {box_tol:g} px and max|Δscore| <= {score_tol:g}")
+    if precision in ("fp16", "bf16", "int8"):
+        return Verdict(det_f1 >= min_f1, f"{precision}: detections (conf >= {CONF:g}) match PyTorch's with "
+                                         f"F1 >= {min_f1:g} (same class, IoU >= {MATCH_IOU:g})")
+    raise ValueError(f"unknown precision {precision!r}")
+
+
+def compare_outputs(refs: list[np.ndarray], outs: list[np.ndarray], precision: str,
+                    min_f1: float = REDUCED_MIN_F1) -> dict:
+    """Diffs, detection F1 and verdict of an export's outputs against PyTorch's on the same inputs."""
+    diffs = merge_diffs([output_diffs(r, o) for r, o in zip(refs, outs)])
+    matched = n_ref = n_out = 0
+    for r, o in zip(refs, outs):
+        for dr, do in zip(detections(r), detections(o)):
+            matched += match_detections(dr, do)
+            n_ref, n_out = n_ref + len(dr), n_out + len(do)
+    f1 = f1_score(matched, n_ref, n_out)
+    v = verdict(precision, diffs, f1, min_f1)
+    return {**diffs, "detections_ref": n_ref, "detections_out": n_out, "detections_matched": matched,
+            "det_f1": f1, "criterion": v.criterion, "passed": v.passed}
+
+
+def letterbox_input(image_bgr: np.ndarray, imgsz: int) -> np.ndarray:
+    """(3, imgsz, imgsz) float32 RGB in [0, 1], letterboxed as Ultralytics does for a fixed-size export."""
+    from ultralytics.data.augment import LetterBox
+
+    im = LetterBox((imgsz, imgsz), auto=False)(image=image_bgr)
+    return np.ascontiguousarray(im[..., ::-1].transpose(2, 0, 1), dtype=np.float32) / 255.0
+
+
+def check_image_paths(data: str | None, n: int) -> list[Path]:
+    """The first n images of the data yaml's val split (sorted), or Ultralytics' bundled sample images."""
+    if data:
+        from ultralytics.data.utils import IMG_FORMATS, check_det_dataset
+
+        d = check_det_dataset(data)
+        roots = d["val"] if isinstance(d["val"], list) else [d["val"]]
+        files: list[Path] = []
+        for r in map(Path, roots):
+            files += sorted(p for p in r.rglob("*") if p.suffix[1:].lower() in IMG_FORMATS) if r.is_dir() else [r]
+        if not files:
+            raise FileNotFoundError(f"no images in the val split of {data}")
+        return files[:n]
+    from ultralytics.utils import ASSETS
+
+    files = sorted(p for p in Path(ASSETS).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    return files[:n]
+
+
+def check_inputs(data: str | None, imgsz: int, batch: int, n_images: int = 4) -> list[np.ndarray]:
+    """Inputs for the agreement check: (batch, 3, imgsz, imgsz) arrays made of real images (cycled if too few)."""
+    import cv2
+
+    paths = check_image_paths(data, max(n_images, batch))
+    ims = [letterbox_input(cv2.imread(str(p)), imgsz) for p in paths]
+    n_inputs = max(1, n_images // batch)
+    return [np.stack([ims[(i * batch + k) % len(ims)] for k in range(batch)]) for i in range(n_inputs)]
