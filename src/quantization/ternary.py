@@ -121,8 +121,8 @@ def absmean_ternarize(weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
 
     β is computed from the current weight and is not learned (no gradient through β)."""
     beta = weight.detach().abs().mean().clamp_min(eps)
-    q = (weight / beta).round().clamp(-1, 1) * beta
-    return weight + (q - weight).detach()
+    q = (weight.detach() / beta).round().clamp(-1, 1) * beta
+    return q + (weight - weight.detach())  # values exactly q (w + (q − w) is off by an ulp), gradient to w
 
 
 def absmax_scale(x: torch.Tensor, per_token: bool = True, dim: int = 1, eps: float = 1e-5) -> torch.Tensor:
