@@ -6,7 +6,12 @@ train_c2psa.py (fixed absmean scale instead of learned Ap/An). Same flags and tr
 """
 
 from src.cli import run_cli
-from train_c2psa import main
+from train_c2psa import main as train_c2psa_main
+
+
+def main() -> int:
+    return train_c2psa_main("configs/stage2_c2psa_standard.yaml", __doc__)
+
 
 if __name__ == "__main__":
-    run_cli(lambda: main("configs/stage2_c2psa_standard.yaml", __doc__))
+    run_cli(main)
