@@ -52,6 +52,7 @@ class TrainConfig:
     patience: int = 20
     scale_lr: float = 1.0e-4  # learning rate of the Wp/Wn (Ap/An) group
     scale_weight_decay: float = 0.0
+    latent_lr: Optional[float] = None  # own learning rate for the latent weights of quantized layers (None: lr0)
     device: Optional[str] = None
     workers: int = 8
     seed: int = 0

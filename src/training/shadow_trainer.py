@@ -14,7 +14,7 @@ from ultralytics.utils import DEFAULT_CFG, LOGGER, RANK
 from ultralytics.utils.torch_utils import unwrap_model
 
 from ..checkpoints import load_model, save_stock_checkpoint
-from ..quantization.shadow_weight_manager import LayerPlan, ShadowWeightManager, scale_parameters
+from ..quantization.shadow_weight_manager import LayerPlan, ShadowWeightManager, quantized_modules, scale_parameters
 
 PLAN_KEY = "ttq"
 TERNARY_EXPORT_NAME = "ternary.pt"
@@ -37,6 +37,7 @@ def make_stage_plan(stage, quant, train_args: dict, distill: dict | None = None)
         "act_per_token": bool(quant.act_per_token),
         "scale_lr": float(train_args["scale_lr"]),
         "scale_weight_decay": float(train_args["scale_weight_decay"]),
+        "latent_lr": None if train_args.get("latent_lr") is None else float(train_args["latent_lr"]),
     }
 
 
@@ -116,10 +117,17 @@ class ShadowTrainer(DetectionTrainer):
 
     def build_optimizer(self, model, name="auto", lr=0.001, momentum=0.9, decay=1e-5, iterations=1e5):
         optimizer = super().build_optimizer(model, name, lr, momentum, decay, iterations)
-        scales = scale_parameters(unwrap_model(model))
-        ids = {id(p) for p in scales}
+        net = unwrap_model(model)
+        scales = scale_parameters(net)
+        latents = [m.latent_weight for m in quantized_modules(net).values() if hasattr(m, "latent_weight")]
+        latents = latents if self.plan.get("latent_lr") is not None else []
+        ids = {id(p) for p in scales + latents}
         for group in optimizer.param_groups:
             group["params"] = [p for p in group["params"] if id(p) not in ids]
+        if latents:
+            optimizer.add_param_group({"params": latents, "lr": self.plan["latent_lr"], "weight_decay": decay,
+                                       "param_group": "ttq_latent"})
+            LOGGER.info(f"optimizer: + {len(latents)} latent weights of quantized layers (lr={self.plan['latent_lr']})")
         if scales:
             optimizer.add_param_group({"params": scales, "lr": self.plan.get("scale_lr", lr),
                                        "weight_decay": self.plan.get("scale_weight_decay", 0.0),
