@@ -48,30 +48,31 @@ def compression_ratio(baseline_params: int, params: int, ternary_params: int, bu
                                                                  budget.other_bits)
 
 
-def count(model: nn.Module) -> dict:
-    """Parameter and conv counts, ternary ones judged from the weights (see src.report.totals)."""
-    return totals(model, conv_rows(model))
+def count(model: nn.Module, rows: list[dict] | None = None) -> dict:
+    """Parameter and conv counts, ternary ones judged from the weights (see src.report.totals); `rows` are
+    src.report.conv_rows(model) if already computed."""
+    return totals(model, conv_rows(model) if rows is None else rows)
 
 
-def layer_rows(model: nn.Module, budget: BitBudget = BUDGETS[0]) -> list[dict]:
+def layer_rows(model: nn.Module, budget: BitBudget = BUDGETS[0], rows: list[dict] | None = None) -> list[dict]:
     """One row per yaml layer (model.model[i]): type, parameters, ternary parameters, convs, ternary convs, and the
     bits this layer takes under `budget` (Wp/Wn and other learned scales are not counted as parameters)."""
     from .quantization.shadow_weight_manager import scale_parameters
 
     scale_ids = {id(p) for p in scale_parameters(model)}
     by_layer: dict[int, list[dict]] = {}
-    for r in conv_rows(model):
+    for r in conv_rows(model) if rows is None else rows:
         if r["layer"] is not None:
             by_layer.setdefault(r["layer"], []).append(r)
-    rows = []
+    out = []
     for i, layer in enumerate(model.model):
         params = sum(p.numel() for p in layer.parameters() if id(p) not in scale_ids)
         convs = by_layer.get(i, [])
         tern = sum(r["params"] for r in convs if r["ternary"])
-        rows.append({"layer": i, "type": type(layer).__name__, "params": params, "ternary_params": tern,
-                     "convs": len(convs), "ternary_convs": sum(r["ternary"] for r in convs),
-                     "bits": model_bits(params, tern, budget.ternary_bits, budget.other_bits)})
-    return rows
+        out.append({"layer": i, "type": type(layer).__name__, "params": params, "ternary_params": tern,
+                    "convs": len(convs), "ternary_convs": sum(r["ternary"] for r in convs),
+                    "bits": model_bits(params, tern, budget.ternary_bits, budget.other_bits)})
+    return out
 
 
 def coverage(counts: dict) -> dict:
@@ -101,9 +102,10 @@ def stock_ternary_model(model: nn.Module) -> nn.Module:
 
 def size_report(baseline: nn.Module, quantized: nn.Module) -> dict:
     """Counts, per-layer rows, coverage and theoretical sizes of a baseline and a quantized model."""
-    cb, cq = count(baseline), count(quantized)
-    return {"baseline": {"counts": cb, "layers": layer_rows(baseline)},
-            "quantized": {"counts": cq, "layers": layer_rows(quantized), "coverage": coverage(cq)},
+    rb, rq = conv_rows(baseline), conv_rows(quantized)
+    cb, cq = count(baseline, rb), count(quantized, rq)
+    return {"baseline": {"counts": cb, "layers": layer_rows(baseline, rows=rb)},
+            "quantized": {"counts": cq, "layers": layer_rows(quantized, rows=rq), "coverage": coverage(cq)},
             "theoretical": theoretical_sizes(cb["params"], cq["params"], cq["ternary_params"])}
 
 
@@ -123,7 +125,9 @@ def load_pair(baseline_path, quantized_path) -> tuple[nn.Module, nn.Module, nn.M
     if _architecture(baseline) != _architecture(quantized):
         raise CheckpointError(f"{baseline_path} and {quantized_path} are not the same architecture "
                               f"(yaml or number of classes differ)")
-    if count(quantized)["ternary_params"] == 0:
+    from .quantization.packing import is_ternary_tensor
+
+    if not any(is_ternary_tensor(m.weight) for m in quantized.modules() if isinstance(m, nn.Conv2d)):
         raise CheckpointError(f"{quantized_path} holds no ternary weights (judged from the weights): "
                               f"not a ternary checkpoint")
     return baseline, quantized, stock_ternary_model(quantized)

@@ -6,7 +6,7 @@ One file, safetensors (no pickle), holding a few flat blobs and JSON metadata un
                            each tensor padded to a whole byte
   ternary.scales  float32  (Wp, Wn) per ternary tensor
   int8.values     int8     other weights (ndim >= 2), symmetric per output channel, codes in [-127, 127]
-  int8.scales     float16  one scale per output channel (float32 if a scale would overflow FP16)
+  int8.scales     float16  a scale per output channel (float32 if one would overflow FP16 or be subnormal)
   fp16.values     float16  everything else: biases, BatchNorm as a per-channel affine pair (see below), the
                            DFL projection (a fixed 0..15 ramp that INT8 would not keep exact), and, with
                            rest="fp16", the other weights too
@@ -14,15 +14,21 @@ One file, safetensors (no pickle), holding a few flat blobs and JSON metadata un
 
 The metadata lists every stored tensor in blob order as [name, precision, shape] (precision: ternary | int8 |
 fp16 | bn_affine_fp16 | raw), plus the architecture yaml, class names, stride and which yaml layers hold ternary
-tensors. Per-tensor precision tags are what lets a new kind (e.g. BitLinear weights with Ap/An) be added later:
-a new tag and its decoder, without touching the others.
+tensors. A new kind of tensor is a new precision tag and its decoder, without touching the others.
+
+BitLinear layers (BitLinear_TTQ, standard BitLinear in C2PSA) are stored as their ternary weight (codes + Ap/An,
+or β twice), bias, LayerNorm weight/bias and out_scale in FP16, and a record under `modules` (path -> act_bits,
+per_token, restore_token_stats, LayerNorm eps); their training state (latent weight, threshold) is not stored.
+The loader puts a PackedBitLinear (fixed ternary weight, BitLinear's activation path) at those paths.
+TTQConv2d training modules are not packed directly: pack the stock ternary export (plain convs).
 
 BatchNorm is not folded into the convs: folding multiplies each output channel by its own factor, so a ternary
 conv would stop being {-Wn, 0, +Wp}. Instead each BN is stored as y = x*scale + shift (two FP16 vectors instead of
 four) and restored as weight=scale, bias=shift, running_mean=0, running_var=1-eps, which computes the same
 function in eval mode. The file is an inference artifact: fine-tune from the .pt, not from an unpacked model.
 
-The loader rebuilds an ordinary Ultralytics model from the yaml and loads the decoded tensors: no training code.
+The loader rebuilds an ordinary Ultralytics model from the yaml (plus PackedBitLinear layers where the metadata
+names them) and loads the decoded tensors: no training code.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import torch
 import torch.nn as nn
 
 from ..checkpoints import CheckpointError
+from .bitlinear_base import BitConv2dBase
 
 FORMAT_NAME = "yolo-tq-packed"
 FORMAT_VERSION = 1
@@ -96,7 +103,8 @@ def decode_ternary(codes: torch.Tensor, wp: float, wn: float, shape) -> torch.Te
     return table[codes.long()].reshape(tuple(shape))
 
 
-def quantize_int8_per_channel(w: torch.Tensor, scale_dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_int8_per_channel(w: torch.Tensor, scale_dtype: torch.dtype = torch.float16
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-channel INT8: scale_c = max|w_c| / 127 (rounded up to `scale_dtype`, so no code is
     clipped), q = round(w / scale_c) in [-127, 127]. Returns (q int8 of w's shape, scales of `scale_dtype`).
     ValueError if a non-zero scale would overflow or be subnormal in `scale_dtype` (use float32 then)."""
@@ -133,10 +141,28 @@ def bn_from_affine(scale, shift, eps: float) -> dict[str, torch.Tensor]:
 
 
 # ------------------------------------------------------------------------------------------------------ packing
-def _ternary_judge(w: torch.Tensor) -> bool:
-    from .shadow_weight_manager import ternary_values  # the project's one rule, judged from the weights
+def is_ternary_tensor(w: torch.Tensor) -> bool:
+    """The project's rule (shadow_weight_manager.ternary_values), after a cheap reject: a tensor whose first 64
+    values already hold more than three distinct ones is not ternary, so it need not be sorted whole."""
+    from .shadow_weight_manager import ternary_values
 
+    if torch.unique(w.detach().reshape(-1)[:64]).numel() > 3:
+        return False
     return ternary_values(w) is not None
+
+
+def is_bitlinear(m: nn.Module) -> bool:
+    """A BitLinear convolution of this project (BitLinear_TTQ, standard BitLinear, or a PackedBitLinear)."""
+    return isinstance(m, BitConv2dBase)
+
+
+class PackedBitLinear(BitConv2dBase):
+    """A BitLinear convolution rebuilt from a packed file: the ternary weight is fixed (held in `latent_weight`; no
+    scales, no threshold), the activation path is BitLinear's (LayerNorm, 8-bit absmax codes; bitlinear_base)."""
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.latent_weight
 
 
 def _module_of(model: nn.Module) -> dict[str, nn.Module]:
@@ -168,8 +194,9 @@ def check_packable(model: nn.Module) -> None:
         raise PackError(f"cannot pack a {name}: supported model classes are {', '.join(SUPPORTED_MODEL_CLASSES)}")
     if not isinstance(getattr(model, "yaml", None), dict):
         raise PackError("the model has no architecture yaml (model.yaml); it cannot be rebuilt from a packed file")
-    odd = [f"{p} ({type(m).__name__})" for p, m in model.named_modules()
-           if hasattr(m, "settings") and hasattr(m, "scale_parameters")]
+    from .shadow_weight_manager import is_quantized
+
+    odd = [f"{p} ({type(m).__name__})" for p, m in model.named_modules() if is_quantized(m) and not is_bitlinear(m)]
     if odd:
         raise PackError(f"the model still holds quantized training modules: {', '.join(odd[:3])}"
                         f"{' ...' if len(odd) > 3 else ''}; pack its stock ternary export instead")
@@ -182,23 +209,45 @@ def pack_state(model: nn.Module, rest: str = "int8", source: str | None = None,
         raise PackError(f"unknown precision {rest!r} for the non-ternary weights; valid: {', '.join(REST_PRECISIONS)}")
     check_packable(model)
     modules = _module_of(model)
-    state = model.state_dict()
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     entries: list[list] = []
     blobs: dict[str, list[torch.Tensor]] = {k: [] for k in _BLOBS}
     raw: dict[str, torch.Tensor] = {}
     int8_scales = []
     done: set[str] = set()
+    bitlinear = {p: m for p, m in modules.items() if is_bitlinear(m)}
+    bitlinear_meta: dict[str, dict] = {}
     for key, t in state.items():
         if key in done:
             continue
         owner_path, _, attr = key.rpartition(".")
         owner = modules.get(owner_path)
+        bl_path = next((p for p in bitlinear if key.startswith(p + ".")), None)
+        if bl_path is not None:  # a BitLinear layer: its ternary weight, bias, LayerNorm, out_scale; no training state
+            m = bitlinear[bl_path]
+            w = m.weight.detach().cpu()
+            if not is_ternary_tensor(w):
+                raise PackError(f"{bl_path} ({type(m).__name__}) has a weight that is not ternary")
+            codes, wp, wn = ternary_codes(w)
+            blobs["ternary.codes"].append(pack_trits(codes))
+            blobs["ternary.scales"].append(torch.tensor([wp, wn], dtype=torch.float32))
+            entries.append([f"{bl_path}.weight", "ternary", list(w.shape)])
+            for sub in ("bias", "norm.weight", "norm.bias", "out_scale"):
+                if f"{bl_path}.{sub}" in state:
+                    blobs["fp16.values"].append(_to_fp16(state[f"{bl_path}.{sub}"], f"{bl_path}.{sub}"))
+                    entries.append([f"{bl_path}.{sub}", "fp16", list(state[f"{bl_path}.{sub}"].shape)])
+            bitlinear_meta[bl_path] = {"kind": "bitlinear", "source_class": type(m).__name__,
+                                       "act_bits": int(m.act_bits), "per_token": bool(m.per_token),
+                                       "restore_token_stats": bool(m.restore_token_stats),
+                                       "norm_eps": float(m.norm.eps)}
+            done.update(k for k in state if k.startswith(bl_path + "."))
+            continue
         if isinstance(owner, nn.modules.batchnorm._BatchNorm) and attr in ("weight", "bias", "running_mean",
                                                                            "running_var", "num_batches_tracked"):
-            if owner.running_mean is None or owner.weight is None:
+            bn = [state.get(f"{owner_path}.{a}") for a in ("weight", "bias", "running_mean", "running_var")]
+            if any(t is None for t in bn):
                 raise PackError(f"{owner_path}: BatchNorm without running statistics or affine parameters")
-            scale, shift = bn_affine(owner.weight.detach(), owner.bias.detach(), owner.running_mean,
-                                     owner.running_var, owner.eps)
+            scale, shift = bn_affine(*bn, owner.eps)
             blobs["fp16.values"].append(torch.cat([_to_fp16(scale, owner_path), _to_fp16(shift, owner_path)]))
             entries.append([owner_path, "bn_affine_fp16", [int(scale.numel())]])
             done.update(f"{owner_path}.{a}" for a in ("weight", "bias", "running_mean", "running_var",
@@ -206,11 +255,11 @@ def pack_state(model: nn.Module, rest: str = "int8", source: str | None = None,
             continue
         done.add(key)
         if not t.is_floating_point():
-            raw[f"raw.{key}"] = t.detach().clone().contiguous()
+            raw[f"raw.{key}"] = t.clone().contiguous()
             entries.append([key, "raw", list(t.shape)])
             continue
         weight_like = attr == "weight" and t.dim() >= 2 and not _inside_dfl(owner_path, modules)
-        if weight_like and _ternary_judge(t):
+        if weight_like and is_ternary_tensor(t):
             codes, wp, wn = ternary_codes(t)
             blobs["ternary.codes"].append(pack_trits(codes))
             blobs["ternary.scales"].append(torch.tensor([wp, wn], dtype=torch.float32))
@@ -245,22 +294,31 @@ def pack_state(model: nn.Module, rest: str = "int8", source: str | None = None,
         "rest_precision": rest,
         "ternary_layers": sorted({_layer_of(e[0]) for e in entries if e[1] == "ternary"} - {None}),
         "codes": {"ternary": "base-3, 5 per byte, 0->0 1->+Wp 2->-Wn", "int8": "symmetric per output channel"},
-        "tensors": entries, "source": source,
+        "modules": bitlinear_meta, "tensors": entries, "source": source,
     }
     return tensors, meta
 
 
-def pack_bytes(model: nn.Module, rest: str = "int8", source: str | None = None) -> bytes:
-    """The packed file's bytes."""
+def pack_bytes(model: nn.Module, rest: str = "int8", source: str | None = None, require_ternary: bool = True) -> bytes:
+    """The packed file's bytes (require_ternary=False also packs a model without ternary weights: INT8/FP16 only)."""
     from safetensors.torch import save
 
-    tensors, meta = pack_state(model, rest, source)
-    return save(tensors, metadata={"format": "pt", META_KEY: json.dumps(meta, separators=(",", ":"))})
+    tensors, meta = pack_state(model, rest, source, require_ternary)
+    try:
+        text = json.dumps(meta, separators=(",", ":"))
+    except TypeError as e:
+        raise PackError(f"the model's metadata (yaml, names) is not JSON-serialisable: {e}") from e
+    return save(tensors, metadata={"format": "pt", META_KEY: text})
 
 
-def write_packed(model: nn.Module, path: str | Path, rest: str = "int8", source: str | None = None) -> Path:
+def write_packed(model: nn.Module, path: str | Path, rest: str = "int8", source: str | None = None,
+                 require_ternary: bool = True) -> Path:
     """Pack `model` and write the file atomically (temporary file in the same folder, then rename)."""
-    data = pack_bytes(model, rest, source)
+    return save_packed_bytes(pack_bytes(model, rest, source, require_ternary), path)
+
+
+def save_packed_bytes(data: bytes, path: str | Path) -> Path:
+    """Write packed bytes atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -302,6 +360,18 @@ def read_packed(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, meta
 
 
+def _check_entries(entries) -> None:
+    ok = isinstance(entries, list)
+    for e in entries if ok else []:
+        ok = (isinstance(e, list) and len(e) == 3 and isinstance(e[0], str) and isinstance(e[1], str)
+              and isinstance(e[2], list) and all(isinstance(d, int) and d >= 0 for d in e[2])
+              and (e[1] not in ("ternary", "int8") or len(e[2]) >= 2))
+        if not ok:
+            raise PackError(f"metadata entry {e!r} is not [name, precision, shape] (weights need >= 2 dims)")
+    if not ok:
+        raise PackError("metadata 'tensors' must be a list of [name, precision, shape]")
+
+
 def _expected_sizes(entries: list) -> dict[str, int]:
     n = dict.fromkeys(_BLOBS, 0)
     for name, prec, shape in entries:
@@ -321,21 +391,30 @@ def _expected_sizes(entries: list) -> dict[str, int]:
     return n
 
 
-def decode_state(tensors: dict[str, torch.Tensor], meta: dict, bn_eps: dict[str, float]) -> dict[str, torch.Tensor]:
-    """State dict (float32 for float tensors) from the blobs, checking every size against the metadata."""
+def check_blobs(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Every blob present, of its dtype and of the size the metadata describes; no undescribed tensors."""
     entries = meta.get("tensors")
-    if not isinstance(entries, list) or not all(isinstance(e, list) and len(e) == 3 for e in entries):
-        raise PackError("metadata 'tensors' must be a list of [name, precision, shape]")
-    expected = _expected_sizes(entries)
-    for blob, n in expected.items():
+    _check_entries(entries)
+    for blob, n in _expected_sizes(entries).items():
         if blob not in tensors:
             raise PackError(f"tensor '{blob}' is missing from the file")
         if tensors[blob].numel() != n:
             raise PackError(f"metadata does not match the tensors: '{blob}' holds {tensors[blob].numel()} values, "
                             f"the metadata describes {n}")
+    dtypes = {"ternary.codes": (torch.uint8,), "ternary.scales": (torch.float32,), "int8.values": (torch.int8,),
+              "int8.scales": (torch.float16, torch.float32), "fp16.values": (torch.float16,)}
+    for blob, allowed in dtypes.items():
+        if tensors[blob].dtype not in allowed:
+            raise PackError(f"tensor '{blob}' is {tensors[blob].dtype}, the format stores it as {allowed[0]}")
     extra = set(tensors) - set(_BLOBS) - {f"raw.{e[0]}" for e in entries if e[1] == "raw"}
     if extra:
         raise PackError(f"the file holds tensors the metadata does not describe: {sorted(extra)[:3]}")
+
+
+def decode_state(tensors: dict[str, torch.Tensor], meta: dict, bn_eps: dict[str, float]) -> dict[str, torch.Tensor]:
+    """State dict (float32 for float tensors) from the blobs, checking every size against the metadata."""
+    check_blobs(tensors, meta)
+    entries = meta["tensors"]
     pos = dict.fromkeys(_BLOBS, 0)
 
     def take(blob: str, n: int) -> torch.Tensor:
@@ -390,6 +469,28 @@ def build_model(meta: dict) -> nn.Module:
     return model
 
 
+def install_packed_modules(model: nn.Module, records: dict) -> list[str]:
+    """Put a PackedBitLinear at every path the metadata's `modules` names (in place of the plain conv the yaml
+    built there). Returns the paths."""
+    if not isinstance(records, dict):
+        raise PackError("metadata 'modules' must map module paths to their settings")
+    for path, rec in records.items():
+        try:
+            conv = model.get_submodule(path)
+        except AttributeError as e:
+            raise PackError(f"metadata names module '{path}', which the model built from the yaml lacks") from e
+        if not isinstance(rec, dict) or rec.get("kind") != "bitlinear" or not isinstance(conv, nn.Conv2d):
+            raise PackError(f"metadata module '{path}': only BitLinear replacements of a conv are supported")
+        try:
+            q = PackedBitLinear(conv, int(rec["act_bits"]), bool(rec["per_token"]), bool(rec["restore_token_stats"]))
+            q.norm.eps = float(rec["norm_eps"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise PackError(f"metadata module '{path}' has bad settings {rec!r}: {e}") from e
+        parent, _, attr = path.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, q)
+    return list(records)
+
+
 def load_packed(path: str | Path) -> nn.Module:
     """Rebuild an ordinary Ultralytics model (float32, eval mode) from a packed file."""
     tensors, meta = read_packed(path)
@@ -397,9 +498,15 @@ def load_packed(path: str | Path) -> nn.Module:
 
 
 def model_from_packed(tensors: dict[str, torch.Tensor], meta: dict, source: str = "packed file") -> nn.Module:
+    """The model a packed file describes (float32, eval mode); PackError for anything inconsistent."""
+    check_blobs(tensors, meta)  # cheap checks before building the model
     model = build_model(meta)
+    bitlinear = install_packed_modules(model, meta.get("modules") or {})
     bn_eps = {p: m.eps for p, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
     state = decode_state(tensors, meta, bn_eps)
+    for path in bitlinear:  # a BitLinear layer keeps its fixed ternary weight in `latent_weight`
+        if f"{path}.weight" in state:
+            state[f"{path}.latent_weight"] = state.pop(f"{path}.weight")
     target = model.state_dict()
     optional = {k for k in target if k.endswith(".num_batches_tracked")}
     missing = sorted(set(target) - set(state) - optional)
@@ -412,11 +519,14 @@ def model_from_packed(tensors: dict[str, torch.Tensor], meta: dict, source: str 
             raise PackError(f"{source}: {k} has shape {tuple(t.shape)}, the model built from the yaml needs "
                             f"{tuple(target[k].shape)}")
     model.load_state_dict(state, strict=False)
-    model.names = {int(k): v for k, v in (meta.get("names") or {}).items()}
-    if meta.get("stride"):
-        model.stride = torch.tensor(meta["stride"], dtype=torch.float32)
-        if hasattr(model.model[-1], "stride"):
-            model.model[-1].stride = model.stride
+    try:
+        model.names = {int(k): str(v) for k, v in (meta.get("names") or {}).items()}
+        if meta.get("stride"):
+            model.stride = torch.tensor(meta["stride"], dtype=torch.float32).reshape(-1)
+            if hasattr(model.model[-1], "stride"):
+                model.model[-1].stride = model.stride
+    except (TypeError, ValueError, AttributeError) as e:
+        raise PackError(f"{source}: metadata 'names' or 'stride' is malformed: {e}") from e
     return model.float().eval()
 
 
@@ -425,12 +535,25 @@ def precisions(meta: dict) -> dict[str, str]:
     return {name: prec for name, prec, _ in meta["tensors"]}
 
 
+class _TensorView:
+    """name -> tensor of a model: its state dict, else a module attribute (a BitLinear's computed `weight`)."""
+
+    def __init__(self, model: nn.Module):
+        self.model, self.state = model, model.state_dict()
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name in self.state:
+            return self.state[name]
+        path, _, attr = name.rpartition(".")
+        return getattr(self.model.get_submodule(path), attr).detach()
+
+
 @torch.no_grad()
 def verify_round_trip(source: nn.Module, unpacked: nn.Module, meta: dict) -> dict:
     """Compare an unpacked model with the model it was packed from, tensor by tensor: ternary tensors must be
     equal, INT8 ones within half a quantization step (per output channel), FP16 ones within FP16 rounding; each
     BatchNorm is compared as the affine map it computes in eval mode. Returns counts and worst errors."""
-    src, out = source.state_dict(), unpacked.state_dict()
+    src, out = _TensorView(source), _TensorView(unpacked)
     mods_src, mods_out = _module_of(source), _module_of(unpacked)
     rep = {"ternary": 0, "ternary_identical": 0, "int8": 0, "int8_max_err_steps": 0.0, "fp16": 0,
            "fp16_max_rel_err": 0.0, "bn": 0, "bn_max_rel_err": 0.0}

@@ -1,0 +1,415 @@
+"""Packed ternary format: code packing, INT8 per channel, BN affine, file round trip, size budget, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import REPO, build_model
+from src.quantization import packing
+from src.quantization.shadow_weight_manager import LayerPlan, ShadowWeightManager
+
+STAGE_PLANS = (LayerPlan((17, 19, 20, 22), True, 0.715), LayerPlan((7, 8, 9, 13, 16), False, 0.715),
+               LayerPlan((2, 3, 4, 5, 6), False, 0.7))
+
+
+def ternary_model(nc: int = 80, plans=STAGE_PLANS, export: bool = True):
+    torch.manual_seed(0)
+    model = build_model("yolo11n.yaml", nc)
+    model.names = {i: f"c{i}" for i in range(nc)}
+    manager = ShadowWeightManager(model)
+    for plan in plans:
+        manager.install(plan)
+    return (manager.export_ternary() if export else model).eval()
+
+
+@pytest.fixture(scope="module")
+def model80():
+    return ternary_model()
+
+
+@pytest.fixture(scope="module")
+def packed80(model80, tmp_path_factory):
+    path = tmp_path_factory.mktemp("packed") / "m.safetensors"
+    return packing.write_packed(model80, path, "int8")
+
+
+# ----------------------------------------------------------------------------------------------- pure functions
+@pytest.mark.parametrize("n", [1, 2, 4, 6, 7, 13, 1001, 4099])
+def test_trits_round_trip_awkward_sizes(n):
+    g = torch.Generator().manual_seed(n)
+    codes = torch.randint(0, 3, (n,), generator=g, dtype=torch.uint8)
+    packed = packing.pack_trits(codes)
+    assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(n / 5)
+    assert int(packed.max()) <= 242
+    assert torch.equal(packing.unpack_trits(packed, n), codes)
+
+
+def test_trits_known_value_and_bad_input():
+    assert packing.pack_trits(torch.tensor([1, 2, 0, 0, 1], dtype=torch.uint8)).tolist() == [1 + 2 * 3 + 81]
+    assert packing.pack_trits(torch.tensor([2, 2, 2, 2, 2, 1], dtype=torch.uint8)).tolist() == [242, 1]
+    with pytest.raises(ValueError):
+        packing.pack_trits(torch.tensor([3], dtype=torch.uint8))
+    with pytest.raises(packing.PackError, match="base-3"):
+        packing.unpack_trits(torch.tensor([243], dtype=torch.uint8), 5)
+    with pytest.raises(packing.PackError, match="cannot hold"):
+        packing.unpack_trits(torch.tensor([0, 0], dtype=torch.uint8), 5)
+
+
+@pytest.mark.parametrize("shape", [(7, 3, 3, 3), (5, 1, 1, 1), (1, 13), (3, 2, 5, 5)])
+def test_ternary_tensor_exact(shape):
+    g = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, 3, shape, generator=g)
+    w = torch.where(codes == 1, torch.tensor(0.0371), torch.where(codes == 2, torch.tensor(-0.0219), torch.tensor(0.0)))
+    c, wp, wn = packing.ternary_codes(w)
+    assert (wp, wn) == (float(torch.tensor(0.0371)), float(torch.tensor(0.0219)))
+    back = packing.decode_ternary(packing.unpack_trits(packing.pack_trits(c), w.numel()), wp, wn, shape)
+    assert torch.equal(back, w)
+
+
+def test_ternary_codes_partial_sets_and_rejects_non_ternary():
+    for w in (torch.tensor([0.5, 0.0, 0.5]), torch.tensor([-0.25, -0.25, 0.0]), torch.tensor([0.5, -0.25]),
+              torch.zeros(4)):
+        c, wp, wn = packing.ternary_codes(w)
+        assert torch.equal(packing.decode_ternary(c, wp, wn, w.shape), w)
+    with pytest.raises(ValueError, match="not ternary"):
+        packing.ternary_codes(torch.tensor([0.5, 0.25, 0.0]))
+
+
+def test_int8_per_channel_within_half_a_step():
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(16, 8, 3, 3, generator=g) * torch.logspace(-2, 1, 16).reshape(16, 1, 1, 1)
+    w[3] = 0.0  # a dead channel
+    for dtype in (torch.float16, torch.float32):
+        q, s = packing.quantize_int8_per_channel(w, dtype)
+        assert q.dtype == torch.int8 and s.dtype == dtype and s.shape == (16,)
+        assert int(q.abs().max()) <= 127
+        step = s.float().reshape(16, 1, 1, 1)
+        err = (packing.dequantize_int8(q, s) - w).abs()
+        assert torch.all(err <= 0.5 * step + 1e-12)
+        assert float(s[3]) == 0.0 and torch.all(q[3] == 0)
+        # symmetric per channel: the largest magnitude of each live channel maps to +-127
+        live = [i for i in range(16) if i != 3]
+        assert torch.all(q[live].reshape(15, -1).abs().amax(1) >= 126)
+
+
+def test_int8_scale_that_does_not_fit_fp16_is_refused():
+    with pytest.raises(ValueError):
+        packing.quantize_int8_per_channel(torch.full((2, 3), 1e7), torch.float16)
+    with pytest.raises(ValueError):  # subnormal FP16 step would be far coarser than max|w|/127
+        packing.quantize_int8_per_channel(torch.full((2, 3), 1e-4), torch.float16)
+    q, s = packing.quantize_int8_per_channel(torch.full((2, 3), 1e-4), torch.float32)
+    assert torch.allclose(packing.dequantize_int8(q, s), torch.full((2, 3), 1e-4))
+
+
+def test_bn_affine_round_trip_computes_same_function():
+    torch.manual_seed(3)
+    bn = nn.BatchNorm2d(6, eps=1e-3).eval()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2), bn.bias.uniform_(-1, 1), bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.1, 3)
+    scale, shift = packing.bn_affine(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+    bn2 = nn.BatchNorm2d(6, eps=1e-3).eval()
+    bn2.load_state_dict(packing.bn_from_affine(scale, shift, bn2.eps), strict=False)
+    x = torch.randn(2, 6, 4, 4)
+    torch.testing.assert_close(bn2(x), bn(x), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------- whole models
+def payload_formula(model: nn.Module, rest: str) -> int:
+    """Bytes of the tensors alone, by the format's definition (no header, no metadata)."""
+    from src.quantization.shadow_weight_manager import ternary_values
+
+    total = 0
+    for name, m in model.named_modules():
+        if isinstance(m, nn.BatchNorm2d):
+            total += 2 * 2 * m.num_features
+        elif isinstance(m, nn.Conv2d):
+            n = m.weight.numel()
+            if "dfl" in name:
+                total += 2 * n
+            elif ternary_values(m.weight) is not None:
+                total += math.ceil(n / 5) + 8
+            else:
+                total += n + 2 * m.out_channels if rest == "int8" else 2 * n
+            total += 2 * m.bias.numel() if m.bias is not None else 0
+    return total
+
+
+@pytest.mark.parametrize("rest", ["int8", "fp16"])
+def test_file_size_matches_bit_budget(model80, tmp_path, rest):
+    path = packing.write_packed(model80, tmp_path / f"{rest}.safetensors", rest)
+    size, formula = os.path.getsize(path), payload_formula(model80, rest)
+    assert formula <= size <= formula + 16_000, (size, formula)
+    tensors, meta = packing.read_packed(path)
+    n_tern = sum(math.prod(s) for _, p, s in meta["tensors"] if p == "ternary")
+    assert n_tern == 1_368_320
+    assert tensors["ternary.codes"].numel() * 8 / n_tern <= 1.6 + 1e-3  # 5 codes per byte
+
+
+def test_round_trip_ternary_identical_int8_within_step(model80, packed80):
+    tensors, meta = packing.read_packed(packed80)
+    model = packing.model_from_packed(tensors, meta)
+    assert type(model).__name__ == "DetectionModel" and not model.training
+    check = packing.verify_round_trip(model80, model, meta)
+    assert check["ternary"] == 34 and check["ternary_identical"] == 34
+    assert check["int8"] > 0 and check["int8_max_err_steps"] <= 0.5 + 1e-3 and check["ok"]
+    src, out = model80.state_dict(), model.state_dict()
+    for name, prec, _ in meta["tensors"]:
+        if prec == "ternary":
+            assert torch.equal(src[name], out[name]), name
+        elif prec == "int8":
+            step = src[name].reshape(src[name].shape[0], -1).abs().amax(1) / 127
+            err = (src[name] - out[name]).reshape(step.numel(), -1).abs().amax(1)
+            assert torch.all(err <= step * (0.5 + 1e-3) + 1e-12), name
+    assert torch.equal(src["model.23.dfl.conv.weight"], out["model.23.dfl.conv.weight"])
+    assert model.names == model80.names and model.stride.tolist() == [8.0, 16.0, 32.0]
+    assert meta["ternary_layers"] == [2, 3, 4, 5, 6, 7, 8, 13, 16, 17, 19, 20, 22]
+
+
+def test_fp16_rest_close_to_source(model80, tmp_path):
+    path = packing.write_packed(model80, tmp_path / "fp16.safetensors", "fp16")
+    model = packing.load_packed(path)
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        a, b = model80(x)[0], model(x)[0]
+    assert float((a - b).abs().max()) <= 1e-2 * float(a.abs().max())
+
+
+def test_training_model_is_packed_through_its_stock_export(tmp_path):
+    from src.compression import stock_ternary_model
+
+    train_model = ternary_model(nc=2, plans=STAGE_PLANS[:1], export=False)
+    with pytest.raises(packing.PackError, match="quantized training modules"):
+        packing.pack_state(train_model)
+    stock = stock_ternary_model(train_model)
+    model = packing.load_packed(packing.write_packed(stock, tmp_path / "t.safetensors"))
+    for path, q in ShadowWeightManager(train_model).quantized.items():
+        assert torch.equal(model.get_submodule(path).weight, q.weight.detach()), path
+
+
+def test_loads_without_unpickling(packed80, monkeypatch):
+    import pickle
+
+    raw = packed80.read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + header_len])
+    assert set(header) >= {"__metadata__", "ternary.codes", "int8.values", "fp16.values"}
+
+    def refuse(*a, **k):
+        raise AssertionError("unpickling attempted")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "Unpickler", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    model = packing.load_packed(packed80)
+    assert sum(p.numel() for p in model.parameters()) == 2_624_080
+
+
+# ------------------------------------------------------------------------------------------------------- errors
+def test_refuses_non_ternary_and_bad_options():
+    fp = build_model("yolo11n.yaml", 2)
+    with pytest.raises(packing.PackError, match="no ternary weights"):
+        packing.pack_state(fp)
+    with pytest.raises(packing.PackError, match="unknown precision"):
+        packing.pack_state(fp, rest="int4")
+    with pytest.raises(packing.PackError, match="cannot pack a Conv2d"):
+        packing.pack_state(nn.Conv2d(3, 3, 3))
+
+
+def test_corrupt_truncated_and_foreign_files(packed80, tmp_path):
+    from safetensors.torch import save_file
+
+    raw = packed80.read_bytes()
+    bad = tmp_path / "truncated.safetensors"
+    bad.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(packing.PackError, match="corrupt or truncated"):
+        packing.load_packed(bad)
+    bad.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(packing.PackError, match="corrupt or truncated"):
+        packing.load_packed(bad)
+    save_file({"x": torch.zeros(2)}, str(bad))
+    with pytest.raises(packing.PackError, match="not a packed YOLO-TQ model"):
+        packing.load_packed(bad)
+    with pytest.raises(FileNotFoundError):
+        packing.load_packed(tmp_path / "missing.safetensors")
+
+
+def _rewrite(tensors, meta, path):
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata={"format": "pt", packing.META_KEY: json.dumps(meta)})
+    return path
+
+
+def test_metadata_that_does_not_match_tensors(packed80, tmp_path):
+    tensors, meta = packing.read_packed(packed80)
+    cases = []
+    m = json.loads(json.dumps(meta))
+    m["tensors"] = m["tensors"][:-1]  # one tensor fewer than the blobs hold
+    cases.append((m, tensors, "does not match"))
+    m = json.loads(json.dumps(meta))
+    first_tern = next(e for e in m["tensors"] if e[1] == "ternary")
+    first_tern[2] = [first_tern[2][0] + 5] + first_tern[2][1:]
+    cases.append((m, tensors, "does not match"))
+    m = json.loads(json.dumps(meta))
+    m["yaml"]["nc"] = 3
+    m["nc"] = 3
+    cases.append((m, tensors, "does not match|shape"))
+    m = json.loads(json.dumps(meta))
+    m["format_version"] = 99
+    cases.append((m, tensors, "version"))
+    m = json.loads(json.dumps(meta))
+    m["tensors"][0][1] = "int3"
+    cases.append((m, tensors, "unknown precision"))
+    t2 = dict(tensors)
+    t2["extra"] = torch.zeros(1)
+    cases.append((meta, t2, "does not describe"))
+    t3 = dict(tensors)
+    t3["ternary.codes"] = t3["ternary.codes"].clone()
+    t3["ternary.codes"][0] = 250
+    cases.append((meta, t3, "base-3"))
+    t4 = dict(tensors)
+    t4["int8.values"] = t4["int8.values"].float()
+    cases.append((meta, t4, "stores it as"))
+    m = json.loads(json.dumps(meta))
+    m["tensors"][0][2] = "3x3"
+    cases.append((m, tensors, "not \\[name, precision, shape\\]"))
+    for i, (m, t, pattern) in enumerate(cases):
+        with pytest.raises(packing.PackError, match=pattern):
+            packing.load_packed(_rewrite(t, m, tmp_path / f"bad{i}.safetensors"))
+
+
+# --------------------------------------------------------------------------------------------------------- CLI
+class CliResult:
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """Run compression_calculation.py in this process (as `python compression_calculation.py ARGS`)."""
+    import runpy
+
+    def run(*args):
+        monkeypatch.setattr(sys, "argv", ["compression_calculation.py", *map(str, args)])
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exc:
+            runpy.run_path(str(REPO / "compression_calculation.py"), run_name="__main__")
+        out, err = capsys.readouterr()
+        return CliResult(exc.value.code, out, err)
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def tiny_ternary_checkpoint(tiny_fp_checkpoint, tmp_path_factory):
+    from src.checkpoints import load_model, save_stock_checkpoint
+
+    model, _ = load_model(tiny_fp_checkpoint)
+    manager = ShadowWeightManager(model)
+    for plan in STAGE_PLANS:
+        manager.install(plan)
+    d = tmp_path_factory.mktemp("tern")
+    return {"train": save_stock_checkpoint(model, d / "train.pt"),
+            "stock": save_stock_checkpoint(manager.export_ternary(), d / "ternary.pt")}
+
+
+def test_cli_pack_unpack_validate(cli, tiny_fp_checkpoint, tiny_ternary_checkpoint, tiny_data, tmp_path,
+                                  monkeypatch):
+    monkeypatch.chdir(tmp_path)  # Ultralytics writes its validation folder under the working directory
+    out, js, pt = tmp_path / "m.safetensors", tmp_path / "r.json", tmp_path / "u.pt"
+    r = cli("--baseline", tiny_fp_checkpoint, "--quantized", tiny_ternary_checkpoint["train"], "--pack", out,
+             "--json", js)
+    assert r.returncode == 0, r.stderr
+    assert "34/34 ternary tensors identical" in r.stdout
+    rep = json.loads(js.read_text())
+    assert rep["quantized"]["counts"]["ternary_params"] == 1_368_320
+    assert f"{rep['theoretical'][0]['ratio']:.2f}x" in r.stdout
+    assert rep["packed"]["bytes"] == os.path.getsize(out)
+    assert abs(rep["files"]["packed_ternary_int8_rest"] - os.path.getsize(out)) < 200  # differ by the source name
+    assert rep["files"]["packed_ternary_int8_rest"] < rep["files"]["packed_ternary_fp16_rest"] \
+        < rep["files"]["stock_ternary_export_pt"]
+    r = cli("--unpack", out, "--unpacked-pt", pt, "--val-data", tiny_data, "--imgsz", 64, "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert pt.is_file() and "mAP50-95" in r.stdout
+
+
+def test_cli_errors(cli, tiny_fp_checkpoint, tmp_path):
+    r = cli("--baseline", tiny_fp_checkpoint, "--quantized", tiny_fp_checkpoint)
+    assert r.returncode == 2 and r.stderr.strip().startswith("error:") and "no ternary" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 100)
+    r = cli("--unpack", bad)
+    assert r.returncode == 2 and "corrupt or truncated" in r.stderr
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    r = cli("--baseline", tiny_fp_checkpoint, "--quantized", foreign)
+    assert r.returncode == 2 and r.stderr.startswith("error:")
+    r = cli("--quantized", foreign)
+    assert r.returncode == 2 and "--baseline" in r.stderr
+
+
+# -------------------------------------------------------------------------------------------- on ../shared data
+def test_shared_stage_1_3_packs_under_target(shared_weights, tmp_path):
+    from src.checkpoints import load_model
+
+    model, _ = load_model(shared_weights)
+    manager = ShadowWeightManager(model)
+    for plan in STAGE_PLANS:
+        manager.install(plan)
+    stock = manager.export_ternary()
+    path = packing.write_packed(stock, tmp_path / "s3.safetensors")
+    assert os.path.getsize(path) <= 1_600_000
+    tensors, meta = packing.read_packed(path)
+    assert packing.verify_round_trip(stock, packing.model_from_packed(tensors, meta), meta)["ok"]
+
+
+def test_loader_needs_no_training_code(packed80):
+    code = ("import sys; from src.quantization.packing import load_packed; m = load_packed(sys.argv[1]); "
+            "bad = [k for k in sys.modules if k.startswith(('src.training', 'src.quantization.ttq_conv', "
+            "'src.quantization.shadow_weight_manager'))]; print(type(m).__name__, bad)")
+    r = subprocess.run([sys.executable, "-c", code, str(packed80)], capture_output=True, text=True, cwd=REPO,
+                       env={**os.environ, "YOLO_OFFLINE": "1"}, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "DetectionModel []"
+
+
+@pytest.mark.parametrize("mode", ["bitlinear_ttq", "bitlinear_standard"])
+def test_bitlinear_layers_round_trip(tmp_path, mode):
+    from src.checkpoints import load_model, save_stock_checkpoint
+    from src.compression import stock_ternary_model
+    from src.quantization.c2psa_replace import replace_c2psa
+
+    train_model = ternary_model(nc=2, plans=STAGE_PLANS[:1], export=False)
+    paths = replace_c2psa(train_model, mode)
+    stock = stock_ternary_model(train_model).eval()
+    path = packing.write_packed(stock, tmp_path / "bl.safetensors", "fp16")
+    tensors, meta = packing.read_packed(path)
+    assert sorted(meta["modules"]) == sorted(paths)
+    model = packing.model_from_packed(tensors, meta)
+    check = packing.verify_round_trip(stock, model, meta)
+    assert check["ternary"] == check["ternary_identical"] == 15 + 5 and check["ok"]
+    for p in paths:
+        q = model.get_submodule(p)
+        assert type(q) is packing.PackedBitLinear and torch.equal(q.weight, stock.get_submodule(p).weight.detach())
+        assert f"{p}.latent_weight" in model.state_dict() and f"{p}.wp" not in model.state_dict()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        a, b = stock(x)[0], model(x)[0]
+    assert float((a - b).abs().max()) <= 1e-2 * float(a.abs().max())
+    # the unpacked model saves as an Ultralytics checkpoint, loads back, and survives Conv+BN fusion
+    reloaded, _ = load_model(save_stock_checkpoint(model, tmp_path / "bl.pt"))
+    fused = reloaded.fuse()
+    with torch.no_grad():
+        c = fused(x)[0]
+    assert float((c - b).abs().max()) <= 2e-2 * float(b.abs().max())
