@@ -19,6 +19,11 @@ from pathlib import Path
 from common import REPO, SHARED_DATA, SHARED_WEIGHTS, print_table, provenance, require, write_json
 
 
+# Fixed for this budget: one optimizer step per batch (Ultralytics would accumulate to nbs=64, i.e. 2 steps per
+# epoch), and validation only after the last epoch of a stage (best.pt = last.pt).
+BENCH_SETTINGS = ["train.ultralytics.nbs=16", "train.val=false"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", default=str(SHARED_WEIGHTS))
@@ -27,8 +32,10 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--imgsz", type=int, default=320)
     p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--device", default="cpu", help="cpu (the benchmark's budget) or a CUDA device such as 0")
     p.add_argument("--stages", type=int, default=3, help="train stages 1..N")
-    p.add_argument("--set", dest="dotlist", action="append", default=[], help="config override KEY=VALUE")
+    p.add_argument("--set", dest="dotlist", action="append", default=[],
+                   help="config override KEY=VALUE (added after the benchmark's own: " + ", ".join(BENCH_SETTINGS) + ")")
     p.add_argument("--skip-ptq", action="store_true", help="skip the post-training ternarisation rows")
     p.add_argument("--workdir", default=str(REPO / "benchmarks" / "work" / "retention"))
     p.add_argument("--tag", default="", help="label stored in the JSON")
@@ -43,13 +50,13 @@ def main() -> None:
     work = Path(a.workdir)
     shutil.rmtree(work / "checkpoints", ignore_errors=True)  # never continue from an earlier run's stages
     cfg = load_config(a.config, {"weights": str(weights), "data": str(data), "epochs": a.epochs, "imgsz": a.imgsz,
-                                 "batch": a.batch, "device": "cpu", "checkpoint_dir": str(work / "checkpoints")},
-                      a.dotlist)
-    val = lambda ckpt: validate(ckpt, str(data), a.imgsz, 16, "cpu", project=str(work / "val"))  # noqa: E731
+                                 "batch": a.batch, "device": a.device, "checkpoint_dir": str(work / "checkpoints")},
+                      BENCH_SETTINGS + a.dotlist)
+    val = lambda ckpt: validate(ckpt, str(data), a.imgsz, 16, a.device, project=str(work / "val"))  # noqa: E731
     result = {"benchmark": "ttq_retention", "tag": a.tag, "provenance": provenance(),
               "budget": {"weights": str(weights), "data": str(data), "epochs_per_stage": a.epochs,
-                         "imgsz": a.imgsz, "batch": a.batch, "device": "cpu"},
-              "config_overrides": a.dotlist, "rows": []}
+                         "imgsz": a.imgsz, "batch": a.batch, "device": a.device},
+              "config_overrides": BENCH_SETTINGS + a.dotlist, "rows": []}
     rows = result["rows"]
 
     def add(row):
