@@ -5,9 +5,10 @@ class scores in [0, 1].
 
 Criteria (stated, not tuned per model):
 - FP32 backends must reproduce PyTorch FP32 closely: max |Δ| over all boxes <= FP32_BOX_TOL_PX input pixels and over
-  all scores <= FP32_SCORE_TOL. Reordered FP32 sums differ by ~1e-3 px on yolo11n at 640 (measured: ONNX Runtime
-  0.002 px, OpenVINO with an f32 hint 0.003 px; scores 5e-6), so these bounds leave room while still catching a wrong
-  graph, a wrong input layout or a silent FP16 / BF16 fallback (BF16 moved boxes by 48 px, scores by 0.07).
+  all scores <= FP32_SCORE_TOL. Reordered FP32 sums differ by ~1e-3 px on yolo11n at 640 (measured on CPU: ONNX
+  Runtime 0.002 px, OpenVINO with an f32 hint 0.003 px; scores 5e-6). The bounds leave 100x room for GPU convolution
+  algorithms (Winograd / FFT are less exact) while still catching a wrong graph, a wrong input layout or a silent
+  FP16 / BF16 fallback (OpenVINO BF16 moved boxes by 48 px and scores by 0.07 on the same input).
 - Reduced-precision backends (FP16, BF16, INT8) move some raw values a lot: INT8 yolo11n moved a box by 129 px, but
   on an anchor no detection comes from (2 px on anchors scoring >= 0.25). A raw max |Δ| is reported but cannot be the
   test. What a deployment sees is the detections after NMS, so these must match PyTorch's (same class, IoU >= 0.5)
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-FP32_BOX_TOL_PX = 0.05
+FP32_BOX_TOL_PX = 0.25
 FP32_SCORE_TOL = 1e-3
 REDUCED_MIN_F1 = 0.8
 CONF = 0.25  # detection threshold used for the "confident anchors" figures and the detection match

@@ -263,7 +263,8 @@ class OpenVinoRunner(Runner):
         self.request.infer(self.feed, share_inputs=True, share_outputs=True)
 
     def inference_precision(self) -> str:
-        return str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
+        t = self.compiled.get_property("INFERENCE_PRECISION_HINT")
+        return t.to_string() if hasattr(t, "to_string") else str(t)
 
 
 class TensorRTRunner(TorchRunner):

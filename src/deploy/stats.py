@@ -31,8 +31,8 @@ def ratio(quantized: float | None, baseline: float | None) -> float | None:
     return float(quantized) / float(baseline)
 
 
-RATIO_FIGURES = ("mean_ms", "median_ms", "p95_ms", "throughput_ips", "peak_rss_mb", "gpu_mem_mb", "file_mb",
-                 "file_gz_mb")
+RATIO_FIGURES = ("mean_ms", "median_ms", "p95_ms", "throughput_ips", "peak_rss_mb", "added_rss_mb", "gpu_mem_mb",
+                 "file_mb", "file_gz_mb")
 
 
 def ratios(quantized_row: dict, baseline_row: dict, figures: Sequence[str] = RATIO_FIGURES) -> dict:

@@ -3,10 +3,23 @@ per-channel symmetric INT8 (what NNCF and TensorRT use for conv weights) represe
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
 import torch.nn as nn
+
+
+@contextlib.contextmanager
+def single_thread():
+    """Run many tiny tensor ops on one thread: on a busy machine the intra-op pool's hand-offs cost more than the
+    ops themselves (measured: 2.2 s vs 0.3 s for a yolo11n layer report with the other core busy)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 @torch.no_grad()
@@ -14,11 +27,9 @@ def channelwise_ternary(weight: torch.Tensor) -> bool:
     """True if every output channel holds at most the values {-a_c, 0, +b_c} (a_c, b_c >= 0). A ternary conv stays
     so after Conv+BN fusion, which scales each output channel by one number."""
     w = weight.detach().float().reshape(weight.shape[0], -1)
-    for row in w:
-        vals = torch.unique(row)
-        if vals.numel() > 3 or int((vals > 0).sum()) > 1 or int((vals < 0).sum()) > 1:
-            return False
-    return True
+    hi = w.amax(dim=1, keepdim=True).clamp_min(0)  # +b_c (0 if the channel has no positive value)
+    lo = w.amin(dim=1, keepdim=True).clamp_max(0)  # -a_c
+    return bool(((w == 0) | (w == hi) | (w == lo)).all())
 
 
 @torch.no_grad()

@@ -1,0 +1,339 @@
+"""latency_benchmark.py and src/deploy: statistics, timing loop, agreement check, exports, skip lines, JSON schema.
+Runs without ../shared and without a GPU; OpenVINO tests skip when it is not installed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, build_model
+
+from src.deploy import backends
+from src.deploy.agreement import (FP32_BOX_TOL_PX, compare_outputs, f1_score, match_detections, output_diffs,
+                                  verdict, AgreementError)
+from src.deploy.bench import BenchError, BenchOptions, check_result_schema, format_table, run_benchmark, write_result
+from src.deploy.export import export_artifact, prepare_checkpoint
+from src.deploy.stats import latency_stats, ratio, ratios
+from src.deploy.timing import PerfCounterClock, time_runs
+from src.deploy.weights import channelwise_ternary, deploy_weight_summary, int8_rounding_error
+from src.deploy.worker import measure_target
+
+IMGSZ = 64
+STAGE_LAYERS = (17, 19, 20, 22, 7, 8, 9, 13, 16, 2, 3, 4, 5, 6)  # stages 1-3 of configs/stage1_progressive.yaml
+
+
+# ------------------------------------------------------------------------------------------------------- fixtures
+def _ttq_model(seed: int = 1):
+    from src.quantization.shadow_weight_manager import LayerPlan, ShadowWeightManager
+
+    torch.manual_seed(seed)
+    model = build_model("yolo11n.yaml", nc=2)
+    model.names, model.args = {0: "c0", 1: "c1"}, {"imgsz": IMGSZ}
+    mgr = ShadowWeightManager(model)
+    mgr.install(LayerPlan(STAGE_LAYERS, include_1x1=True, threshold=0.7))
+    return model, mgr
+
+
+@pytest.fixture(scope="module")
+def ternary_checkpoint(tmp_path_factory):
+    """A stock ternary yolo11n (nc=2) built from yaml: plain convs holding three values in the stage 1-3 layers."""
+    from src.checkpoints import save_stock_checkpoint
+
+    _, mgr = _ttq_model()
+    return save_stock_checkpoint(mgr.export_ternary(), tmp_path_factory.mktemp("tern") / "ternary.pt")
+
+
+@pytest.fixture(scope="module")
+def ttq_training_checkpoint(tmp_path_factory):
+    """A checkpoint that still holds TTQConv2d modules (as training writes them)."""
+    from src.checkpoints import save_stock_checkpoint
+
+    model, _ = _ttq_model(seed=2)
+    return save_stock_checkpoint(model, tmp_path_factory.mktemp("ttq") / "last.pt")
+
+
+@pytest.fixture(scope="module")
+def inputs_and_dir(tmp_path_factory, tiny_data):
+    from src.deploy.agreement import check_inputs
+
+    d = tmp_path_factory.mktemp("deploy")
+    xs = check_inputs(str(tiny_data), IMGSZ, 1, 2)
+    np.savez(d / "inputs.npz", *xs)
+    return xs, d
+
+
+def _spec(name, artifact, d, refs_path, runs=5, warmup=1):
+    return {"target": name, "artifact": str(artifact), "inputs": str(d / "inputs.npz"), "refs": str(refs_path),
+            "batch": 1, "num_runs": runs, "warmup": warmup, "min_f1": 0.8, "openvino_int8_hint": None}
+
+
+# ------------------------------------------------------------------------------------------------ pure functions
+def test_latency_stats_known_values():
+    s = latency_stats([0.010, 0.020, 0.030, 0.040, 0.100], batch=4)
+    assert s["runs"] == 5
+    assert s["mean_ms"] == pytest.approx(40.0)
+    assert s["median_ms"] == pytest.approx(30.0)
+    assert s["p95_ms"] == pytest.approx(88.0)  # linear interpolation between 40 and 100
+    assert s["min_ms"] == pytest.approx(10.0) and s["max_ms"] == pytest.approx(100.0)
+    assert s["throughput_ips"] == pytest.approx(4 * 1000 / 40.0)
+    with pytest.raises(ValueError):
+        latency_stats([])
+    with pytest.raises(ValueError):
+        latency_stats([0.01], batch=0)
+
+
+def test_ratios():
+    assert ratio(2.0, 4.0) == 0.5
+    assert ratio(None, 1.0) is None and ratio(1.0, 0) is None
+    r = ratios({"mean_ms": 5.0, "file_mb": 2.0, "gpu_mem_mb": None}, {"mean_ms": 10.0, "file_mb": 2.0})
+    assert r == {"mean_ms": 0.5, "file_mb": 1.0}
+
+
+def test_time_runs_counts_warmup_and_samples():
+    calls = []
+
+    class FakeClock:
+        name = "fake"
+
+        def __init__(self):
+            self.t = 0.0
+
+        def start(self):
+            self.t0 = self.t
+
+        def stop(self):
+            self.t += 0.25
+            return self.t - self.t0
+
+    samples = time_runs(lambda: calls.append(1), num_runs=7, warmup=3, clock=FakeClock())
+    assert len(calls) == 10 and samples == [0.25] * 7
+    syncs = []
+    samples = time_runs(lambda: None, 4, 0, PerfCounterClock(sync=lambda: syncs.append(1)))
+    assert len(samples) == 4 and all(s >= 0 for s in samples) and len(syncs) == 8
+    with pytest.raises(ValueError):
+        time_runs(lambda: None, 0, 0)
+
+
+def test_output_diffs_and_confident_anchors():
+    ref = np.zeros((1, 6, 4), np.float32)
+    ref[0, 4, 1] = 0.9  # anchor 1 is confident
+    out = ref.copy()
+    out[0, 0, 1] += 0.5  # box error on the confident anchor
+    out[0, 1, 3] += 30.0  # large box error on an anchor nobody detects
+    d = output_diffs(ref, out)
+    assert d["max_abs"] == pytest.approx(30.0) and d["max_abs_box"] == pytest.approx(30.0)
+    assert d["confident_anchors"] == 1 and d["max_abs_box_confident"] == pytest.approx(0.5)
+    assert d["max_abs_score"] == 0.0
+    with pytest.raises(AgreementError):
+        output_diffs(ref, out[:, :, :3])
+
+
+def test_detection_matching_and_verdicts():
+    ref = np.array([[0, 0, 10, 10, 0.9, 0], [20, 20, 30, 30, 0.8, 1]], np.float32)
+    same = ref.copy()
+    wrong_class = ref.copy()
+    wrong_class[1, 5] = 0
+    assert match_detections(ref, same) == 2
+    assert match_detections(ref, wrong_class) == 1
+    assert match_detections(ref, np.zeros((0, 6), np.float32)) == 0
+    assert f1_score(1, 2, 2) == pytest.approx(0.5) and f1_score(0, 0, 0) == 1.0
+    diffs = {"max_abs_box": FP32_BOX_TOL_PX / 2, "max_abs_score": 0.0}
+    assert verdict("fp32", diffs, 0.0).passed
+    assert not verdict("fp32", {**diffs, "max_abs_box": 1.0}, 1.0).passed
+    assert verdict("int8", {**diffs, "max_abs_box": 100.0}, 0.9).passed  # int8 is judged by detections
+    assert not verdict("int8", diffs, 0.5).passed
+
+
+def test_int8_representation_of_ternary_weights():
+    torch.manual_seed(0)
+    signs = torch.randint(-1, 2, (8, 4, 3, 3)).float()
+    scale = torch.rand(8, 1, 1, 1) + 0.5
+    symmetric = signs * scale
+    assert channelwise_ternary(symmetric)
+    assert int8_rounding_error(symmetric) == pytest.approx(0.0, abs=1e-7)
+    asym = torch.where(signs > 0, signs * 0.7, signs * 0.3) * scale  # TTQ: Wp != Wn
+    assert channelwise_ternary(asym)
+    assert 0 < int8_rounding_error(asym) <= 0.5 / 127 + 1e-6
+    dense = torch.randn(8, 4, 3, 3)
+    assert not channelwise_ternary(dense)
+    assert int8_rounding_error(dense) <= 0.5 / 127 + 1e-6
+
+
+# ---------------------------------------------------------------------------------- checkpoints and ONNX exports
+def test_prepare_checkpoint_kinds(tmp_path, tiny_fp_checkpoint, ternary_checkpoint, ttq_training_checkpoint):
+    fp = prepare_checkpoint(tiny_fp_checkpoint, tmp_path / "a", "baseline")
+    assert fp.kind == "fp" and fp.checkpoint.is_symlink() and fp.summary["deploy"]["ternary_convs"] == 0
+    tern = prepare_checkpoint(ternary_checkpoint, tmp_path / "b", "quantized")
+    assert tern.kind == "ternary" and tern.summary["ternary_convs"] > 20
+    # after Conv+BN fusion the ternary convs stay ternary per output channel
+    assert tern.summary["deploy"]["ternary_convs"] == tern.summary["ternary_convs"]
+    ttq = prepare_checkpoint(ttq_training_checkpoint, tmp_path / "c", "quantized")
+    assert ttq.kind == "ttq-training" and ttq.summary["quantized_modules_in_checkpoint"] > 20
+    assert ttq.summary["quantized_modules_kept"] == [] and not ttq.checkpoint.is_symlink()
+    from src.checkpoints import load_model
+    from src.quantization.shadow_weight_manager import quantized_modules
+
+    model, _ = load_model(ttq.checkpoint)
+    assert not quantized_modules(model) and ttq.summary["ternary_convs"] == tern.summary["ternary_convs"]
+
+
+@pytest.mark.parametrize("which", ["baseline", "ternary"])
+def test_onnx_export_matches_pytorch(which, tmp_path, tiny_fp_checkpoint, ternary_checkpoint, inputs_and_dir):
+    from src.deploy.bench import reference_outputs
+
+    xs, d = inputs_and_dir
+    ckpt = tiny_fp_checkpoint if which == "baseline" else ternary_checkpoint
+    pm = prepare_checkpoint(ckpt, tmp_path, which)
+    path, _ = export_artifact(pm, "onnx", tmp_path, IMGSZ, 1)
+    assert path.suffix == ".onnx" and path.parent == tmp_path / "onnx" and path.stat().st_size > 100_000
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    assert [tuple(dd.dim_value for dd in i.type.tensor_type.shape.dim) for i in graph.input] == [(1, 3, IMGSZ, IMGSZ)]
+    refs = reference_outputs(pm.checkpoint, xs)
+    assert refs[0].shape == (1, 4 + 2, (IMGSZ // 8) ** 2 + (IMGSZ // 16) ** 2 + (IMGSZ // 32) ** 2)
+    np.savez(tmp_path / "refs.npz", *refs)
+    row = measure_target(_spec("onnxruntime-cpu", path, d, tmp_path / "refs.npz"))
+    assert row["status"] == "ok", row.get("reason")
+    a = row["agreement"]
+    assert a["passed"] and a["max_abs_box"] <= FP32_BOX_TOL_PX and a["max_abs_score"] <= 1e-3
+    assert row["runs"] == 5 and 0 < row["min_ms"] <= row["median_ms"] <= row["p95_ms"] <= row["max_ms"]
+    assert row["throughput_ips"] == pytest.approx(1000.0 / row["mean_ms"])
+    assert row["peak_rss_mb"] > 0 and row["clock"] == "perf_counter"
+
+
+def test_bitlinear_checkpoint_exports_and_agrees(tmp_path, inputs_and_dir):
+    """A training checkpoint with BitLinear_TTQ in C2PSA (kept as is: it has no plain-conv export) plus TTQ convs."""
+    replace = pytest.importorskip("src.quantization.c2psa_replace", reason="BitLinear modules not in this checkout")
+    from src.checkpoints import save_stock_checkpoint
+    from src.deploy.bench import reference_outputs
+
+    xs, d = inputs_and_dir
+    model, _ = _ttq_model(seed=3)
+    assert replace.replace_c2psa(model, "bitlinear_ttq")
+    pm = prepare_checkpoint(save_stock_checkpoint(model, tmp_path / "bitlinear.pt"), tmp_path, "quantized")
+    assert pm.kind == "ttq-training" and pm.summary["quantized_modules_kept"] == ["BitLinear_TTQ"]
+    np.savez(tmp_path / "refs.npz", *reference_outputs(pm.checkpoint, xs))
+    path, _ = export_artifact(pm, "onnx", tmp_path, IMGSZ, 1)
+    row = measure_target(_spec("onnxruntime-cpu", path, d, tmp_path / "refs.npz", runs=2))
+    assert row["status"] == "ok" and row["agreement"]["passed"], row.get("reason")
+
+
+def test_disagreeing_export_is_refused_not_timed(tmp_path, tiny_fp_checkpoint, inputs_and_dir):
+    from src.deploy.bench import reference_outputs
+
+    xs, d = inputs_and_dir
+    pm = prepare_checkpoint(tiny_fp_checkpoint, tmp_path, "baseline")
+    refs = reference_outputs(pm.checkpoint, xs)
+    refs[0][:, :4] += 1.0  # pretend PyTorch put every box one pixel elsewhere
+    np.savez(tmp_path / "refs.npz", *refs)
+    row = measure_target(_spec("torch-cpu", pm.checkpoint, d, tmp_path / "refs.npz"))
+    assert row["status"] == "refused" and "mean_ms" not in row
+    assert row["agreement"]["max_abs_box"] == pytest.approx(1.0, abs=0.01) and "disagrees" in row["reason"]
+
+
+def test_timing_loop_on_tiny_model(tiny_fp_checkpoint):
+    runner = backends.make_runner(backends.target("torch-cpu"), tiny_fp_checkpoint)
+    runner.bind(np.zeros((1, 3, IMGSZ, IMGSZ), np.float32))
+    samples = time_runs(runner.run, 12, 2, runner.clock())
+    s = latency_stats(samples)
+    assert s["runs"] == 12 and 0 < s["min_ms"] <= s["median_ms"] <= s["p95_ms"] <= s["max_ms"] < 5000
+
+
+# ------------------------------------------------------------------------------------------------ skips and JSON
+def test_missing_backends_give_one_skip_line(monkeypatch):
+    real = backends._importable
+    monkeypatch.setattr(backends, "_importable", lambda m: False if m in ("openvino", "tensorrt", "nncf") else real(m))
+    monkeypatch.setattr(backends, "cuda_available", lambda: False)
+    plan = dict((t.name, r) for t, r in backends.plan_targets("cpu", True, True, "data.yaml"))
+    assert plan["torch-cpu"] is None and plan["onnxruntime-cpu"] is None
+    for name in ("openvino-fp32", "openvino-int8"):
+        assert "not installed" in plan[name] and "pip install" in plan[name]
+    assert "--device 0" in plan["tensorrt-fp16"]
+    gpu = dict((t.name, r) for t, r in backends.plan_targets("cuda", True, True, "data.yaml"))
+    assert "no CUDA device" in gpu["torch-cuda"] and "--device cpu" in gpu["torch-cpu"]
+    no_flags = dict((t.name, r) for t, r in backends.plan_targets("cpu", False, False, None))
+    assert "--export-int8" in no_flags["openvino-int8"] and "--export-fp16" in no_flags["openvino-bf16"]
+    assert "--data" in dict((t.name, r) for t, r in backends.plan_targets("cpu", False, True, None))["openvino-int8"]
+    line = backends.skip_line(backends.target("tensorrt-int8"), plan["tensorrt-int8"])
+    assert line.startswith("skip tensorrt-int8: ") and "\n" not in line
+
+
+def test_run_benchmark_json_schema(tmp_path, tiny_fp_checkpoint, ternary_checkpoint, tiny_data, monkeypatch):
+    monkeypatch.setattr(backends, "_importable",
+                        lambda m, real=backends._importable: False if m in ("openvino", "tensorrt") else real(m))
+    lines = []
+    opts = BenchOptions(baseline=str(tiny_fp_checkpoint), quantized=str(ternary_checkpoint), num_runs=3, warmup=1,
+                        imgsz=IMGSZ, data=str(tiny_data), export_int8=True, backends=("torch", "onnxruntime", "openvino"),
+                        workdir=str(tmp_path / "w"), isolate=False, check_images=2)
+    r = run_benchmark(opts, log=lines.append)
+    assert check_result_schema(r) == []
+    assert [(x["model"], x["target"], x["status"]) for x in r["rows"]] == [
+        ("baseline", "torch-cpu", "ok"), ("quantized", "torch-cpu", "ok"),
+        ("baseline", "onnxruntime-cpu", "ok"), ("quantized", "onnxruntime-cpu", "ok")]
+    skipped = {s["target"]: s["reason"] for s in r["skipped"]}
+    assert "not installed" in skipped["openvino-int8"] and "not in --backends" in skipped["tensorrt-int8"]
+    assert "a CUDA target" in skipped["torch-cuda"]
+    assert set(skipped) | {"torch-cpu", "onnxruntime-cpu"} == {t.name for t in backends.TARGETS}
+    assert sum(line.startswith("skip ") for line in lines) == len(skipped)
+    assert {(c["quantized"], c["baseline"]) for c in r["comparisons"]} == {("torch-cpu", "torch-cpu"),
+                                                                           ("onnxruntime-cpu", "onnxruntime-cpu")}
+    assert [(a["target"], a["status"]) for a in r["interleaved"]] == [("torch-cpu", "ok"), ("onnxruntime-cpu", "ok")]
+    assert all(s["runs"] == 3 for a in r["interleaved"] for s in a["stats"].values())
+    assert r["interleaved"][0]["paired_median_ratio"]["baseline"] == 1.0
+    assert set(r["comparisons"][0]["interleaved_ratios"]) >= {"mean_ms", "paired_median"}
+    c = r["comparisons"][0]["ratios"]
+    assert c["file_mb"] == pytest.approx(1.0, rel=0.05) and c["file_gz_mb"] < 1.0  # same size dense, compresses better
+    assert r["models"]["quantized"]["kind"] == "ternary" and r["environment"]["loadavg_after"]
+    out = write_result(r, tmp_path / "r.json")
+    assert check_result_schema(json.loads(out.read_text())) == []
+    table = format_table(r)
+    assert "onnxruntime-cpu / onnxruntime-cpu" in table and "skip tensorrt-int8:" in table and "A/B" in table
+    broken = json.loads(out.read_text())
+    broken["rows"][0].pop("mean_ms")
+    broken["rows"][1]["status"] = "refused"
+    problems = check_result_schema(broken)
+    assert any("mean_ms" in p for p in problems) and any("without a reason" in p for p in problems)
+    with pytest.raises(BenchError):
+        run_benchmark(BenchOptions(baseline=str(tiny_fp_checkpoint), imgsz=50), log=lines.append)
+
+
+def test_cli_end_to_end_isolated(tmp_path, tiny_fp_checkpoint):
+    """The root script, one worker process per target, skip lines on screen, JSON written."""
+    out = tmp_path / "lat.json"
+    p = subprocess.run([sys.executable, "latency_benchmark.py", "--baseline", str(tiny_fp_checkpoint),
+                        "--backends", "onnxruntime", "--num-runs", "3", "--warmup", "1",
+                        "--imgsz", str(IMGSZ), "--workdir", str(tmp_path / "w"), "--json", str(out)],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "skip openvino-fp32: not in --backends" in p.stdout and "Traceback" not in p.stdout + p.stderr
+    r = json.loads(out.read_text())
+    assert check_result_schema(r) == [] and [(x["target"], x["status"]) for x in r["rows"]] == [("onnxruntime-cpu", "ok")]
+    assert all(x["runs"] == 3 and x["peak_rss_reset"] in (True, False) for x in r["rows"])
+    bad = subprocess.run([sys.executable, "latency_benchmark.py", "--baseline", str(tmp_path / "missing.pt")],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: checkpoint not found")
+
+
+# ---------------------------------------------------------------------------------------------- OpenVINO (optional)
+def test_openvino_fp32_and_int8(tmp_path, ternary_checkpoint, tiny_data, inputs_and_dir):
+    pytest.importorskip("openvino", reason="OpenVINO not installed (pip install -r requirements-deploy.txt)")
+    pytest.importorskip("nncf", reason="NNCF not installed (pip install -r requirements-deploy.txt)")
+    from src.deploy.bench import reference_outputs
+
+    xs, d = inputs_and_dir
+    pm = prepare_checkpoint(ternary_checkpoint, tmp_path, "quantized")
+    np.savez(tmp_path / "refs.npz", *reference_outputs(pm.checkpoint, xs))
+    fp32, _ = export_artifact(pm, "openvino", tmp_path, IMGSZ, 1)
+    row = measure_target(_spec("openvino-fp32", fp32, d, tmp_path / "refs.npz"))
+    assert row["status"] == "ok", row.get("reason")
+    assert row["inference_precision"] == "f32" and row["agreement"]["max_abs_box"] <= FP32_BOX_TOL_PX
+    int8, _ = export_artifact(pm, "openvino-int8", tmp_path, IMGSZ, 1, data=str(tiny_data))
+    assert int8.name.endswith("_int8_openvino_model") and any(int8.glob("*.xml"))
+    row = measure_target(_spec("openvino-int8", int8, d, tmp_path / "refs.npz"))
+    assert row["status"] in ("ok", "refused") and "det_f1" in row["agreement"]
