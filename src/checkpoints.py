@@ -31,6 +31,26 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict]:
     return model, ckpt
 
 
+def ensure_weights(name: str) -> str:
+    """A local path for `name`: the file itself, or, for a bare official name such as 'yolo11n.pt', Ultralytics'
+    own download (into the current folder). Offline users pass a local path instead."""
+    p = Path(name)
+    if p.is_file():
+        return str(p)
+    if os.sep in name or "/" in name or not name.endswith(".pt"):
+        raise CheckpointError(f"weights not found: {name}")
+    from ultralytics.utils.downloads import attempt_download_asset
+
+    try:
+        got = attempt_download_asset(name)
+    except Exception as e:  # noqa: BLE001 - offline, or no such asset
+        raise CheckpointError(f"cannot download {name} ({type(e).__name__}); pass a local file with --weights PATH "
+                              f"(or WEIGHTS=PATH for run.sh)") from e
+    if not Path(got).is_file():
+        raise CheckpointError(f"cannot download {name}; pass a local file with --weights PATH (or WEIGHTS=PATH)")
+    return str(got)
+
+
 def model_size_of(model: nn.Module) -> str | None:
     """'n', 's', 'm', 'l' or 'x' for a YOLO11 model (from its yaml's scale or file name), None if unknown."""
     y = getattr(model, "yaml", None) or {}

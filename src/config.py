@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 MODEL_SIZES = ("n", "s", "m", "l", "x")
+REPO_ROOT = Path(__file__).resolve().parents[1]
 C2PSA_MODES = ("bitlinear_ttq", "bitlinear_standard")
 
 
@@ -153,6 +154,8 @@ def load_config(path: str | Path | None, overrides: dict | None = None, dotlist:
     raw: dict = {}
     if path is not None:
         p = Path(path)
+        if not p.is_file() and not p.is_absolute() and (REPO_ROOT / p).is_file():
+            p = REPO_ROOT / p  # default configs resolve from any working directory
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:

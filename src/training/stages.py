@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..checkpoints import CheckpointError, check_model_size, load_model
+from ..checkpoints import CheckpointError, check_model_size, ensure_weights, load_model
 from ..config import ConfigError, ProjectConfig, find_stage, stage_dir, stage_train_args
-from ..quantization.shadow_weight_manager import PlanError, plan_layers_in, select_convs
+from ..quantization.shadow_weight_manager import PlanError, quantized_modules, select_convs
 from .shadow_trainer import TERNARY_EXPORT_NAME, ShadowTrainer, make_stage_plan
 
 # Ultralytics train arguments taken from the config's `train` section
@@ -41,7 +41,7 @@ def resolve_start(cfg: ProjectConfig, index: int, start: str | None) -> str:
         if _local_path_required(w) and not Path(w).is_file():
             raise CheckpointError(f"weights not found: {w} (pass --weights PATH, or a bare name such as "
                                   f"yolo11{cfg.model_size}.pt to download it)")
-        return w
+        return ensure_weights(w)
     prev = cfg.stages[index - 1]
     out = stage_outputs(cfg, prev)
     for key in ("best", "last"):
@@ -59,12 +59,12 @@ def check_start(cfg: ProjectConfig, index: int, start: str) -> None:
     check_model_size(model, cfg.model_size, start)
     stage = cfg.stages[index]
     select_convs(model, stage.layers, stage.include_1x1)  # raises PlanError for a layer the model lacks
-    have = plan_layers_in(model)
-    need = {i for s in cfg.stages[:index] for i in s.layers}
-    missing = need - have
+    have = set(quantized_modules(model))
+    need = {path for s in cfg.stages[:index] for path in select_convs(model, s.layers, s.include_1x1)}
+    missing = sorted(need - have)
     if missing and index > 0:
-        raise PlanError(f"{start} does not hold ternary layers {sorted(missing)} of the earlier stages; "
-                        f"start stage {index + 1} from stage {index}'s output")
+        raise PlanError(f"{start} does not hold the earlier stages' ternary convs ({len(missing)} missing, e.g. "
+                        f"{missing[0]}); start stage {index + 1} from stage {index}'s output")
 
 
 def check_data(data: str) -> None:
@@ -78,6 +78,8 @@ def distill_plan(cfg: ProjectConfig, start: str) -> dict | None:
     if not d.enabled:
         return None
     teacher = {"fp": cfg.base.weights, "start": start}.get(d.teacher, d.teacher)
+    if d.teacher == "fp":
+        teacher = ensure_weights(teacher)
     if not Path(teacher).is_file():
         raise CheckpointError(f"distillation teacher not found: {teacher} (config distill.teacher)")
     return {"teacher": str(Path(teacher).resolve()), "cls_weight": d.cls_weight, "box_weight": d.box_weight,

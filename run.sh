@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# YOLO11-TQ pipeline: TTQ stages 1-3, BitLinear_TTQ and standard BitLinear on C2PSA, validation, compression
+# (with the packed export), BitLinear comparison, latency, and a report. Re-running continues where it stopped.
+#
+#   bash run.sh [quick|full] [n|s|m|l|x]          (default: quick n)
+#
+# Environment (all optional):
+#   WEIGHTS=/path/yolo11n.pt   starting FP weights (default: yolo11<size>.pt, downloaded by Ultralytics)
+#   DATA=/abs/path/data.yaml   data yaml (default: coco128.yaml for quick, coco.yaml for full)
+#   RUN_DIR=runs/pipeline/...  where everything goes (default: runs/pipeline/<profile>_yolo11<size>)
+#   EPOCHS, C2PSA_EPOCHS, IMGSZ, BATCH, DEVICE   training overrides (quick sets its own, full uses the configs')
+#   LATENCY_RUNS, BACKENDS     latency benchmark runs and backends
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+PROFILE=${1:-quick}
+SIZE=${2:-n}
+case "$PROFILE" in quick|full) ;; *) echo "usage: bash run.sh [quick|full] [n|s|m|l|x]" >&2; exit 2 ;; esac
+case "$SIZE" in n|s|m|l|x) ;; *) echo "usage: bash run.sh [quick|full] [n|s|m|l|x]" >&2; exit 2 ;; esac
+
+WEIGHTS=${WEIGHTS:-yolo11${SIZE}.pt}
+RUN_DIR=${RUN_DIR:-runs/pipeline/${PROFILE}_yolo11${SIZE}}
+CK="$RUN_DIR/checkpoints"
+OUT="$CK/yolo11${SIZE}"
+mkdir -p "$RUN_DIR/logs" "$RUN_DIR/.done" "$RUN_DIR/results"
+export YOLO_OFFLINE=${YOLO_OFFLINE:-}
+
+TRAIN=(--model-size "$SIZE" --checkpoint-dir "$CK")
+if [ "$PROFILE" = quick ]; then
+  DATA=${DATA:-coco128.yaml}
+  IMGSZ=${IMGSZ:-320}; BATCH=${BATCH:-16}; EPOCHS=${EPOCHS:-3}; C2PSA_EPOCHS=${C2PSA_EPOCHS:-$EPOCHS}
+  TRAIN+=(--imgsz "$IMGSZ" --batch "$BATCH" --epochs "$EPOCHS" --set "train.ultralytics.nbs=$BATCH" --set train.val=false)
+  C2PSA_TRAIN=("${TRAIN[@]}" --epochs "$C2PSA_EPOCHS")
+  LATENCY_RUNS=${LATENCY_RUNS:-30}
+else
+  DATA=${DATA:-coco.yaml}
+  IMGSZ=${IMGSZ:-640}; BATCH=${BATCH:-16}
+  [ -n "${EPOCHS:-}" ] && TRAIN+=(--epochs "$EPOCHS")
+  C2PSA_TRAIN=("${TRAIN[@]}")
+  [ -n "${C2PSA_EPOCHS:-}" ] && C2PSA_TRAIN+=(--epochs "$C2PSA_EPOCHS")
+  LATENCY_RUNS=${LATENCY_RUNS:-100}
+fi
+[ -n "${DEVICE:-}" ] && TRAIN+=(--device "$DEVICE") && C2PSA_TRAIN+=(--device "$DEVICE")
+VAL=(--data "$DATA" --imgsz "$IMGSZ" --batch 16)
+[ -n "${DEVICE:-}" ] && VAL+=(--device "$DEVICE")
+
+step() {  # step NAME COMMAND...: run once; a finished step (marker file) is skipped on re-runs
+  local name=$1; shift
+  if [ -f "$RUN_DIR/.done/$name" ]; then echo "== $name: done earlier, skipped"; return 0; fi
+  echo "== $name: $*"
+  local t0=$SECONDS
+  if ! "$@" > >(tee "$RUN_DIR/logs/$name.log") 2>&1; then
+    echo "run.sh: step '$name' failed; see $RUN_DIR/logs/$name.log. Fix the cause and re-run the same command to continue." >&2
+    exit 1
+  fi
+  echo "$((SECONDS - t0))" > "$RUN_DIR/.done/$name"
+}
+
+step fetch_weights python -c "import sys; from src.checkpoints import ensure_weights; from src.cli import run_cli; run_cli(lambda: print(ensure_weights(sys.argv[1])))" "$WEIGHTS"
+WEIGHTS_PATH=$(tail -n 1 "$RUN_DIR/logs/fetch_weights.log")
+
+for n in 1 2 3; do
+  step "stage$n" python train.py --config configs/stage1_progressive.yaml --stage "$n" --weights "$WEIGHTS_PATH" --data "$DATA" "${TRAIN[@]}"
+done
+STAGE3="$OUT/stage3/weights/best.pt"
+step c2psa_ttq python train_c2psa.py --config configs/stage2_c2psa.yaml --model "$STAGE3" --weights "$WEIGHTS_PATH" --data "$DATA" "${C2PSA_TRAIN[@]}"
+step c2psa_standard python train_c2psa_standard.py --config configs/stage2_c2psa_standard.yaml --model "$STAGE3" --weights "$WEIGHTS_PATH" --data "$DATA" "${C2PSA_TRAIN[@]}"
+
+declare -A MODEL=([stage1]="$OUT/stage1/ternary.pt" [stage2]="$OUT/stage2/ternary.pt" [stage3]="$OUT/stage3/ternary.pt"
+                  [c2psa_ttq]="$OUT/c2psa_bitlinear_ttq/ternary.pt" [c2psa_standard]="$OUT/c2psa_bitlinear_standard/ternary.pt")
+STEPS=(stage1 stage2 stage3 c2psa_ttq c2psa_standard)
+step val_fp python validate.py "$WEIGHTS_PATH" "${VAL[@]}" --json "$RUN_DIR/results/val_fp.json"
+for s in "${STEPS[@]}"; do
+  step "val_$s" python validate.py "${MODEL[$s]}" "${VAL[@]}" --json "$RUN_DIR/results/val_$s.json"
+  step "compression_$s" python compression_calculation.py --baseline "$WEIGHTS_PATH" --quantized "${MODEL[$s]}" \
+    --pack "$RUN_DIR/results/$s.tq.safetensors" --json "$RUN_DIR/results/compression_$s.json"
+done
+step compare_bitlinear python compare_bitlinear.py --baseline "${MODEL[stage3]}" --ttq "${MODEL[c2psa_ttq]}" \
+  --standard "${MODEL[c2psa_standard]}" "${VAL[@]}" --json "$RUN_DIR/results/compare_bitlinear.json" --csv "$RUN_DIR/results/compare_bitlinear.csv"
+LAT=(--baseline "$WEIGHTS_PATH" --quantized "${MODEL[c2psa_ttq]}" --export-int8 --imgsz "$IMGSZ" --batch 1 --num-runs "$LATENCY_RUNS" --data "$DATA" --json "$RUN_DIR/results/latency.json")
+[ -n "${BACKENDS:-}" ] && LAT+=(--backends $BACKENDS)
+[ -n "${DEVICE:-}" ] && LAT+=(--device "$DEVICE")
+step latency python latency_benchmark.py "${LAT[@]}"
+rm -f "$RUN_DIR/.done/report"  # the report is always rebuilt from whatever is there
+step report python -m src.pipeline_report "$RUN_DIR" --profile "$PROFILE" --size "$SIZE"
+echo "run.sh: finished; report in $RUN_DIR/summary.md"
