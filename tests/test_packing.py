@@ -183,6 +183,23 @@ def test_fp16_rest_close_to_source(model80, tmp_path):
     assert float((a - b).abs().max()) <= 1e-2 * float(a.abs().max())
 
 
+def test_tensor_with_a_tiny_channel_keeps_fp32_scales(model80, tmp_path):
+    import copy
+
+    model = copy.deepcopy(model80)
+    conv = model.get_submodule("model.1.conv")
+    with torch.no_grad():
+        conv.weight[5] = conv.weight[5].sign() * 1e-4  # its INT8 step would be subnormal in FP16
+    path = packing.write_packed(model, tmp_path / "tiny.safetensors")
+    tensors, meta = packing.read_packed(path)
+    tags = packing.precisions(meta)
+    assert tags["model.1.conv.weight"] == "int8_fp32scale" and tags["model.0.conv.weight"] == "int8"
+    assert tensors["int8.scales32"].numel() == conv.out_channels and tensors["int8.scales"].dtype == torch.float16
+    check = packing.verify_round_trip(model, packing.model_from_packed(tensors, meta), meta)
+    assert check["ok"] and check["int8_max_err_steps"] <= 0.5 + 1e-3
+    assert os.path.getsize(path) - os.path.getsize(packing.write_packed(model80, tmp_path / "m.safetensors")) < 200
+
+
 def test_training_model_is_packed_through_its_stock_export(tmp_path):
     from src.compression import stock_ternary_model
 

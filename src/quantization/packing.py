@@ -6,14 +6,15 @@ One file, safetensors (no pickle), holding a few flat blobs and JSON metadata un
                            each tensor padded to a whole byte
   ternary.scales  float32  (Wp, Wn) per ternary tensor
   int8.values     int8     other weights (ndim >= 2), symmetric per output channel, codes in [-127, 127]
-  int8.scales     float16  a scale per output channel (float32 if one would overflow FP16 or be subnormal)
+  int8.scales     float16  a scale per output channel
+  int8.scales32   float32  the same for a tensor tagged int8_fp32scale (a scale would overflow FP16 or be subnormal)
   fp16.values     float16  everything else: biases, BatchNorm as a per-channel affine pair (see below), the
                            DFL projection (a fixed 0..15 ramp that INT8 would not keep exact), and, with
                            rest="fp16", the other weights too
   raw.<key>       any      non-float tensors other than BatchNorm's num_batches_tracked (kept as they are)
 
 The metadata lists every stored tensor in blob order as [name, precision, shape] (precision: ternary | int8 |
-fp16 | bn_affine_fp16 | raw), plus the architecture yaml, class names, stride and which yaml layers hold ternary
+int8_fp32scale | fp16 | bn_affine_fp16 | raw), plus the architecture yaml, class names, stride and which yaml layers hold ternary
 tensors. A new kind of tensor is a new precision tag and its decoder, without touching the others.
 
 BitLinear layers (BitLinear_TTQ, standard BitLinear in C2PSA) are stored as their ternary weight (codes + Ap/An,
@@ -52,7 +53,7 @@ TRITS_PER_BYTE = 5  # 3**5 = 243 <= 256
 REST_PRECISIONS = ("int8", "fp16")
 SUPPORTED_MODEL_CLASSES = ("DetectionModel",)
 _POW3 = torch.tensor([3**i for i in range(TRITS_PER_BYTE)], dtype=torch.int16)
-_BLOBS = ("ternary.codes", "ternary.scales", "int8.values", "int8.scales", "fp16.values")
+_BLOBS = ("ternary.codes", "ternary.scales", "int8.values", "int8.scales", "int8.scales32", "fp16.values")
 
 
 class PackError(CheckpointError):
@@ -213,7 +214,6 @@ def pack_state(model: nn.Module, rest: str = "int8", source: str | None = None,
     entries: list[list] = []
     blobs: dict[str, list[torch.Tensor]] = {k: [] for k in _BLOBS}
     raw: dict[str, torch.Tensor] = {}
-    int8_scales = []
     done: set[str] = set()
     bitlinear = {p: m for p, m in modules.items() if is_bitlinear(m)}
     bitlinear_meta: dict[str, dict] = {}
@@ -267,21 +267,21 @@ def pack_state(model: nn.Module, rest: str = "int8", source: str | None = None,
         elif weight_like and rest == "int8":
             try:
                 q, s = quantize_int8_per_channel(t, torch.float16)
-            except ValueError:
+                blobs["int8.scales"].append(s)
+                entries.append([key, "int8", list(t.shape)])
+            except ValueError:  # a channel's scale does not fit FP16: this tensor keeps FP32 scales
                 q, s = quantize_int8_per_channel(t, torch.float32)
+                blobs["int8.scales32"].append(s)
+                entries.append([key, "int8_fp32scale", list(t.shape)])
             blobs["int8.values"].append(q.reshape(-1))
-            int8_scales.append(s)
-            entries.append([key, "int8", list(t.shape)])
         else:
             blobs["fp16.values"].append(_to_fp16(t, key))
             entries.append([key, "fp16", list(t.shape)])
     n_tern = sum(e[1] == "ternary" for e in entries)
     if require_ternary and n_tern == 0:
         raise PackError("no ternary weights found (judged from the weights): this is not a ternary model")
-    scale_dtype = torch.float32 if any(s.dtype == torch.float32 for s in int8_scales) else torch.float16
-    blobs["int8.scales"] = [s.to(scale_dtype) for s in int8_scales]
     empty = {"ternary.codes": torch.uint8, "ternary.scales": torch.float32, "int8.values": torch.int8,
-             "int8.scales": scale_dtype, "fp16.values": torch.float16}
+             "int8.scales": torch.float16, "int8.scales32": torch.float32, "fp16.values": torch.float16}
     tensors = {k: (torch.cat(v) if v else torch.zeros(0, dtype=empty[k])).contiguous() for k, v in blobs.items()}
     tensors["ternary.scales"] = tensors["ternary.scales"].reshape(-1, 2)
     tensors.update(raw)
@@ -365,7 +365,7 @@ def _check_entries(entries) -> None:
     for e in entries if ok else []:
         ok = (isinstance(e, list) and len(e) == 3 and isinstance(e[0], str) and isinstance(e[1], str)
               and isinstance(e[2], list) and all(isinstance(d, int) and d >= 0 for d in e[2])
-              and (e[1] not in ("ternary", "int8") or len(e[2]) >= 2))
+              and (e[1] not in ("ternary", "int8", "int8_fp32scale") or len(e[2]) >= 2))
         if not ok:
             raise PackError(f"metadata entry {e!r} is not [name, precision, shape] (weights need >= 2 dims)")
     if not ok:
@@ -379,9 +379,9 @@ def _expected_sizes(entries: list) -> dict[str, int]:
         if prec == "ternary":
             n["ternary.codes"] += packed_trit_bytes(numel)
             n["ternary.scales"] += 2
-        elif prec == "int8":
+        elif prec in ("int8", "int8_fp32scale"):
             n["int8.values"] += numel
-            n["int8.scales"] += shape[0]
+            n["int8.scales" if prec == "int8" else "int8.scales32"] += shape[0]
         elif prec == "fp16":
             n["fp16.values"] += numel
         elif prec == "bn_affine_fp16":
@@ -402,7 +402,7 @@ def check_blobs(tensors: dict[str, torch.Tensor], meta: dict) -> None:
             raise PackError(f"metadata does not match the tensors: '{blob}' holds {tensors[blob].numel()} values, "
                             f"the metadata describes {n}")
     dtypes = {"ternary.codes": (torch.uint8,), "ternary.scales": (torch.float32,), "int8.values": (torch.int8,),
-              "int8.scales": (torch.float16, torch.float32), "fp16.values": (torch.float16,)}
+              "int8.scales": (torch.float16,), "int8.scales32": (torch.float32,), "fp16.values": (torch.float16,)}
     for blob, allowed in dtypes.items():
         if tensors[blob].dtype not in allowed:
             raise PackError(f"tensor '{blob}' is {tensors[blob].dtype}, the format stores it as {allowed[0]}")
@@ -431,9 +431,9 @@ def decode_state(tensors: dict[str, torch.Tensor], meta: dict, bn_eps: dict[str,
                 raise PackError(f"{name}: ternary scales must be finite and >= 0 (got {wp}, {wn})")
             codes = unpack_trits(take("ternary.codes", packed_trit_bytes(numel)), numel)
             state[name] = decode_ternary(codes, wp, wn, shape)
-        elif prec == "int8":
+        elif prec in ("int8", "int8_fp32scale"):
             q = take("int8.values", numel).reshape(shape)
-            state[name] = dequantize_int8(q, take("int8.scales", shape[0]))
+            state[name] = dequantize_int8(q, take("int8.scales" if prec == "int8" else "int8.scales32", shape[0]))
         elif prec == "fp16":
             state[name] = take("fp16.values", numel).float().reshape(shape)
         elif prec == "bn_affine_fp16":
@@ -565,7 +565,7 @@ def verify_round_trip(source: nn.Module, unpacked: nn.Module, meta: dict) -> dic
         if prec == "ternary":
             rep["ternary"] += 1
             rep["ternary_identical"] += int(torch.equal(src[name].float(), out[name].float()))
-        elif prec == "int8":
+        elif prec in ("int8", "int8_fp32scale"):
             rep["int8"] += 1
             _, scale = quantize_int8_per_channel(src[name], torch.float32)
             err = (src[name].float() - out[name].float()).reshape(scale.numel(), -1).abs().amax(1)
