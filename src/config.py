@@ -81,6 +81,7 @@ class StageConfig:
     layers: List[int] = field(default_factory=list)  # layer indices of the model yaml to ternarise
     include_1x1: bool = False
     threshold: float = 0.7
+    detect_head: bool = False  # also the Detect head's inner convs (its output convs and DFL stay FP)
     c2psa: Optional[str] = None  # bitlinear_ttq | bitlinear_standard: replace the convs inside C2PSA
     train: Dict[str, Any] = field(default_factory=dict)  # overrides of the top-level `train` for this stage
 

@@ -31,6 +31,7 @@ class LayerPlan:
     rule: str = "mean"
     scale_grad: str = "paper"
     per_channel: bool = False
+    detect_head: bool = False
 
 
 def is_quantized(module: nn.Module) -> bool:
@@ -63,8 +64,11 @@ def protected_layers(model: nn.Module) -> dict[int, str]:
     return out
 
 
-def select_convs(model: nn.Module, layers, include_1x1: bool) -> dict[str, nn.Conv2d]:
-    """Module path -> conv for every conv the rule selects in the given layer indices."""
+def select_convs(model: nn.Module, layers, include_1x1: bool, detect_head: bool = False) -> dict[str, nn.Conv2d]:
+    """Module path -> conv for every conv the rule selects in the given layer indices.
+
+    `detect_head` (the wide plan, beyond the original rule) also selects the Detect head's inner convs, those inside
+    Conv/DWConv blocks; the head's last convs (which produce box and class outputs) and the DFL stay FP."""
     seq = _layers(model)
     protected = protected_layers(model)
     prefix = _prefix(model, seq)
@@ -72,11 +76,17 @@ def select_convs(model: nn.Module, layers, include_1x1: bool) -> dict[str, nn.Co
     for idx in layers:
         if not isinstance(idx, int) or not 0 <= idx < len(seq):
             raise PlanError(f"layer {idx} does not exist: this model has layers 0..{len(seq) - 1}")
-        if idx in protected:
+        head = detect_head and protected.get(idx) == "the Detect head"
+        if idx in protected and not head:
             raise PlanError(f"layer {idx} ({type(seq[idx]).__name__}) is {protected[idx]} and is never ternarised")
         for name, m in seq[idx].named_modules():
-            if isinstance(m, nn.Conv2d) and (include_1x1 or tuple(m.kernel_size) != (1, 1)):
-                chosen[f"{prefix}{idx}.{name}"] = m
+            if not isinstance(m, nn.Conv2d) or (not include_1x1 and tuple(m.kernel_size) == (1, 1)):
+                continue
+            if head:
+                parent = seq[idx].get_submodule(name.rpartition(".")[0]) if "." in name else seq[idx]
+                if not hasattr(parent, "bn"):  # a bare output conv or the DFL
+                    continue
+            chosen[f"{prefix}{idx}.{name}"] = m
     return chosen
 
 
@@ -113,7 +123,7 @@ class ShadowWeightManager:
         self.model = model
 
     def select(self, plan: LayerPlan) -> dict[str, nn.Conv2d]:
-        return select_convs(self.model, plan.layers, plan.include_1x1)
+        return select_convs(self.model, plan.layers, plan.include_1x1, plan.detect_head)
 
     def install(self, plan: LayerPlan) -> list[str]:
         """Swap the selected convs for TTQConv2d (initialised from their current weights). Convs that are already

@@ -28,6 +28,7 @@ def make_stage_plan(stage, quant, train_args: dict, distill: dict | None = None)
         "stage": stage.name,
         "layers": list(stage.layers),
         "include_1x1": bool(stage.include_1x1),
+        "detect_head": bool(stage.detect_head),
         "threshold": float(stage.threshold),
         "rule": quant.threshold_rule,
         "scale_grad": quant.scale_grad,
@@ -46,7 +47,8 @@ def install_stage(model, plan: dict) -> list[str]:
     manager = ShadowWeightManager(model)
     added = manager.install(
         LayerPlan(tuple(plan.get("layers", ())), plan.get("include_1x1", False), plan.get("threshold", 0.7),
-                  plan.get("rule", "mean"), plan.get("scale_grad", "paper"), plan.get("per_channel", False))
+                  plan.get("rule", "mean"), plan.get("scale_grad", "paper"), plan.get("per_channel", False),
+                  plan.get("detect_head", False))
     )
     if plan.get("c2psa"):
         from ..quantization.c2psa_replace import replace_c2psa

@@ -58,9 +58,9 @@ def check_start(cfg: ProjectConfig, index: int, start: str) -> None:
     model, _ = load_model(start)
     check_model_size(model, cfg.model_size, start)
     stage = cfg.stages[index]
-    select_convs(model, stage.layers, stage.include_1x1)  # raises PlanError for a layer the model lacks
+    select_convs(model, stage.layers, stage.include_1x1, stage.detect_head)  # PlanError for a layer it lacks
     have = set(quantized_modules(model))
-    need = {path for s in cfg.stages[:index] for path in select_convs(model, s.layers, s.include_1x1)}
+    need = {path for s in cfg.stages[:index] for path in select_convs(model, s.layers, s.include_1x1, s.detect_head)}
     missing = sorted(need - have)
     if missing and index > 0:
         raise PlanError(f"{start} does not hold the earlier stages' ternary convs ({len(missing)} missing, e.g. "
@@ -131,5 +131,5 @@ def post_training_ternary(cfg: ProjectConfig, stage_indices, start: str, out: st
     for i in stage_indices:
         s = cfg.stages[i]
         manager.install(LayerPlan(tuple(s.layers), s.include_1x1, s.threshold, q.threshold_rule, q.scale_grad,
-                                  q.per_channel))
+                                  q.per_channel, s.detect_head))
     return save_stock_checkpoint(manager.export_ternary(), out, train_args=ckpt.get("train_args"))
