@@ -12,6 +12,7 @@ mAP after training each stage; seconds per training epoch.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import time
 from pathlib import Path
@@ -39,6 +40,8 @@ def main() -> None:
     p.add_argument("--skip-ptq", action="store_true", help="skip the post-training ternarisation rows")
     p.add_argument("--workdir", default=str(REPO / "benchmarks" / "work" / "retention"))
     p.add_argument("--tag", default="", help="label stored in the JSON")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run: keep --out's rows and the finished stages' checkpoints")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "ttq_retention.json"))
     a = p.parse_args()
 
@@ -48,7 +51,8 @@ def main() -> None:
 
     weights, data = require(a.weights, "weights"), require(a.data, "data yaml")
     work = Path(a.workdir)
-    shutil.rmtree(work / "checkpoints", ignore_errors=True)  # never continue from an earlier run's stages
+    if not a.resume:
+        shutil.rmtree(work / "checkpoints", ignore_errors=True)  # never continue from an earlier run's stages
     cfg = load_config(a.config, {"weights": str(weights), "data": str(data), "epochs": a.epochs, "imgsz": a.imgsz,
                                  "batch": a.batch, "device": a.device, "checkpoint_dir": str(work / "checkpoints")},
                       BENCH_SETTINGS + a.dotlist)
@@ -58,19 +62,25 @@ def main() -> None:
                          "imgsz": a.imgsz, "batch": a.batch, "device": a.device},
               "config_overrides": BENCH_SETTINGS + a.dotlist, "rows": []}
     rows = result["rows"]
+    if a.resume and Path(a.out).is_file():
+        previous = json.loads(Path(a.out).read_text())
+        rows.extend(previous["rows"])
+        result["resumed"] = {"earlier_provenance": previous.get("provenance")}
+    have = {r["name"] for r in rows}
 
     def add(row):
         rows.append(row)
         write_json(result, a.out)
         print(f"[retention] {row['name']}: mAP50 {row['mAP50']:.4f}  mAP50-95 {row['mAP50-95']:.4f}", flush=True)
 
-    base = val(str(weights))
-    add({"name": "FP baseline", "kind": "fp", "mAP50": base["mAP50"], "mAP50-95": base["mAP50-95"]})
+    if "FP baseline" not in have:
+        base = val(str(weights))
+        add({"name": "FP baseline", "kind": "fp", "mAP50": base["mAP50"], "mAP50-95": base["mAP50-95"]})
     if not a.skip_ptq:
         plans = [("PTQ stage 1", [0]), ("PTQ stages 1-2", [0, 1]), ("PTQ stages 1-3", [0, 1, 2]),
                  ("PTQ stage 2 alone", [1]), ("PTQ stage 3 alone", [2])]
         for name, idx in plans:
-            if max(idx) >= len(cfg.stages):
+            if max(idx) >= len(cfg.stages) or name in have:
                 continue
             out = post_training_ternary(cfg, idx, str(weights), work / "ptq" / f"ptq_{'_'.join(map(str, idx))}.pt")
             m = val(str(out))
@@ -78,6 +88,8 @@ def main() -> None:
                  "mAP50-95": m["mAP50-95"]})
 
     for n in range(1, min(a.stages, len(cfg.stages)) + 1):
+        if (f"TTQ stages 1-{n}" if n > 1 else "TTQ stage 1") in have:
+            continue
         times: list[float] = []
         t0 = {}
         cbs = {"on_train_epoch_start": lambda tr: t0.__setitem__("t", time.perf_counter()),
@@ -91,7 +103,7 @@ def main() -> None:
              "mAP50": m["mAP50"], "mAP50-95": m["mAP50-95"], "epochs": a.epochs,
              "sec_per_epoch": sum(times) / max(len(times), 1), "stage_wall_s": wall, "ternary_export": str(out["ternary"])})
 
-    fp = base["mAP50-95"]
+    fp = next(r["mAP50-95"] for r in rows if r["name"] == "FP baseline")
     for r in rows:
         r["retention"] = r["mAP50-95"] / fp if fp else None
     write_json(result, a.out)
