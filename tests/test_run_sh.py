@@ -14,7 +14,7 @@ STEPS = ["stage1", "stage2", "stage3", "c2psa_ttq", "c2psa_standard"]
 
 def run_pipeline(run_dir: Path, weights: Path, data: Path):
     env = {**os.environ, "WEIGHTS": str(weights), "DATA": str(data), "RUN_DIR": str(run_dir), "EPOCHS": "1",
-           "IMGSZ": "64", "BATCH": "4", "LATENCY_RUNS": "3", "BACKENDS": "torch,onnxruntime", "YOLO_OFFLINE": "1"}
+           "IMGSZ": "64", "BATCH": "4", "LATENCY_RUNS": "3", "BACKENDS": "torch", "YOLO_OFFLINE": "1"}
     return subprocess.run(["bash", str(REPO / "run.sh"), "quick", "n"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=900)
 
@@ -38,7 +38,8 @@ def test_pipeline_writes_every_artefact(pipeline):
     assert (res / "compare_bitlinear.json").is_file() and (res / "latency.json").is_file()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert [r["step"] for r in summary["rows"]] == ["fp", *STEPS]
-    table = [line for line in (run_dir / "summary.md").read_text().splitlines() if line.startswith("| ")]
+    table = [line for line in (run_dir / "summary.md").read_text().splitlines()
+             if line.startswith("| ") and not line.startswith("| ---")]
     assert len(table) == 1 + 1 + len(STEPS)  # header, FP row, one row per step
     ratios = [r["theoretical_ratio"] for r in summary["rows"]]
     assert ratios == sorted(ratios) and ratios[0] == 1.0 and ratios[3] > 1.9
