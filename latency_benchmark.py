@@ -22,7 +22,7 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 
 
 def main() -> int:
-    from src.deploy.agreement import REDUCED_MIN_F1
+    from src.deploy.agreement import REDUCED_MIN_AGREEMENT
     from src.deploy.backends import FAMILIES
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -43,9 +43,10 @@ def main() -> int:
     p.add_argument("--openvino-int8-hint", choices=["default", "f32", "bf16"], default="default",
                    help="inference precision of OpenVINO INT8's non-quantized ops (default: OpenVINO's choice, as "
                         "Ultralytics runs it)")
-    p.add_argument("--min-f1", type=float, default=REDUCED_MIN_F1,
-                   help=f"FP16/BF16/INT8 exports must match PyTorch's detections with this F1 (default {REDUCED_MIN_F1})")
-    p.add_argument("--check-images", type=int, default=4, help="images for the agreement check (default 4)")
+    p.add_argument("--min-agreement", type=float, default=REDUCED_MIN_AGREEMENT,
+                   help="FP16/BF16/INT8 exports: share of PyTorch's sure detections they must reproduce and vice "
+                        f"versa (default {REDUCED_MIN_AGREEMENT})")
+    p.add_argument("--check-images", type=int, default=8, help="images for the agreement check (default 8)")
     p.add_argument("--no-isolate", action="store_true", help="measure in this process (peak RSS then not per target)")
     p.add_argument("--no-interleave", action="store_true",
                    help="skip the A/B pass that times baseline and quantized in alternation in one process")
@@ -60,7 +61,7 @@ def main() -> int:
         baseline=a.baseline, quantized=a.quantized, export_fp16=a.export_fp16, export_int8=a.export_int8,
         num_runs=a.num_runs, warmup=a.warmup, imgsz=a.imgsz, batch=a.batch, device=a.device,
         backends=tuple(b.strip() for b in a.backends.split(",") if b.strip()), data=a.data, workdir=a.workdir,
-        isolate=not a.no_isolate, interleave=not a.no_interleave, check_images=a.check_images, min_f1=a.min_f1,
+        isolate=not a.no_isolate, interleave=not a.no_interleave, check_images=a.check_images, min_agreement=a.min_agreement,
         calib_split=a.calib_split, calib_fraction=a.calib_fraction, measure_map=a.map,
         openvino_int8_hint=None if a.openvino_int8_hint == "default" else a.openvino_int8_hint, verbose=a.verbose)
     result = run_benchmark(opts)

@@ -29,8 +29,11 @@ def quantized_model(path: str | None, work: Path, weights: Path) -> tuple[Path, 
     """(checkpoint, how it was made)."""
     if path:
         return require(path, "quantized checkpoint"), "given"
-    if RETENTION_STAGE3.is_file():
-        return RETENTION_STAGE3, "TTQ stages 1-3 (retention benchmark output)"
+    if RETENTION_STAGE3.is_file():  # a snapshot: a rerun of the retention benchmark deletes its outputs
+        import shutil
+
+        snap = shutil.copy2(RETENTION_STAGE3, work / "retention_stage3_ternary.pt")
+        return Path(snap), f"TTQ stages 1-3 (retention benchmark output {RETENTION_STAGE3}, copied)"
     from src.config import load_config
     from src.training.stages import post_training_ternary
 

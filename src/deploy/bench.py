@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ConfigError
-from .agreement import REDUCED_MIN_F1, check_inputs
+from .agreement import REDUCED_MIN_AGREEMENT, check_inputs
 from .backends import FAMILIES, TARGETS, cpu_int8_features, make_runner, plan_targets, skip_line, target, versions
 from .export import ExportError, captured_output, export_artifact, prepare_checkpoint
 from .memory import compressed_size_mb, file_size_mb
@@ -45,8 +45,8 @@ class BenchOptions:
     data: str | None = None
     workdir: str | None = None
     isolate: bool = True
-    check_images: int = 4
-    min_f1: float = REDUCED_MIN_F1
+    check_images: int = 8
+    min_agreement: float = REDUCED_MIN_AGREEMENT
     calib_split: str = "train"
     calib_fraction: float = 1.0
     openvino_int8_hint: str | None = None  # None: OpenVINO's default for this CPU (what Ultralytics' val uses)
@@ -193,7 +193,7 @@ def _row_line(r: dict) -> str:
     mem = r.get("gpu_mem_mb") if r.get("device") == "cuda" else r.get("peak_rss_mb")
     return (f"{head} mean {r['mean_ms']:.2f} ms  median {r['median_ms']:.2f}  p95 {r['p95_ms']:.2f}  "
             f"{r['throughput_ips']:.1f} img/s  mem {mem:.0f} MB  max|Δ| {a.get('max_abs', 0):.3g}  "
-            f"F1 {a.get('det_f1', 1):.2f}")
+            f"agree {a.get('det_agreement', 1):.2f}")
 
 
 def run_benchmark(o: BenchOptions, log=print) -> dict:
@@ -247,7 +247,7 @@ def run_benchmark(o: BenchOptions, log=print) -> dict:
             else:
                 spec = {"target": t.name, "artifact": str(art[0]), "inputs": str(work / "inputs.npz"),
                         "refs": str(mdir / "refs.npz"), "batch": o.batch, "num_runs": o.num_runs, "warmup": o.warmup,
-                        "min_f1": o.min_f1, "openvino_int8_hint": o.openvino_int8_hint}
+                        "min_agreement": o.min_agreement, "openvino_int8_hint": o.openvino_int8_hint}
                 row = {"family": t.family, "device": t.device, "precision": t.precision,
                        **_run_worker(spec, mdir, o.isolate)}
                 row.update(artifact=str(art[0]), export_s=art[1], file_mb=file_size_mb(art[0]),
@@ -358,14 +358,14 @@ def _fmt(v, spec):
 def format_table(r: dict) -> str:
     """The on-screen table: one line per (model, target), then the quantized/baseline ratios."""
     lines = []
-    cols = f"{'model':<9} {'target':<17} {'prec':<5} {'status':<8} {'max|Δ|':>8} {'F1':>5} {'mean ms':>8} " \
+    cols = f"{'model':<9} {'target':<17} {'prec':<5} {'status':<8} {'max|Δ|':>8} {'agree':>5} {'mean ms':>8} " \
            f"{'median':>8} {'p95':>8} {'img/s':>7} {'mem MB':>7} {'file MB':>7} {'gz MB':>6} {'mAP':>6}"
     lines += [cols, "-" * len(cols)]
     for row in r["rows"]:
         a = row.get("agreement") or {}
         mem = row.get("gpu_mem_mb") if row.get("device") == "cuda" else row.get("peak_rss_mb")
         lines.append(f"{row['model']:<9} {row['target']:<17} {row['precision']:<5} {row['status']:<8} "
-                     f"{_fmt(a.get('max_abs'), '8.3g'):>8} {_fmt(a.get('det_f1'), '5.2f'):>5} "
+                     f"{_fmt(a.get('max_abs'), '8.3g'):>8} {_fmt(a.get('det_agreement'), '5.2f'):>5} "
                      f"{_fmt(row.get('mean_ms'), '8.2f'):>8} {_fmt(row.get('median_ms'), '8.2f'):>8} "
                      f"{_fmt(row.get('p95_ms'), '8.2f'):>8} {_fmt(row.get('throughput_ips'), '7.1f'):>7} "
                      f"{_fmt(mem, '7.0f'):>7} {_fmt(row.get('file_mb'), '7.2f'):>7} "

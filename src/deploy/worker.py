@@ -20,7 +20,8 @@ import numpy as np
 
 from .memory import MB, current_rss_mb, peak_rss_mb, reset_peak_rss
 
-SPEC_KEYS = ("target", "artifact", "inputs", "refs", "batch", "num_runs", "warmup", "min_f1", "openvino_int8_hint")
+SPEC_KEYS = ("target", "artifact", "inputs", "refs", "batch", "num_runs", "warmup", "min_agreement",
+             "openvino_int8_hint")
 
 
 def _one_line(e: BaseException) -> str:
@@ -66,12 +67,13 @@ def measure_target(spec: dict) -> dict:
         row["inference_precision"] = runner.inference_precision()
         row["notes"] = runner.notes
         outs = [runner.infer(x) for x in inputs]
-        row["agreement"] = compare_outputs(refs, outs, t.precision, spec["min_f1"])
+        row["agreement"] = compare_outputs(refs, outs, t.precision, spec["min_agreement"])
         if not row["agreement"]["passed"]:
             a = row["agreement"]
             row["status"] = "refused"
             row["reason"] = (f"disagrees with PyTorch (max|Δbox| {a['max_abs_box']:.3g} px, max|Δscore| "
-                             f"{a['max_abs_score']:.3g}, detection F1 {a['det_f1']:.2f}); criterion {a['criterion']}")
+                             f"{a['max_abs_score']:.3g}, detection agreement {a['det_agreement']:.2f}); "
+                             f"criterion {a['criterion']}")
         else:
             runner.bind(inputs[0])
             clock = runner.clock()
