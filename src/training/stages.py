@@ -123,13 +123,11 @@ def post_training_ternary(cfg: ProjectConfig, stage_indices, start: str, out: st
     """Ternarise the layers of the given stages (0-based indices) of an FP checkpoint without training, and save
     the stock ternary export (Wp/Wn initialised from the weights, as TTQ training starts)."""
     from ..checkpoints import save_stock_checkpoint
-    from ..quantization.shadow_weight_manager import LayerPlan, ShadowWeightManager
+    from ..quantization.shadow_weight_manager import ShadowWeightManager
+    from .shadow_trainer import install_stage
 
     model, ckpt = load_model(start)
-    manager = ShadowWeightManager(model)
-    q = cfg.quantization
     for i in stage_indices:
         s = cfg.stages[i]
-        manager.install(LayerPlan(tuple(s.layers), s.include_1x1, s.threshold, q.threshold_rule, q.scale_grad,
-                                  q.per_channel, s.detect_head))
-    return save_stock_checkpoint(manager.export_ternary(), out, train_args=ckpt.get("train_args"))
+        install_stage(model, make_stage_plan(s, cfg.quantization, stage_train_args(cfg, s)))
+    return save_stock_checkpoint(ShadowWeightManager(model).export_ternary(), out, train_args=ckpt.get("train_args"))
