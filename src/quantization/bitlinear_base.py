@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .ternary import absmax_quantize
+from .ttq_conv import adopt_conv
 
 
 def token_layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float = 1e-5
@@ -115,14 +116,7 @@ class BitConv2dBase(nn.Conv2d):
             raise ValueError("BitLinear layers support numeric zero padding only")
         if not 2 <= int(act_bits) <= 16:
             raise ValueError(f"act_bits must be in [2, 16], got {act_bits}")
-        nn.Module.__init__(self)  # not nn.Conv2d.__init__: `weight` is a property here, not a parameter
-        for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "transposed",
-                     "output_padding", "groups", "padding_mode", "_reversed_padding_repeated_twice"):
-            setattr(self, name, getattr(conv, name))
-        w = conv.weight.detach().clone().float()
-        self.latent_weight = nn.Parameter(w)
-        bias = nn.Parameter(conv.bias.detach().clone().float()) if conv.bias is not None else None
-        self.register_parameter("bias", bias)
+        w = adopt_conv(self, conv)
         self.norm = nn.LayerNorm(self.in_channels).to(w.device)
         self.register_buffer("out_scale", torch.ones(self.out_channels, device=w.device))
         self.act_bits, self.per_token, self.restore_token_stats = int(act_bits), bool(per_token), bool(restore_token_stats)

@@ -9,6 +9,20 @@ import torch.nn.functional as F
 from .ternary import SCALE_GRAD_MODES, THRESHOLD_RULES, initial_scales, ternary_threshold, ttq_ternarize
 
 
+def adopt_conv(module: nn.Conv2d, conv: nn.Conv2d) -> torch.Tensor:
+    """Initialise a quantized drop-in from the conv it replaces: nn.Module state, the conv's geometry, its weight as
+    the FP32 `latent_weight` parameter and its bias. (Not nn.Conv2d.__init__: `weight` is a property of drop-ins.)
+    Returns the latent weight's data."""
+    nn.Module.__init__(module)
+    for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "transposed",
+                 "output_padding", "groups", "padding_mode", "_reversed_padding_repeated_twice"):
+        setattr(module, name, getattr(conv, name))
+    w = conv.weight.detach().clone().float()
+    module.latent_weight = nn.Parameter(w)
+    module.register_parameter("bias", nn.Parameter(conv.bias.detach().clone().float()) if conv.bias is not None else None)
+    return w
+
+
 class TTQConv2d(nn.Conv2d):
     """Trained Ternary Quantization convolution.
 
@@ -32,14 +46,7 @@ class TTQConv2d(nn.Conv2d):
             raise ValueError(f"unknown threshold rule {rule!r}; valid: {', '.join(THRESHOLD_RULES)}")
         if scale_grad not in SCALE_GRAD_MODES:
             raise ValueError(f"unknown scale_grad {scale_grad!r}; valid: {', '.join(SCALE_GRAD_MODES)}")
-        nn.Module.__init__(self)  # not nn.Conv2d.__init__: `weight` is a property here, not a parameter
-        for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "transposed",
-                     "output_padding", "groups", "padding_mode", "_reversed_padding_repeated_twice"):
-            setattr(self, name, getattr(conv, name))
-        w = conv.weight.detach().clone().float()
-        self.latent_weight = nn.Parameter(w)
-        bias = nn.Parameter(conv.bias.detach().clone().float()) if conv.bias is not None else None
-        self.register_parameter("bias", bias)
+        w = adopt_conv(self, conv)
         self.register_buffer("threshold_factor", torch.tensor(float(threshold)))
         self.rule, self.scale_grad, self.per_channel = rule, scale_grad, per_channel
         wp, wn = initial_scales(w, ternary_threshold(w, threshold, rule), per_channel)
