@@ -36,7 +36,7 @@ class LayerPlan:
 
 def is_quantized(module: nn.Module) -> bool:
     """A quantized drop-in of this package (TTQConv2d, BitLinear_TTQ, standard BitLinear)."""
-    return hasattr(module, "settings") and hasattr(module, "scale_parameters") or isinstance(module, TTQConv2d)
+    return isinstance(module, TTQConv2d) or (hasattr(module, "settings") and hasattr(module, "scale_parameters"))
 
 
 def _layers(model: nn.Module) -> nn.Sequential:

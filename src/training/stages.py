@@ -23,10 +23,8 @@ def stage_outputs(cfg: ProjectConfig, stage) -> dict:
 
 
 def _local_path_required(value: str) -> bool:
+    """A value that names a local file (has a folder part), as opposed to a bare name Ultralytics resolves."""
     return os.sep in value or value.startswith(".")
-
-
-
 
 
 def resolve_start(cfg: ProjectConfig, index: int, start: str | None) -> str:
