@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .ternary import absmax_quantize
-from .ttq_conv import adopt_conv
+from .dropin import adopt_conv
 
 
 def token_layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float = 1e-5
