@@ -50,7 +50,8 @@ def test_criterion_gradients_skip_teacher_and_teacher_stays_eval(pair):
     teacher_state = copy.deepcopy(teacher.state_dict())
     teacher.train()  # the criterion must put it back into eval mode
     crit = DistillationCriterion(student.init_criterion(), student, teacher, feature_weight=1.0,
-                                 feature_layers=[17, 19])
+                                 feature_layers=[17, 19, 23])  # 23, the Detect head (wide plan), is left out
+    assert crit.layers == (17, 19)
     student.train()
     b = batch_for()
     loss, items = crit(student(b["img"]), b)

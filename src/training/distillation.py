@@ -67,7 +67,8 @@ class DistillationCriterion:
         self.temperature = float(temperature)
         self._s_feats: dict = {}
         self._t_feats: dict = {}
-        self.layers = tuple(feature_layers) if feature_weight else ()
+        head = len(student.model) - 1  # the Detect head's output is not a feature map
+        self.layers = tuple(i for i in feature_layers if i != head) if feature_weight else ()
         for i in self.layers:
             student.model[i].register_forward_hook(_FeatureTap(self._s_feats, i))
             teacher.model[i].register_forward_hook(_FeatureTap(self._t_feats, i))
@@ -89,8 +90,9 @@ class DistillationCriterion:
             kd = kd + wb * box_distillation(s["boxes"], t["boxes"].detach(), t["scores"].detach(), self.reg_max,
                                             self.temperature)
         if wf and self.layers:
-            kd = kd + wf * feature_distillation([self._s_feats[i] for i in self.layers],
-                                                [self._t_feats[i].detach() for i in self.layers])
+            pairs = [(self._s_feats[i], self._t_feats[i]) for i in self.layers
+                     if torch.is_tensor(self._s_feats.get(i)) and torch.is_tensor(self._t_feats.get(i))]
+            kd = kd + wf * feature_distillation([a for a, _ in pairs], [b.detach() for _, b in pairs])
         self._s_feats.clear(), self._t_feats.clear()
         batch_size = s["scores"].shape[0]
         return torch.cat([loss, (kd * batch_size).reshape(1)]), {**items, "kd_loss": kd.detach()}
