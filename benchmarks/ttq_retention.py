@@ -12,6 +12,7 @@ mAP after training each stage; seconds per training epoch.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import shutil
 import time
@@ -38,6 +39,8 @@ def main() -> None:
     p.add_argument("--set", dest="dotlist", action="append", default=[],
                    help="config override KEY=VALUE (added after the benchmark's own: " + ", ".join(BENCH_SETTINGS) + ")")
     p.add_argument("--skip-ptq", action="store_true", help="skip the post-training ternarisation rows")
+    p.add_argument("--ptq-bn-images", type=int, default=128,
+                   help="also report each PTQ row with BatchNorm re-estimated on this many train images (0: no)")
     p.add_argument("--workdir", default=str(REPO / "benchmarks" / "work" / "retention"))
     p.add_argument("--tag", default="", help="label stored in the JSON")
     p.add_argument("--resume", action="store_true",
@@ -79,13 +82,17 @@ def main() -> None:
     if not a.skip_ptq:
         plans = [("PTQ stage 1", [0]), ("PTQ stages 1-2", [0, 1]), ("PTQ stages 1-3", [0, 1, 2]),
                  ("PTQ stage 2 alone", [1]), ("PTQ stage 3 alone", [2])]
-        for name, idx in plans:
-            if max(idx) >= len(cfg.stages) or name in have:
-                continue
-            out = post_training_ternary(cfg, idx, str(weights), work / "ptq" / f"ptq_{'_'.join(map(str, idx))}.pt")
-            m = val(str(out))
-            add({"name": name, "kind": "ptq", "stages": [i + 1 for i in idx], "mAP50": m["mAP50"],
-                 "mAP50-95": m["mAP50-95"]})
+        bn_cfg = copy.deepcopy(cfg)
+        bn_cfg.quantization.bn_reestimate_images = a.ptq_bn_images
+        variants = [("", cfg, "")] + ([(f" + BN re-est. ({a.ptq_bn_images} img)", bn_cfg, "_bn")] if a.ptq_bn_images else [])
+        for suffix, c, tag in variants:
+            for name, idx in plans:
+                if max(idx) >= len(cfg.stages) or name + suffix in have:
+                    continue
+                out = post_training_ternary(c, idx, str(weights), work / "ptq" / f"ptq_{'_'.join(map(str, idx))}{tag}.pt")
+                m = val(str(out))
+                add({"name": name + suffix, "kind": "ptq", "stages": [i + 1 for i in idx], "mAP50": m["mAP50"],
+                     "mAP50-95": m["mAP50-95"], "bn_reestimate_images": c.quantization.bn_reestimate_images})
 
     for n in range(1, min(a.stages, len(cfg.stages)) + 1):
         if (f"TTQ stages 1-{n}" if n > 1 else "TTQ stage 1") in have:

@@ -36,6 +36,8 @@ class QuantizationConfig:
     per_channel: bool = False  # one Wp/Wn per output channel instead of per layer (beyond the paper)
     act_bits: int = 8  # BitLinear activation bits (C2PSA stages)
     act_per_token: bool = True  # BitLinear absmax per token (pixel) instead of per tensor
+    bn_reestimate_images: int = 0  # post-training ternarisation: re-estimate BatchNorm statistics on this many
+    # training images (val-style letterbox, no labels needed) after ternarising; 0 = keep the FP statistics
 
 
 @dataclass
@@ -134,6 +136,8 @@ def _validate_values(cfg: ProjectConfig, source: str) -> None:
         raise ConfigError(f"{source}: quantization.threshold_rule must be one of {THRESHOLD_RULES}")
     if cfg.quantization.scale_grad not in SCALE_GRAD_MODES:
         raise ConfigError(f"{source}: quantization.scale_grad must be one of {SCALE_GRAD_MODES}")
+    if cfg.quantization.bn_reestimate_images < 0:
+        raise ConfigError(f"{source}: quantization.bn_reestimate_images must be >= 0")
     names = [s.name for s in cfg.stages]
     if len(set(names)) != len(names):
         raise ConfigError(f"{source}: stage names must be unique, got {names}")

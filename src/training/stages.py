@@ -119,13 +119,23 @@ def train_stage(cfg: ProjectConfig, stage_key, start: str | None = None, resume:
 
 def post_training_ternary(cfg: ProjectConfig, stage_indices, start: str, out: str | Path) -> Path:
     """Ternarise the layers of the given stages (0-based indices) of an FP checkpoint without training, and save
-    the stock ternary export (Wp/Wn initialised from the weights, as TTQ training starts)."""
+    the stock ternary export (Wp/Wn initialised from the weights, as TTQ training starts). With
+    `quantization.bn_reestimate_images` > 0, BatchNorm statistics are then re-estimated on that many images of the
+    data's train split (at `train.imgsz`)."""
     from ..checkpoints import save_stock_checkpoint
     from ..quantization.shadow_weight_manager import ShadowWeightManager
+    from .bn_recalibration import recalibrate_batchnorm, split_image_batches
     from .shadow_trainer import install_stage
 
     model, ckpt = load_model(start)
+    model.float()
     for i in stage_indices:
         s = cfg.stages[i]
         install_stage(model, make_stage_plan(s, cfg.quantization, stage_train_args(cfg, s)))
+    n = cfg.quantization.bn_reestimate_images
+    if n:
+        check_data(cfg.base.data)
+        stride = max(int(model.stride.max()), 32) if hasattr(model, "stride") else 32
+        batches = split_image_batches(cfg.base.data, "train", cfg.train.imgsz, min(cfg.train.batch, n), stride=stride)
+        recalibrate_batchnorm(model, batches, max_images=n)
     return save_stock_checkpoint(ShadowWeightManager(model).export_ternary(), out, train_args=ckpt.get("train_args"))
