@@ -56,6 +56,7 @@ class TrainConfig:
     scale_lr: float = 1.0e-4  # learning rate of the Wp/Wn (Ap/An) group
     scale_weight_decay: float = 0.0
     latent_lr: Optional[float] = None  # own learning rate for the latent weights of quantized layers (None: lr0)
+    latent_weight_decay: Optional[float] = None  # their weight decay when latent_lr is set (None: weight_decay)
     device: Optional[str] = None
     workers: int = 8
     seed: int = 0

@@ -197,3 +197,31 @@ def test_ddp_relaunch_rebuilds_same_plan(tmp_path, tiny_fp_checkpoint, tiny_data
     finally:
         for p in (Path(py_file), Path(py_file).with_suffix(".pt")):
             p.unlink(missing_ok=True)
+
+
+def test_optimizer_groups_for_latents_and_scales(tmp_path, tiny_fp_checkpoint, tiny_data):
+    """latent_lr / latent_weight_decay / scale_lr each reach exactly their parameters, and nothing is in two groups."""
+    cfg = load_config(write_config(tmp_path, tiny_fp_checkpoint, tiny_data, epochs=1), None,
+                      ["train.latent_lr=0.01", "train.latent_weight_decay=0.0", "train.scale_lr=0.003"])
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def capture(trainer):
+        seen["groups"] = {g.get("param_group", i): g for i, g in enumerate(trainer.optimizer.param_groups)}
+        seen["model"] = trainer.model
+        raise Stop
+
+    with pytest.raises(Stop):
+        train_stage(cfg, 1, callbacks={"on_pretrain_routine_end": capture})
+    groups, model = seen["groups"], seen["model"]
+    q = quantized_modules(model)
+    latent, scales = groups["ttq_latent"], groups["ttq_scales"]
+    assert latent["initial_lr"] == 0.01 and latent["weight_decay"] == 0.0 and scales["initial_lr"] == 0.003
+    assert {id(p) for p in latent["params"]} == {id(m.latent_weight) for m in q.values()}
+    assert {id(p) for p in scales["params"]} == {id(p) for m in q.values() for p in (m.wp, m.wn)}
+    ids = [id(p) for g in groups.values() for p in g["params"]]
+    assert len(ids) == len(set(ids))  # no parameter in two groups
+    assert {id(p) for p in model.parameters() if p.requires_grad} <= set(ids) <= {id(p) for p in model.parameters()}

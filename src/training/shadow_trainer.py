@@ -39,6 +39,8 @@ def make_stage_plan(stage, quant, train_args: dict, distill: dict | None = None)
         "scale_lr": float(train_args["scale_lr"]),
         "scale_weight_decay": float(train_args["scale_weight_decay"]),
         "latent_lr": None if train_args.get("latent_lr") is None else float(train_args["latent_lr"]),
+        "latent_weight_decay": (None if train_args.get("latent_weight_decay") is None
+                                else float(train_args["latent_weight_decay"])),
     }
 
 
@@ -127,9 +129,11 @@ class ShadowTrainer(DetectionTrainer):
         for group in optimizer.param_groups:
             group["params"] = [p for p in group["params"] if id(p) not in ids]
         if latents:
-            optimizer.add_param_group({"params": latents, "lr": self.plan["latent_lr"], "weight_decay": decay,
+            latent_decay = decay if self.plan.get("latent_weight_decay") is None else self.plan["latent_weight_decay"]
+            optimizer.add_param_group({"params": latents, "lr": self.plan["latent_lr"], "weight_decay": latent_decay,
                                        "param_group": "ttq_latent"})
-            LOGGER.info(f"optimizer: + {len(latents)} latent weights of quantized layers (lr={self.plan['latent_lr']})")
+            LOGGER.info(f"optimizer: + {len(latents)} latent weights of quantized layers (lr={self.plan['latent_lr']}, "
+                        f"decay={latent_decay})")
         if scales:
             optimizer.add_param_group({"params": scales, "lr": self.plan.get("scale_lr", lr),
                                        "weight_decay": self.plan.get("scale_weight_decay", 0.0),
