@@ -1,0 +1,108 @@
+#!/usr/bin/env python
+"""With / without each training switch for one later stage, on the retention benchmark's budget.
+
+Every variant trains the same stage N (2 or 3) of configs/stage1_progressive.yaml from the same starting checkpoint
+(the stage N-1 output of `ttq_retention.py`, i.e. the model with stages 1..N-1 ternary), 10 epochs, imgsz 320,
+batch 16, then validates the stage's ternary export on the val half. The config's defaults are one variant; each
+other variant changes one thing. Rows are written to the JSON as they finish; --resume skips rows already there.
+
+  python benchmarks/stage_ablation.py --stage 3 \
+      --start benchmarks/work/retention/checkpoints/yolo11n/stage2/weights/best.pt \
+      --out benchmarks/results/stage3_ablation.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+from common import REPO, SHARED_DATA, SHARED_WEIGHTS, print_table, provenance, require, write_json
+from ttq_retention import BENCH_SETTINGS
+
+
+def variants(stage: int) -> dict[str, list[str]]:
+    """Name -> config overrides (dotlist) on top of the config's defaults; `stage` is 1-based."""
+    s = f"stages[{stage - 1}]"
+    return {
+        "config defaults": [],
+        "without distillation": ["distill.enabled=false"],
+        "without latent lr (latent weights at lr0)": ["train.latent_lr=null"],
+        "latent weight decay 0": ["train.latent_weight_decay=0"],
+        "teacher = stage start (not FP)": ["distill.teacher=start"],
+        "threshold 0.9 for this stage": [f"{s}.threshold=0.9"],
+        "feature weight 4": ["distill.feature_weight=4"],
+        "lr0 3e-4": ["train.lr0=0.0003"],
+        "per-channel scales (this stage's layers)": ["quantization.per_channel=true"],
+        "distillation without feature term": ["distill.feature_weight=0"],
+        "batch 8 (twice the steps)": ["train.batch=8", "train.ultralytics.nbs=8"],
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", type=int, required=True, help="stage to train (2 or 3)")
+    p.add_argument("--start", required=True, help="checkpoint holding stages 1..N-1 (training best.pt)")
+    p.add_argument("--only", nargs="*", help="run only these variant names (default: all)")
+    p.add_argument("--weights", default=str(SHARED_WEIGHTS), help="FP model (distillation teacher)")
+    p.add_argument("--data", default=str(SHARED_DATA))
+    p.add_argument("--config", default=str(REPO / "configs" / "stage1_progressive.yaml"))
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--imgsz", type=int, default=320)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--workdir", default=str(REPO / "benchmarks" / "work" / "ablation"))
+    p.add_argument("--resume", action="store_true", help="keep --out's rows and skip those variants")
+    p.add_argument("--out", default=None, help="JSON (default benchmarks/results/stage<N>_ablation.json)")
+    a = p.parse_args()
+
+    from src.config import load_config
+    from src.evaluation import validate
+    from src.training.stages import stage_outputs, train_stage
+
+    table = variants(a.stage)
+    names = a.only or list(table)
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise SystemExit(f"error: unknown variant(s) {unknown}; choose from: {list(table)}")
+    weights, data, start = require(a.weights, "weights"), require(a.data, "data yaml"), require(a.start, "start")
+    out = Path(a.out or REPO / "benchmarks" / "results" / f"stage{a.stage}_ablation.json")
+    result = {"benchmark": "stage_ablation", "stage": a.stage, "start": str(start),
+              "budget": {"epochs": a.epochs, "imgsz": a.imgsz, "batch": a.batch, "device": a.device,
+                         "weights": str(weights), "data": str(data)},
+              "bench_settings": BENCH_SETTINGS, "rows": []}
+    if a.resume and out.is_file():
+        result["rows"] = json.loads(out.read_text())["rows"]
+    have = {r["variant"] for r in result["rows"]}
+    start_map = validate(str(start), str(data), a.imgsz, 16, a.device)["mAP50-95"]  # training checkpoint: fused
+    result["start_mAP50-95"] = start_map
+    print(f"[ablation] start {start}: mAP50-95 {start_map:.4f}", flush=True)
+    for i, name in enumerate(names):
+        if name in have:
+            continue
+        work = Path(a.workdir) / f"stage{a.stage}" / f"v{list(table).index(name):02d}"
+        shutil.rmtree(work, ignore_errors=True)
+        cfg = load_config(a.config, {"weights": str(weights), "data": str(data), "epochs": a.epochs,
+                                     "imgsz": a.imgsz, "device": a.device, "checkpoint_dir": str(work)},
+                          [f"train.batch={a.batch}"] + BENCH_SETTINGS + table[name])  # a variant may change batch
+        t0 = time.perf_counter()
+        train_stage(cfg, a.stage, start=str(start))
+        wall = time.perf_counter() - t0
+        m = validate(str(stage_outputs(cfg, cfg.stages[a.stage - 1])["ternary"]), str(data), a.imgsz, 16, a.device)
+        row = {"variant": name, "settings": table[name], "mAP50": m["mAP50"], "mAP50-95": m["mAP50-95"],
+               "change_vs_start": m["mAP50-95"] - start_map, "wall_s": wall, "provenance": provenance()}
+        result["rows"].append(row)
+        write_json(result, out)
+        print(f"[ablation] {name}: mAP50-95 {m['mAP50-95']:.4f}", flush=True)
+    result["rows"].sort(key=lambda r: list(table).index(r["variant"]) if r["variant"] in table else 99)
+    write_json(result, out)
+    print_table(result["rows"], [("variant", "variant", "s"), ("mAP50", "mAP50", ".4f"),
+                                 ("mAP50-95", "mAP50-95", ".4f"), ("change_vs_start", "vs start", "+.4f"),
+                                 ("wall_s", "wall s", ".0f")])
+    print(f"\nJSON: {out}")
+
+
+if __name__ == "__main__":
+    main()
