@@ -68,7 +68,8 @@ def main() -> None:
     if a.resume and Path(a.out).is_file():
         previous = json.loads(Path(a.out).read_text())
         rows.extend(previous["rows"])
-        result["resumed"] = {"earlier_provenance": previous.get("provenance")}
+        result["resumed"] = {"earlier_provenance": previous.get("provenance"), "earlier": previous.get("resumed"),
+                             "rows_before": [r["name"] for r in previous["rows"]]}
     have = {r["name"] for r in rows}
 
     def add(row):
