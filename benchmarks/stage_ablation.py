@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""With / without each training switch for one later stage, on the retention benchmark's budget.
+"""With / without each training switch for one stage, on the retention benchmark's budget.
 
-Every variant trains the same stage N (2 or 3) of configs/stage1_progressive.yaml from the same starting checkpoint
-(the stage N-1 output of `ttq_retention.py`, i.e. the model with stages 1..N-1 ternary), 10 epochs, imgsz 320,
+Every variant trains the same stage N of configs/stage1_progressive.yaml from the same starting checkpoint (for
+N > 1 the stage N-1 output of `ttq_retention.py`, i.e. the model with stages 1..N-1 ternary; for N = 1 the FP
+weights), 10 epochs, imgsz 320,
 batch 16, then validates the stage's ternary export on the val half. The config's defaults are one variant; each
 other variant changes one thing. Rows are written to the JSON as they finish; --resume skips rows already there.
 
@@ -43,7 +44,7 @@ def variants(stage: int) -> dict[str, list[str]]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", type=int, required=True, help="stage to train (2 or 3)")
+    p.add_argument("--stage", type=int, required=True, help="stage to train (1, 2 or 3)")
     p.add_argument("--start", required=True, help="checkpoint holding stages 1..N-1 (training best.pt)")
     p.add_argument("--only", nargs="*", help="run only these variant names (default: all)")
     p.add_argument("--weights", default=str(SHARED_WEIGHTS), help="FP model (distillation teacher)")
