@@ -31,6 +31,7 @@ def variants(stage: int) -> dict[str, list[str]]:
         "config defaults": [],
         "without distillation": ["distill.enabled=false"],
         "without latent lr (latent weights at lr0)": ["train.latent_lr=null"],
+        "latent lr 3e-3": ["train.latent_lr=0.003"],
         "latent weight decay 0": ["train.latent_weight_decay=0"],
         "teacher = stage start (not FP)": ["distill.teacher=start"],
         "threshold 0.9 for this stage": [f"{s}.threshold=0.9"],
