@@ -36,6 +36,7 @@ def variants(stage: int) -> dict[str, list[str]]:
         "teacher = stage start (not FP)": ["distill.teacher=start"],
         "threshold 0.9 for this stage": [f"{s}.threshold=0.9"],
         "feature weight 4": ["distill.feature_weight=4"],
+        "all distillation weights x4": ["distill.cls_weight=4", "distill.box_weight=4", "distill.feature_weight=4"],
         "lr0 3e-4": ["train.lr0=0.0003"],
         "per-channel scales (this stage's layers)": ["quantization.per_channel=true"],
         "distillation without feature term": ["distill.feature_weight=0"],
