@@ -33,6 +33,7 @@ def variants(stage: int) -> dict[str, list[str]]:
         "without latent lr (latent weights at lr0)": ["train.latent_lr=null"],
         "latent lr 3e-3": ["train.latent_lr=0.003"],
         "latent weight decay 0": ["train.latent_weight_decay=0"],
+        "latent weight decay 5e-3 (10x)": ["train.latent_weight_decay=0.005"],
         "teacher = stage start (not FP)": ["distill.teacher=start"],
         "threshold 0.9 for this stage": [f"{s}.threshold=0.9"],
         "feature weight 4": ["distill.feature_weight=4"],
