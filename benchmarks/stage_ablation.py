@@ -42,6 +42,7 @@ def variants(stage: int) -> dict[str, list[str]]:
         "per-channel scales (this stage's layers)": ["quantization.per_channel=true"],
         "distillation without feature term": ["distill.feature_weight=0"],
         "batch 8 (twice the steps)": ["train.batch=8", "train.ultralytics.nbs=8"],
+        "seed 1 (run-to-run spread)": ["train.seed=1"],
     }
 
 
