@@ -27,7 +27,7 @@ def main() -> None:
     from src.checkpoints import load_model, save_stock_checkpoint
     from src.evaluation import validate
     from src.quantization.shadow_weight_manager import ShadowWeightManager
-    from src.training.bn_recalibration import recalibrate_batchnorm, split_image_batches
+    from src.training.bn_recalibration import reestimate_on_split
 
     data = str(require(a.data, "data yaml"))
     rows = []
@@ -38,8 +38,7 @@ def main() -> None:
             model, saved = load_model(ckpt)
             model.float()
             if n:
-                stride = max(int(model.stride.max()), 32)
-                recalibrate_batchnorm(model, split_image_batches(data, "train", a.imgsz, 16, stride=stride), max_images=n)
+                reestimate_on_split(model, data, n, a.imgsz)
             out = Path(a.workdir) / f"c{i}_bn{n}.pt"
             save_stock_checkpoint(ShadowWeightManager(model).export_ternary(), out, train_args=saved.get("train_args"))
             row["as trained" if n == 0 else "BN re-estimated"] = validate(str(out), data, a.imgsz, 16)["mAP50-95"]

@@ -51,13 +51,6 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], max
     return seen
 
 
-def image_batches(loader, preprocess, dtype: torch.dtype | None = None) -> Iterable[torch.Tensor]:
-    """Image tensors of an Ultralytics dataloader, after the trainer's own `preprocess_batch` (labels ignored)."""
-    for batch in loader:
-        img = preprocess(batch)["img"]
-        yield img if dtype is None else img.to(dtype)
-
-
 def split_image_batches(data: str, split: str = "train", imgsz: int = 640, batch: int = 16, workers: int = 0,
                         stride: int = 32) -> Iterable[torch.Tensor]:
     """Float [0, 1] image batches of one split of an Ultralytics data yaml, letterboxed as validation does
@@ -66,11 +59,21 @@ def split_image_batches(data: str, split: str = "train", imgsz: int = 640, batch
     from ultralytics.data import build_dataloader, build_yolo_dataset
     from ultralytics.data.utils import check_det_dataset
 
+    from ..config import ConfigError
+
     info = check_det_dataset(data)
-    if split not in info:
-        raise ValueError(f"{data} has no '{split}' split")
+    if not info.get(split):
+        raise ConfigError(f"{data} has no '{split}' split to re-estimate BatchNorm statistics on")
     cfg = get_cfg(overrides={"imgsz": imgsz, "batch": batch, "workers": workers, "data": data})
     dataset = build_yolo_dataset(cfg, info[split], batch, info, mode="val", rect=True, stride=stride)
     loader = build_dataloader(dataset, batch, workers, shuffle=False, pin_memory=False, device="cpu")
     for b in loader:
         yield b["img"].float() / 255
+
+
+def reestimate_on_split(model: nn.Module, data: str, images: int, imgsz: int, batch: int = 16,
+                        split: str = "train") -> int:
+    """Re-estimate `model`'s BN statistics on the first `images` images of `split` of a data yaml."""
+    stride = max(int(model.stride.max()), 32)
+    return recalibrate_batchnorm(model, split_image_batches(data, split, imgsz, min(batch, images), stride=stride),
+                                 max_images=images)

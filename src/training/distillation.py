@@ -90,9 +90,8 @@ class DistillationCriterion:
             kd = kd + wb * box_distillation(s["boxes"], t["boxes"].detach(), t["scores"].detach(), self.reg_max,
                                             self.temperature)
         if wf and self.layers:
-            pairs = [(self._s_feats[i], self._t_feats[i]) for i in self.layers
-                     if torch.is_tensor(self._s_feats.get(i)) and torch.is_tensor(self._t_feats.get(i))]
-            kd = kd + wf * feature_distillation([a for a, _ in pairs], [b.detach() for _, b in pairs])
+            kd = kd + wf * feature_distillation([self._s_feats[i] for i in self.layers],
+                                                [self._t_feats[i].detach() for i in self.layers])
         self._s_feats.clear(), self._t_feats.clear()
         batch_size = s["scores"].shape[0]
         return torch.cat([loss, (kd * batch_size).reshape(1)]), {**items, "kd_loss": kd.detach()}

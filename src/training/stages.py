@@ -124,7 +124,7 @@ def post_training_ternary(cfg: ProjectConfig, stage_indices, start: str, out: st
     data's train split (at `train.imgsz`)."""
     from ..checkpoints import save_stock_checkpoint
     from ..quantization.shadow_weight_manager import ShadowWeightManager
-    from .bn_recalibration import recalibrate_batchnorm, split_image_batches
+    from .bn_recalibration import reestimate_on_split
     from .shadow_trainer import install_stage
 
     model, ckpt = load_model(start)
@@ -132,10 +132,7 @@ def post_training_ternary(cfg: ProjectConfig, stage_indices, start: str, out: st
     for i in stage_indices:
         s = cfg.stages[i]
         install_stage(model, make_stage_plan(s, cfg.quantization, stage_train_args(cfg, s)))
-    n = cfg.quantization.bn_reestimate_images
-    if n:
+    if cfg.quantization.bn_reestimate_images:
         check_data(cfg.base.data)
-        stride = max(int(model.stride.max()), 32) if hasattr(model, "stride") else 32
-        batches = split_image_batches(cfg.base.data, "train", cfg.train.imgsz, min(cfg.train.batch, n), stride=stride)
-        recalibrate_batchnorm(model, batches, max_images=n)
+        reestimate_on_split(model, cfg.base.data, cfg.quantization.bn_reestimate_images, cfg.train.imgsz, cfg.train.batch)
     return save_stock_checkpoint(ShadowWeightManager(model).export_ternary(), out, train_args=ckpt.get("train_args"))
