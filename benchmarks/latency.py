@@ -16,10 +16,12 @@ os.getloadavg() before and after.
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import asdict
 from pathlib import Path
 
-from common import REPO, SHARED_DATA, SHARED_WEIGHTS, provenance, require, write_json
+from common import REPO, parser, provenance, require
+
+from yolo_tq.io import atomic_write_bytes, write_json
 
 MEANINGFUL_MAP = 0.05  # below this the quantized model detects nothing worth comparing
 RETENTION_STAGE3 = REPO / "benchmarks" / "work" / "retention" / "checkpoints" / "yolo11n" / "stage3" / "ternary.pt"
@@ -30,62 +32,55 @@ def quantized_model(path: str | None, work: Path, weights: Path) -> tuple[Path, 
     if path:
         return require(path, "quantized checkpoint"), "given"
     if RETENTION_STAGE3.is_file():  # a snapshot: a rerun of the retention benchmark deletes its outputs
-        import shutil
-
-        snap = shutil.copy2(RETENTION_STAGE3, work / "retention_stage3_ternary.pt")
-        return Path(snap), f"TTQ stages 1-3 (retention benchmark output {RETENTION_STAGE3}, copied)"
-    from src.config import load_config
-    from src.training.stages import post_training_ternary
+        snap = atomic_write_bytes(work / "retention_stage3_ternary.pt", RETENTION_STAGE3.read_bytes())
+        return snap, f"TTQ stages 1-3 (retention benchmark output {RETENTION_STAGE3}, copied)"
+    from yolo_tq.config import load_config
+    from yolo_tq.train.stages import post_training_ternary
 
     cfg = load_config(REPO / "configs" / "stage1_progressive.yaml", {"weights": str(weights)})
     out = post_training_ternary(cfg, [0, 1, 2], str(weights), work / "ptq_stages1-3.pt")
     return out, "post-training ternary stages 1-3 (no training; the retention output did not exist)"
 
 
-def row(result: dict, model: str, target: str) -> dict | None:
-    return next((r for r in result["rows"] if r["model"] == model and r["target"] == target
-                 and r["status"] == "ok"), None)
-
-
-def check_targets(result: dict) -> dict:
+def check_targets(result) -> dict:
     """The issue's three targets, each with its measured value and pass/fail (None where not measured)."""
     def lat(m, t):
-        r = row(result, m, t)
-        return None if r is None else r["mean_ms"]
+        r = result.ok_row(m, t)
+        return None if r is None else r.latency.mean_ms
 
     def div(a, b):
         return None if a is None or b is None else a / b
 
     def same_target(t):
         """The A/B (interleaved) mean ratio where it was measured, else the ratio of the separate runs."""
-        c = next((c for c in result["comparisons"] if c["quantized"] == t and c["baseline"] == t), None)
-        if c and c.get("interleaved_ratios", {}).get("mean_ms") is not None:
-            return c["interleaved_ratios"]["mean_ms"], "interleaved A/B"
+        c = next((c for c in result.comparisons if c.quantized == t and c.baseline == t), None)
+        if c and (c.interleaved_ratios or {}).get("mean_ms") is not None:
+            return c.interleaved_ratios["mean_ms"], "interleaved A/B"
         return div(lat("quantized", t), lat("baseline", t)), "separate runs"
+
+    def map_delta(model):
+        """mAP50-95 of the model's OpenVINO INT8 export minus that of the model in PyTorch (same val settings)."""
+        a, b = result.ok_row(model, "openvino-int8"), result.ok_row(model, "torch-cpu")
+        return (a.accuracy.map50_95 - b.accuracy.map50_95, b.accuracy.map50_95) if a and b and a.accuracy \
+            and b.accuracy else (None, None)
 
     ort, ort_how = same_target("onnxruntime-cpu")
     ov8, ov8_how = same_target("openvino-int8")
-    def map_delta(model):
-        """mAP50-95 of the model's OpenVINO INT8 export minus that of the model in PyTorch (same val settings)."""
-        a, b = row(result, model, "openvino-int8"), row(result, model, "torch-cpu")
-        return (a["mAP50-95"] - b["mAP50-95"], b["mAP50-95"]) if a and b and "mAP50-95" in a and "mAP50-95" in b \
-            else (None, None)
-
     dmap, qmap = map_delta("quantized")
     bdmap, _ = map_delta("baseline")
     b8_vs_ort = div(lat("baseline", "openvino-int8"), lat("baseline", "onnxruntime-cpu"))
     verdict = lambda v, ok: None if v is None else bool(ok(v))  # noqa: E731
+    untrained = qmap is not None and qmap < MEANINGFUL_MAP
     return {
         "onnxruntime_latency_ratio": {"value": ort, "target": "<= 1.05", "measured_by": ort_how,
                                       "passed": verdict(ort, lambda v: v <= 1.05)},
         "openvino_int8_latency_ratio": {"value": ov8, "target": "<= 1.00", "measured_by": ov8_how,
                                         "passed": verdict(ov8, lambda v: v <= 1.0)},
         "openvino_int8_map_delta": {"value": dmap, "target": "|Δ mAP50-95| <= 0.01 vs quantized PyTorch",
-                                    "passed": None if qmap is not None and qmap < MEANINGFUL_MAP
-                                    else verdict(dmap, lambda v: abs(v) <= 0.01),
+                                    "passed": None if untrained else verdict(dmap, lambda v: abs(v) <= 0.01),
                                     **({"note": f"not judged: the quantized model's own mAP50-95 is {qmap:.4f} "
                                                 "(untrained post-training ternary), nothing to lose"}
-                                       if qmap is not None and qmap < MEANINGFUL_MAP else {})},
+                                       if untrained else {})},
         "baseline_openvino_int8_map_delta": {"value": bdmap, "target": "reference: what INT8 costs the FP baseline"},
         "baseline_openvino_int8_vs_onnxruntime_fp32": {"value": b8_vs_ort, "target": "reference (issue: 0.91-0.93 "
                                                                                         "on an AVX2 CPU without VNNI)"},
@@ -93,10 +88,8 @@ def check_targets(result: dict) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", default=str(SHARED_WEIGHTS), help="baseline checkpoint")
+    p = parser(__doc__, "weights", "data", weights="baseline checkpoint")
     p.add_argument("--quantized", help="quantized checkpoint (default: retention stage 3, else PTQ stages 1-3)")
-    p.add_argument("--data", default=str(SHARED_DATA))
     p.add_argument("--num-runs", type=int, default=50)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--imgsz", type=int, default=640)
@@ -106,7 +99,7 @@ def main() -> None:
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "latency_cpu.json"))
     a = p.parse_args()
 
-    from src.deploy.bench import BenchOptions, format_table, run_benchmark
+    from yolo_tq.deploy.bench import BenchOptions, format_table, run_benchmark
 
     weights, data = require(a.weights, "weights"), require(a.data, "data yaml")
     work = Path(a.workdir)
@@ -116,21 +109,21 @@ def main() -> None:
     opts = BenchOptions(baseline=str(weights), quantized=str(quantized), export_fp16=True, export_int8=True,
                         num_runs=a.num_runs, warmup=a.warmup, imgsz=a.imgsz, batch=a.batch, device="cpu",
                         backends=("torch", "onnxruntime", "openvino"), data=str(data), workdir=str(work / "run"),
-                        measure_map=not a.no_map,
-                        extra={"benchmark": "latency_cpu", "provenance": provenance(), "quantized_model": how})
+                        measure_map=not a.no_map)
     result = run_benchmark(opts, log=lambda s: print(f"[latency] {s}", flush=True))
-    result["targets"] = check_targets(result)
-    write_json(result, a.out)
+    targets = check_targets(result)
+    write_json({"benchmark": "latency_cpu", "provenance": provenance(), "quantized_model": how, **asdict(result),
+                "targets": targets}, a.out)
     print()
     print(format_table(result))
     print()
-    for name, t in result["targets"].items():
+    for name, t in targets.items():
         v = "-" if t["value"] is None else f"{t['value']:.4f}"
         ok = {True: "PASS", False: "FAIL", None: ""}[t.get("passed")]
         print(f"{name:<44} {v:>8}  {t['target']}  {ok}" + (f"  ({t['note']})" if t.get("note") else ""))
-    env = result["environment"]
-    print(f"\nload average before {env['loadavg_before']}, after timing {env['loadavg_after_timing']}, at the end "
-          f"{env['loadavg_after']}; JSON: {a.out}")
+    env = result.environment
+    print(f"\nload average before {env.loadavg_before}, after timing {env.loadavg_after_timing}, at the end "
+          f"{env.loadavg_after}; JSON: {a.out}")
 
 
 if __name__ == "__main__":

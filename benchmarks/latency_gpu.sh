@@ -7,7 +7,9 @@
 # onnxruntime-gpu), TensorRT FP16 and INT8 (only with tensorrt; INT8 also needs DATA for calibration). Targets that
 # cannot run print one skip line each. Batch 1 (latency) for all targets, then batch 16 (throughput) for PyTorch.
 # Writes latency_gpu_b1.json and latency_gpu_b16.json to $OUT if set, else benchmarks/results/.
-# Python packages the machine lacks can be put, unpacked, in .latgpu/site (added to PYTHONPATH when present).
+# Set-up, offline: wheels the machine lacks (e.g. ultralytics, onnxslim, tensorrt, and this package, built with
+# `pip wheel --no-deps -w .latgpu .`) can be carried in .latgpu/; they are installed with pip --no-index --no-deps.
+# Without a carried wheel this package is installed from the checkout (needs setuptools >= 68 on the machine).
 # Budget: without TensorRT about 2 minutes after the machine starts; each TensorRT engine build adds about 1-2 min
 # (four builds: FP16 and INT8 of both models) - not measured here, no TensorRT was available.
 set -euo pipefail
@@ -20,10 +22,15 @@ BASE=$1
 QUANT=$2
 DATA=${3:-}
 export YOLO_OFFLINE=1 YOLO_VERBOSE=False PYTHONUNBUFFERED=1
-if [ -d .latgpu/site ]; then
-  export PYTHONPATH="$PWD/.latgpu/site${PYTHONPATH:+:$PYTHONPATH}"
-fi
 PY=$(command -v python3 || command -v python)
+shopt -s nullglob
+WHEELS=(.latgpu/*.whl)
+if [ ${#WHEELS[@]} -gt 0 ]; then
+  "$PY" -m pip install --quiet --no-index --no-deps "${WHEELS[@]}"
+fi
+if ! (cd / && "$PY" -c "import yolo_tq") 2>/dev/null; then  # from / : the checkout itself does not count
+  "$PY" -m pip install --quiet --no-index --no-deps --no-build-isolation -e .
+fi
 DEST=${OUT:-benchmarks/results}
 mkdir -p "$DEST"
 WORK=$(mktemp -d /tmp/latency_gpu.XXXXXX)

@@ -7,13 +7,14 @@ import contextlib
 import logging
 import os
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..checkpoints import CheckpointError, load_model, save_stock_checkpoint
-from ..quantization.shadow_weight_manager import ShadowWeightManager, quantized_modules
+from ..io import CheckpointError, atomic_write_bytes, load_model, save_stock_checkpoint
+from ..quant.apply import export_ternary, quantized_modules
 
 # artifact key -> Ultralytics export arguments (None: the checkpoint itself)
 ARTIFACTS: dict[str, dict | None] = {
@@ -48,17 +49,15 @@ def _link(src: Path, dst: Path) -> Path:
     try:
         dst.symlink_to(src.resolve())
     except OSError:
-        import shutil
-
-        shutil.copy2(src, dst)
+        atomic_write_bytes(dst, src.read_bytes())
     return dst
 
 
 def prepare_checkpoint(path: str | Path, workdir: Path, role: str) -> PreparedModel:
     """Read a checkpoint and make the stock model the exporter takes. A training checkpoint holding quantized
-    modules (TTQConv2d, BitLinear) is exported first (ShadowWeightManager.export_ternary: TTQ layers become plain
+    modules (TTQConv2d, BitLinear) is exported first (quant.apply.export_ternary: TTQ layers become plain
     convs holding their three values)."""
-    from ..report import conv_rows, totals
+    from ..eval.layers import conv_rows, totals
     from .weights import deploy_weight_summary, single_thread
 
     src = Path(path)
@@ -67,7 +66,7 @@ def prepare_checkpoint(path: str | Path, workdir: Path, role: str) -> PreparedMo
     dst = workdir / f"{role}.pt"
     q = quantized_modules(model)
     if q:
-        exported = ShadowWeightManager(model).export_ternary()
+        exported = export_ternary(model)
         save_stock_checkpoint(exported, dst, train_args=ckpt.get("train_args"))
         model, kind = exported, "ttq-training"
     else:
@@ -86,27 +85,28 @@ def prepare_checkpoint(path: str | Path, workdir: Path, role: str) -> PreparedMo
 
 @contextlib.contextmanager
 def captured_output(logfile: Path, verbose: bool):
-    """Send the exporters' chatter (Ultralytics, NNCF progress bars, native libraries) to `logfile`."""
+    """Send the exporters' chatter (Ultralytics, NNCF progress bars, native libraries: file descriptors 1 and 2) to
+    an anonymous buffer, then append it to `logfile` through the atomic writer."""
     if verbose:
         yield
         return
-    logfile.parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
-    with open(logfile, "a") as log, warnings.catch_warnings():
+    with tempfile.TemporaryFile() as buf, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        os.dup2(log.fileno(), 1)
-        os.dup2(log.fileno(), 2)
+        os.dup2(buf.fileno(), 1)
+        os.dup2(buf.fileno(), 2)
         try:
             yield
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            os.close(saved[0])
-            os.close(saved[1])
+            for fd, copy in zip((1, 2), saved):
+                os.dup2(copy, fd)
+                os.close(copy)
+            buf.seek(0)
+            atomic_write_bytes(logfile, (logfile.read_bytes() if logfile.is_file() else b"") + buf.read())
 
 
 def export_artifact(prepared: PreparedModel, key: str, workdir: Path, imgsz: int, batch: int, data: str | None = None,

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
+import torch
 
 FP32_BOX_TOL_PX = 0.25
 FP32_SCORE_TOL = 1e-3
@@ -73,38 +75,26 @@ def merge_diffs(parts: list[dict]) -> dict:
 
 def detections(pred: np.ndarray, conf: float = CONF, iou: float = NMS_IOU) -> list[np.ndarray]:
     """Ultralytics NMS on a raw (B, 4 + nc, N) prediction: per image an (n, 6) array x1, y1, x2, y2, score, class."""
-    import torch
     from ultralytics.utils.nms import non_max_suppression
 
     out = non_max_suppression(torch.from_numpy(np.ascontiguousarray(pred, dtype=np.float32)), conf, iou)
     return [o.numpy() for o in out]
 
 
-def box_iou_np(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU matrix of xyxy boxes a (n, 4) and b (m, 4)."""
-    if len(a) == 0 or len(b) == 0:
-        return np.zeros((len(a), len(b)), dtype=np.float32)
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:4], b[None, :, 2:4])
-    inter = np.clip(rb - lt, 0, None).prod(axis=2)
-    area = lambda x: np.clip(x[:, 2] - x[:, 0], 0, None) * np.clip(x[:, 3] - x[:, 1], 0, None)  # noqa: E731
-    return inter / (area(a)[:, None] + area(b)[None, :] - inter + 1e-9)
-
-
 def match_detections(ref: np.ndarray, out: np.ndarray, iou_thr: float = MATCH_IOU) -> int:
-    """Number of one-to-one matches (same class, IoU >= iou_thr), greedy by IoU. Rows: x1, y1, x2, y2, score, cls."""
+    """Number of one-to-one matches (same class, IoU >= iou_thr) by Ultralytics' validator: box_iou, then
+    match_predictions (each detection of `out`, most confident first, takes the best unclaimed one of `ref`).
+    Rows: x1, y1, x2, y2, score, cls."""
+    from ultralytics.engine.validator import BaseValidator
+    from ultralytics.utils.metrics import box_iou
+
     if len(ref) == 0 or len(out) == 0:
         return 0
-    iou = box_iou_np(ref[:, :4], out[:, :4])
-    iou[ref[:, 5][:, None] != out[:, 5][None, :]] = 0.0
-    matched = 0
-    while True:
-        i, j = np.unravel_index(np.argmax(iou), iou.shape)
-        if iou[i, j] < iou_thr:
-            return matched
-        matched += 1
-        iou[i, :] = 0.0
-        iou[:, j] = 0.0
+    ref, out = (torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) for a in (ref, out))
+    out = out[torch.argsort(-out[:, 4], stable=True)]
+    thresholds = SimpleNamespace(iouv=torch.tensor([iou_thr]))  # all that match_predictions reads of its validator
+    correct = BaseValidator.match_predictions(thresholds, out[:, 5], ref[:, 5], box_iou(ref[:, :4], out[:, :4]))
+    return int(correct.sum())
 
 
 def f1_score(matched: int, n_ref: int, n_out: int) -> float:
@@ -144,8 +134,31 @@ def verdict(precision: str, diffs: dict, det_agreement: float, min_agreement: fl
     raise ValueError(f"unknown precision {precision!r}")
 
 
+@dataclass(frozen=True)
+class Agreement:
+    """How an export's outputs compare with PyTorch's: raw differences (output_diffs, merged over the check inputs),
+    detections at CONF and their F1, the hysteresis agreement, and the verdict."""
+
+    max_abs: float
+    max_abs_box: float
+    max_abs_score: float
+    mean_abs_score: float
+    confident_anchors: int
+    max_abs_box_confident: float
+    max_abs_score_confident: float
+    detections_ref: int
+    detections_out: int
+    detections_matched: int
+    det_f1: float
+    sure_detections: int
+    sure_found: int
+    det_agreement: float
+    criterion: str
+    passed: bool
+
+
 def compare_outputs(refs: list[np.ndarray], outs: list[np.ndarray], precision: str,
-                    min_agreement: float = REDUCED_MIN_AGREEMENT) -> dict:
+                    min_agreement: float = REDUCED_MIN_AGREEMENT) -> Agreement:
     """Diffs, detection agreement (and plain F1 at CONF) and verdict of an export's outputs against PyTorch's."""
     diffs = merge_diffs([output_diffs(r, o) for r, o in zip(refs, outs)])
     dets = {(side, c): [d for x in xs for d in detections(x, conf=c)]
@@ -156,9 +169,9 @@ def compare_outputs(refs: list[np.ndarray], outs: list[np.ndarray], precision: s
                                dets["ref", CONF_LOOSE])
     agreement = found / total if total else 1.0
     v = verdict(precision, diffs, agreement, min_agreement)
-    return {**diffs, "detections_ref": n_ref, "detections_out": n_out, "detections_matched": matched,
-            "det_f1": f1_score(matched, n_ref, n_out), "sure_detections": total, "sure_found": found,
-            "det_agreement": agreement, "criterion": v.criterion, "passed": v.passed}
+    return Agreement(**diffs, detections_ref=n_ref, detections_out=n_out, detections_matched=matched,
+                     det_f1=f1_score(matched, n_ref, n_out), sure_detections=total, sure_found=found,
+                     det_agreement=agreement, criterion=v.criterion, passed=v.passed)
 
 
 def letterbox_input(image_bgr: np.ndarray, imgsz: int) -> np.ndarray:

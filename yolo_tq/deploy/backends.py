@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 FAMILIES = ("torch", "onnxruntime", "openvino", "tensorrt")
-DEPLOY_REQS = "pip install -r requirements-deploy.txt"
+DEPLOY_REQS = 'pip install -e ".[deploy]"'
 
 
 @dataclass(frozen=True)

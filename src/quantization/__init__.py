@@ -1,1 +1,0 @@
-"""Quantized drop-in modules and the math behind them."""

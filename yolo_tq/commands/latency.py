@@ -1,0 +1,72 @@
+"""Export a baseline and a quantized (ternary) checkpoint to ONNX Runtime, OpenVINO and TensorRT, check that each
+export reproduces the PyTorch model, and time them (mean / median / p95 latency, throughput, peak memory, file size,
+quantized/baseline ratios). Targets that cannot run here are skipped with one line saying why.
+
+  python latency_benchmark.py --baseline yolo11n.pt --quantized checkpoints/yolo11n/stage3/ternary.pt \\
+      --export-int8 --data coco128.yaml --num-runs 50 --json latency.json
+  python latency_benchmark.py --baseline yolo11n.pt --quantized ternary.pt --device 0 --export-fp16 --export-int8 \\
+      --data coco128.yaml
+
+CPU targets (--device cpu): torch-cpu, onnxruntime-cpu, openvino-fp32, openvino-bf16 (--export-fp16),
+openvino-int8 (--export-int8). CUDA targets (--device 0): torch-cuda, torch-cuda-fp16 (--export-fp16),
+onnxruntime-cuda, tensorrt-fp16 (--export-fp16), tensorrt-int8 (--export-int8). INT8 needs --data for calibration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from ..deploy.agreement import REDUCED_MIN_AGREEMENT
+from ..deploy.backends import FAMILIES
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--baseline", required=True, help="FP checkpoint (.pt)")
+    p.add_argument("--quantized", help="quantized checkpoint: a stock ternary export or a TTQ training checkpoint")
+    p.add_argument("--export-fp16", action="store_true",
+                   help="also FP16 targets (TensorRT, PyTorch CUDA; OpenVINO BF16)")
+    p.add_argument("--export-int8", action="store_true", help="also INT8 targets (OpenVINO on CPU, TensorRT on GPU)")
+    p.add_argument("--num-runs", type=int, default=50, help="timed runs per target (default 50)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed runs first (default 10)")
+    p.add_argument("--imgsz", type=int, default=640)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu (CPU targets) or 0 (CUDA targets)")
+    p.add_argument("--backends", default=",".join(FAMILIES), help=f"comma list of {', '.join(FAMILIES)} (default all)")
+    p.add_argument("--data", help="data yaml: INT8 calibration images (train split) and agreement-check images (val)")
+    p.add_argument("--calib-split", default="train", help="split of --data used for INT8 calibration (default train)")
+    p.add_argument("--calib-fraction", type=float, default=1.0, help="fraction of that split to calibrate on")
+    p.add_argument("--map", action="store_true", help="also mAP of each export on the val split of --data (slow)")
+    p.add_argument("--openvino-int8-hint", choices=["default", "f32", "bf16"], default="default",
+                   help="inference precision of OpenVINO INT8's non-quantized ops (default: OpenVINO's choice, as "
+                        "Ultralytics runs it)")
+    p.add_argument("--min-agreement", type=float, default=REDUCED_MIN_AGREEMENT,
+                   help="FP16/BF16/INT8 exports: share of PyTorch's sure detections they must reproduce and vice "
+                        f"versa (default {REDUCED_MIN_AGREEMENT})")
+    p.add_argument("--check-images", type=int, default=8, help="images for the agreement check (default 8)")
+    p.add_argument("--no-isolate", action="store_true", help="measure in this process (peak RSS then not per target)")
+    p.add_argument("--no-interleave", action="store_true",
+                   help="skip the A/B pass that times baseline and quantized in alternation in one process")
+    p.add_argument("--workdir", help="where exports go (default: a new temporary folder)")
+    p.add_argument("--json", help="write the results to this JSON file")
+    p.add_argument("--verbose", action="store_true", help="show the exporters' output")
+
+
+def run(a: argparse.Namespace) -> int:
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    from ..deploy.bench import BenchOptions, format_table, run_benchmark
+    from ..deploy.results import save_record
+
+    opts = BenchOptions(
+        baseline=a.baseline, quantized=a.quantized, export_fp16=a.export_fp16, export_int8=a.export_int8,
+        num_runs=a.num_runs, warmup=a.warmup, imgsz=a.imgsz, batch=a.batch, device=a.device,
+        backends=tuple(b.strip() for b in a.backends.split(",") if b.strip()), data=a.data, workdir=a.workdir,
+        isolate=not a.no_isolate, interleave=not a.no_interleave, check_images=a.check_images,
+        min_agreement=a.min_agreement, calib_split=a.calib_split, calib_fraction=a.calib_fraction, measure_map=a.map,
+        openvino_int8_hint=None if a.openvino_int8_hint == "default" else a.openvino_int8_hint, verbose=a.verbose)
+    result = run_benchmark(opts)
+    print()
+    print(format_table(result))
+    if a.json:
+        print(f"\nJSON: {save_record(result, a.json)}")
+    return 0

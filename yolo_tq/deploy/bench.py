@@ -1,0 +1,370 @@
+"""The latency benchmark: for a baseline and a quantized checkpoint, export to every runnable target, check each
+export against PyTorch, time it, and report latency, memory, file size and quantized/baseline ratios."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from ..config import ConfigError
+from ..io import atomic_write_text
+from .agreement import REDUCED_MIN_AGREEMENT, check_inputs
+from .backends import (FAMILIES, TARGETS, Target, cpu_int8_features, make_runner, plan_targets, skip_line, target,
+                       versions)
+from .export import ExportError, captured_output, export_artifact, prepare_checkpoint
+from .memory import compressed_size_mb, file_size_mb
+from .results import (ABResult, ABSpec, Accuracy, BenchResult, Comparison, Environment, ModelInfo, Skip, TargetRow,
+                      WorkerSpec, save_arrays, save_record)
+from .stats import ratios
+
+LATENCY_FIGURES = ("mean_ms", "median_ms", "p95_ms", "throughput_ips")
+
+
+class BenchError(ConfigError):
+    """Bad benchmark options (a ConfigError, so the CLIs print it as one line)."""
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    baseline: str
+    quantized: str | None = None
+    export_fp16: bool = False
+    export_int8: bool = False
+    num_runs: int = 50
+    warmup: int = 10
+    imgsz: int = 640
+    batch: int = 1
+    device: str = "cpu"
+    backends: tuple[str, ...] = FAMILIES
+    data: str | None = None
+    workdir: str | None = None
+    isolate: bool = True
+    check_images: int = 8
+    min_agreement: float = REDUCED_MIN_AGREEMENT
+    calib_split: str = "train"
+    calib_fraction: float = 1.0
+    openvino_int8_hint: str | None = None  # None: OpenVINO's default for this CPU (what Ultralytics' val uses)
+    interleave: bool = True  # also time baseline and quantized in alternation in one process (A/B ratios)
+    measure_map: bool = False
+    verbose: bool = False
+
+
+def normalize_device(device: str) -> str:
+    d = str(device).strip().lower()
+    if d == "cpu":
+        return "cpu"
+    if d in ("0", "cuda", "cuda:0", "gpu"):
+        return "cuda"
+    raise BenchError(f"--device must be cpu or 0 (one GPU), got {device!r}")
+
+
+def check_options(o: BenchOptions) -> None:
+    if o.num_runs < 1 or o.warmup < 0:
+        raise BenchError("--num-runs must be >= 1 and --warmup >= 0")
+    if o.imgsz < 32 or o.imgsz % 32:
+        raise BenchError(f"--imgsz must be a multiple of 32 (>= 32), got {o.imgsz}")
+    if o.batch < 1:
+        raise BenchError(f"--batch must be >= 1, got {o.batch}")
+    bad = [b for b in o.backends if b not in FAMILIES]
+    if bad:
+        raise BenchError(f"unknown backend(s) {', '.join(bad)}; choose from {', '.join(FAMILIES)}")
+    for p in (o.baseline, o.quantized):
+        if p is not None and not Path(p).is_file():
+            raise FileNotFoundError(f"checkpoint not found: {p}")
+    if o.data and not Path(o.data).is_file():
+        raise FileNotFoundError(f"data yaml not found: {o.data}")
+    if o.measure_map and not o.data:
+        raise BenchError("--map needs --data")
+
+
+def reference_outputs(checkpoint: Path, inputs: list[np.ndarray]) -> list[np.ndarray]:
+    """The PyTorch model's raw outputs (CPU, FP32, Conv+BN fused) on the check inputs."""
+    runner = make_runner(target("torch-cpu"), checkpoint)
+    return [runner.infer(x) for x in inputs]
+
+
+def failed_row(t: Target, model: str, reason: str) -> TargetRow:
+    return TargetRow(model=model, target=t.name, family=t.family, device=t.device, precision=t.precision,
+                     status="failed", reason=reason)
+
+
+def _run_worker(spec: WorkerSpec | ABSpec, folder: Path, isolate: bool) -> TargetRow | ABResult:
+    """Measure in this process, or in a fresh `python -m yolo_tq.deploy.worker` (the installed package; run in the
+    work folder) that reads the spec and writes its answer as JSON."""
+    from .worker import measure
+
+    if not isolate:
+        return measure(spec)
+    ab = isinstance(spec, ABSpec)
+    stem = spec.target + (".ab" if ab else "")
+    spec_path, out_path = folder / f"{stem}.spec.json", folder / f"{stem}.result.json"
+    save_record(spec, spec_path)
+    out_path.unlink(missing_ok=True)
+    p = subprocess.run([sys.executable, "-m", "yolo_tq.deploy.worker", str(spec_path), str(out_path)], cwd=folder,
+                       env=dict(os.environ, YOLO_OFFLINE="1", YOLO_VERBOSE="False"), stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True)
+    atomic_write_text(folder / f"{stem}.log", p.stdout)
+    if p.returncode != 0 or not out_path.is_file():
+        tail = p.stdout.strip().splitlines()
+        reason = f"worker exited {p.returncode}: {tail[-1] if tail else 'no output'}"
+        return ABResult(spec.target, "failed", reason) if ab else failed_row(target(spec.target), spec.model, reason)
+    d = json.loads(out_path.read_text())
+    return ABResult.from_dict(d) if ab else TargetRow.from_dict(d)
+
+
+def ov_default_precision(artifact: Path) -> str | None:
+    """The inference precision OpenVINO picks on this CPU when not told (bf16 on CPUs with AMX / AVX512-BF16)."""
+    from .backends import OpenVinoRunner
+
+    try:
+        return OpenVinoRunner(artifact, None).inference_precision()
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def map_runtime_matches(row: TargetRow, ov_default: str | None) -> bool:
+    """Ultralytics' validator runs an export the way its AutoBackend does; only rows timed in that same
+    configuration get an mAP (OpenVINO: only the precision hint that is OpenVINO's default here)."""
+    if row.status != "ok":
+        return False
+    if row.family == "openvino":
+        return ov_default is not None and row.inference_precision == ov_default
+    return row.target in ("torch-cpu", "onnxruntime-cpu", "torch-cuda", "onnxruntime-cuda", "tensorrt-fp16",
+                          "tensorrt-int8")
+
+
+def validate_artifact(path: Path, data: str, imgsz: int, batch: int, device: str, project: Path) -> Accuracy:
+    """mAP of an export (or checkpoint) on the val split with Ultralytics' validator, square letterbox (rect=False)
+    and the export batch, so PyTorch and exported models see identical inputs."""
+    import logging
+
+    from ultralytics import YOLO
+    from ultralytics.utils import LOGGER
+
+    level = LOGGER.level
+    try:
+        with captured_output(project / "val.log", verbose=False):
+            LOGGER.setLevel(logging.WARNING)
+            m = YOLO(str(path), task="detect").val(data=data, imgsz=imgsz, batch=batch, rect=False, plots=False,
+                                                  device="cpu" if device == "cpu" else 0, verbose=False, split="val",
+                                                  project=str(project), name="val", exist_ok=True)
+    finally:
+        LOGGER.setLevel(level)
+    p, r, map50, map5095 = m.box.mean_results()
+    return Accuracy(map50=float(map50), map50_95=float(map5095), precision=float(p), recall=float(r))
+
+
+def _validated(row: TargetRow, ov_default: str | None, o: BenchOptions, work: Path, log) -> TargetRow:
+    if not map_runtime_matches(row, ov_default):
+        return replace(row, map_skipped="Ultralytics' validator would run this export in another configuration than "
+                                        "the one timed" if row.family == "openvino" else "not validated")
+    from .worker import one_line
+
+    try:
+        acc = validate_artifact(Path(row.artifact), o.data, o.imgsz, o.batch, o.device, work / row.model / row.target)
+    except Exception as e:  # noqa: BLE001 - a failed validation is reported on its row
+        log(f"{row.model:<9} {row.target:<17} mAP failed: {one_line(e)}")
+        return replace(row, map_error=one_line(e))
+    log(f"{row.model:<9} {row.target:<17} mAP50-95 {acc.map50_95:.4f}  mAP50 {acc.map50:.4f}")
+    return replace(row, accuracy=acc)
+
+
+def measure_maps(rows: list[TargetRow], o: BenchOptions, work: Path, log) -> list[TargetRow]:
+    """Accuracy of the exports that ran, where Ultralytics' validator runs them as they were timed."""
+    ov_default, out = None, []
+    for row in rows:
+        if row.status == "ok" and row.family == "openvino" and ov_default is None:
+            ov_default = ov_default_precision(Path(row.artifact))
+        out.append(_validated(row, ov_default, o, work, log) if row.status == "ok" else row)
+    return out
+
+
+def comparisons(rows: list[TargetRow], interleaved: list[ABResult] = ()) -> list[Comparison]:
+    """Quantized vs baseline on the same target; and every quantized INT8 row vs each baseline row on its device
+    (INT8 deployment of the ternary model against the FP32 baseline and against the baseline's own INT8 export).
+    `ratios` come from the separate per-model runs; for the same target, `interleaved_ratios` from the A/B run."""
+    ok = {(r.model, r.target): r for r in rows if r.status == "ok"}
+    ab = {a.target: a for a in interleaved if a.status == "ok"}
+
+    def pair(q: TargetRow, b: TargetRow, kind: str) -> Comparison:
+        inter = None
+        if q.target == b.target and q.target in ab:
+            s = ab[q.target]
+            inter = {**ratios(asdict(s.stats["quantized"]), asdict(s.stats["baseline"]), LATENCY_FIGURES),
+                     "paired_median": s.paired_median_ratio["quantized"]}
+        dmap = q.accuracy.map50_95 - b.accuracy.map50_95 if q.accuracy and b.accuracy else None
+        return Comparison(kind, q.target, b.target, ratios(q.figures(), b.figures()), inter, dmap)
+
+    out = [pair(ok["quantized", t.name], ok["baseline", t.name], "same target") for t in TARGETS
+           if ("quantized", t.name) in ok and ("baseline", t.name) in ok]
+    for (m, name), q in ok.items():
+        if m != "quantized" or q.precision != "int8":
+            continue
+        for (m2, name2), b in ok.items():
+            if m2 == "baseline" and name2 != name and b.device == q.device:
+                out.append(pair(q, b, f"quantized int8 vs baseline {b.precision}"))
+    return out
+
+
+def _memory_mb(r: TargetRow) -> float | None:
+    if r.memory is None:
+        return None
+    return r.memory.gpu_mem_mb if r.device == "cuda" else r.memory.peak_rss_mb
+
+
+def _row_line(r: TargetRow) -> str:
+    head = f"{r.model:<9} {r.target:<17}"
+    if r.status != "ok":
+        return f"{head} {r.status}: {r.reason}"
+    lat, a = r.latency, r.agreement
+    return (f"{head} mean {lat.mean_ms:.2f} ms  median {lat.median_ms:.2f}  p95 {lat.p95_ms:.2f}  "
+            f"{lat.throughput_ips:.1f} img/s  mem {_fmt(_memory_mb(r), '.0f')} MB  max|Δ| {a.max_abs:.3g}  "
+            f"agree {a.det_agreement:.2f}")
+
+
+# ----------------------------------------------------------------------------------------------------- the run
+def _environment() -> Environment:
+    return Environment(python=platform.python_version(), machine=platform.machine(), cpu_count=os.cpu_count(),
+                       cpu_features=cpu_int8_features(), versions=versions(), loadavg_before=list(os.getloadavg()))
+
+
+def _plan(o: BenchOptions, log) -> tuple[list[Target], list[Skip]]:
+    plan = plan_targets(o.device, o.export_fp16, o.export_int8, o.data, tuple(o.backends))
+    for t, reason in plan:
+        if reason:
+            log(skip_line(t, reason))
+    return [t for t, reason in plan if reason is None], [Skip(t.name, reason) for t, reason in plan if reason]
+
+
+def _prepare(o: BenchOptions, models: dict, runnable: list[Target], inputs: list[np.ndarray], work: Path, log):
+    """Per model: the checkpoint the exporter takes, PyTorch's reference outputs, and every export the runnable
+    targets need (all before any timing). Returns (model infos, (model, artifact key) -> (path, s) or the error)."""
+    infos, artifacts = {}, {}
+    for role, path in models.items():
+        mdir = work / role
+        pm = prepare_checkpoint(path, mdir, role)
+        save_arrays(mdir / "refs.npz", reference_outputs(pm.checkpoint, inputs))
+        infos[role] = ModelInfo(str(pm.source), str(pm.checkpoint), pm.kind, pm.summary)
+        log(f"{role}: {pm.source} ({pm.kind}; {pm.summary['deploy']['ternary_convs']} of "
+            f"{pm.summary['deploy']['fused_convs']} fused convs ternary per channel)")
+        for key in dict.fromkeys(t.artifact for t in runnable):
+            try:
+                artifacts[role, key] = export_artifact(pm, key, mdir, o.imgsz, o.batch, o.data, o.calib_split,
+                                                       o.calib_fraction, o.verbose)
+                if key != "pt":
+                    log(f"{role}: exported {key} in {artifacts[role, key][1]:.1f} s")
+            except ExportError as e:
+                artifacts[role, key] = e
+                log(f"{role}: {e}")
+    return infos, artifacts
+
+
+def _time_model(t: Target, role: str, art, o: BenchOptions, work: Path, log) -> TargetRow:
+    """One model on one target (or the row of its failed export)."""
+    if isinstance(art, ExportError):
+        row = failed_row(t, role, str(art))
+    else:
+        path, export_s = art
+        spec = WorkerSpec(target=t.name, model=role, artifact=str(path), inputs=str(work / "inputs.npz"),
+                          refs=str(work / role / "refs.npz"), batch=o.batch, num_runs=o.num_runs, warmup=o.warmup,
+                          min_agreement=o.min_agreement, openvino_int8_hint=o.openvino_int8_hint)
+        row = replace(_run_worker(spec, work / role, o.isolate), artifact=str(path), export_s=export_s,
+                      file_mb=file_size_mb(path), file_gz_mb=compressed_size_mb(path))
+    log(_row_line(row))
+    return row
+
+
+def _time_ab(t: Target, pair: list[TargetRow], o: BenchOptions, work: Path, log) -> ABResult:
+    """Baseline and quantized timed in alternation in one process (A/B)."""
+    spec = ABSpec(target=t.name, models=tuple((r.model, r.artifact) for r in pair), inputs=str(work / "inputs.npz"),
+                  batch=o.batch, num_runs=o.num_runs, warmup=o.warmup, openvino_int8_hint=o.openvino_int8_hint)
+    ab = _run_worker(spec, work, o.isolate)
+    if ab.status == "ok":
+        q, b = ab.stats["quantized"], ab.stats["baseline"]
+        log(f"{'A/B':<9} {t.name:<17} baseline {b.mean_ms:.2f} ms, quantized {q.mean_ms:.2f} ms (mean ratio "
+            f"{q.mean_ms / b.mean_ms:.3f}, paired median ratio {ab.paired_median_ratio['quantized']:.3f})")
+    else:
+        log(f"{'A/B':<9} {t.name:<17} failed: {ab.reason}")
+    return ab
+
+
+def run_benchmark(o: BenchOptions, log=print) -> BenchResult:
+    """Run everything the options ask for: exports, agreement checks, timing target by target (baseline and
+    quantized back to back, then A/B), optionally mAP; returns the typed result."""
+    o = replace(o, device=normalize_device(o.device))
+    check_options(o)
+    work = (Path(o.workdir) if o.workdir else Path(tempfile.mkdtemp(prefix="yolo_tq_latency_"))).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    created, env = time.strftime("%Y-%m-%dT%H:%M:%S%z"), _environment()
+    runnable, skipped = _plan(o, log)
+    inputs = check_inputs(o.data, o.imgsz, o.batch, o.check_images)
+    save_arrays(work / "inputs.npz", inputs)
+    models = {"baseline": o.baseline, **({"quantized": o.quantized} if o.quantized else {})}
+    infos, artifacts = _prepare(o, models, runnable, inputs, work, log)
+    rows, interleaved = [], []
+    for t in runnable:  # slow drifts in machine load bias the ratios least with both models back to back
+        pair = [_time_model(t, role, artifacts[role, t.artifact], o, work, log) for role in models]
+        rows += pair
+        if o.interleave and len(pair) == 2 and all(r.status == "ok" for r in pair):
+            interleaved.append(_time_ab(t, pair, o, work, log))
+    after_timing = list(os.getloadavg())  # before our own validation load
+    if o.measure_map:
+        rows = measure_maps(rows, o, work, log)
+    env = replace(env, loadavg_after_timing=after_timing, loadavg_after=list(os.getloadavg()))
+    return BenchResult(created=created, options=asdict(o), environment=env, models=infos, skipped=skipped, rows=rows,
+                       interleaved=interleaved, comparisons=comparisons(rows, interleaved), workdir=str(work))
+
+
+# ------------------------------------------------------------------------------------------------------- table
+def _fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def _row_cells(row: TargetRow) -> str:
+    a, lat = row.agreement, row.latency
+    g = lambda obj, name: getattr(obj, name) if obj is not None else None  # noqa: E731
+    return (f"{row.model:<9} {row.target:<17} {row.precision:<5} {row.status:<8} "
+            f"{_fmt(g(a, 'max_abs'), '8.3g'):>8} {_fmt(g(a, 'det_agreement'), '5.2f'):>5} "
+            f"{_fmt(g(lat, 'mean_ms'), '8.2f'):>8} {_fmt(g(lat, 'median_ms'), '8.2f'):>8} "
+            f"{_fmt(g(lat, 'p95_ms'), '8.2f'):>8} {_fmt(g(lat, 'throughput_ips'), '7.1f'):>7} "
+            f"{_fmt(_memory_mb(row), '7.0f'):>7} {_fmt(row.file_mb, '7.2f'):>7} "
+            f"{_fmt(row.file_gz_mb, '6.2f'):>6} {_fmt(g(row.accuracy, 'map50_95'), '6.4f'):>6}")
+
+
+def _ratio_cells(c: Comparison, interleaved: bool) -> str:
+    if interleaved:
+        q = c.interleaved_ratios
+        return (f"{c.quantized:<36} {_fmt(q.get('mean_ms'), '6.3f'):>6} {_fmt(q.get('median_ms'), '6.3f'):>6} "
+                f"{_fmt(q.get('p95_ms'), '6.3f'):>6} {_fmt(q.get('throughput_ips'), '6.3f'):>6} "
+                f"{_fmt(q.get('paired_median'), '6.3f'):>6}")
+    q = c.ratios
+    return (f"{c.quantized + ' / ' + c.baseline:<36} {_fmt(q.get('mean_ms'), '6.3f'):>6} "
+            f"{_fmt(q.get('median_ms'), '6.3f'):>6} {_fmt(q.get('p95_ms'), '6.3f'):>6} "
+            f"{_fmt(q.get('throughput_ips'), '6.3f'):>6} {_fmt(q.get('gpu_mem_mb', q.get('peak_rss_mb')), '6.3f'):>6} "
+            f"{_fmt(q.get('file_mb'), '6.3f'):>6} {_fmt(q.get('file_gz_mb'), '6.3f'):>6} "
+            f"{_fmt(c.delta_map50_95, '+7.4f'):>7}")
+
+
+def format_table(r: BenchResult) -> str:
+    """The on-screen table: one line per (model, target), then the quantized/baseline ratios, then the skips."""
+    cols = f"{'model':<9} {'target':<17} {'prec':<5} {'status':<8} {'max|Δ|':>8} {'agree':>5} {'mean ms':>8} " \
+           f"{'median':>8} {'p95':>8} {'img/s':>7} {'mem MB':>7} {'file MB':>7} {'gz MB':>6} {'mAP':>6}"
+    lines = [cols, "-" * len(cols), *map(_row_cells, r.rows)]
+    ab = [c for c in r.comparisons if c.interleaved_ratios]
+    heads = (f"{'quantized / baseline, A/B interleaved':<36} {'mean':>6} {'median':>6} {'p95':>6} {'img/s':>6} "
+             f"{'paired':>6}",
+             f"{'quantized / baseline, separate runs':<36} {'mean':>6} {'median':>6} {'p95':>6} {'img/s':>6} "
+             f"{'mem':>6} {'file':>6} {'gz':>6} {'ΔmAP':>7}")
+    for head, items, interleaved in ((heads[0], ab, True), (heads[1], r.comparisons, False)):
+        if items:
+            lines += ["", head, "-" * len(head), *(_ratio_cells(c, interleaved) for c in items)]
+    return "\n".join(lines + [skip_line(target(s.target), s.reason) for s in r.skipped])

@@ -1,0 +1,238 @@
+"""The latency benchmark's typed records: what a worker is asked (specs), what it measures (rows), and the whole
+result. Each is a dataclass that refuses to be built wrong; `dataclasses.asdict` turns it into the JSON the
+benchmark writes (schema SCHEMA), and `from_dict` rebuilds a worker's answer from that JSON."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..io import atomic_write_bytes, write_json
+from .agreement import Agreement
+from .stats import Latency
+
+SCHEMA = "yolo-tq/latency/2"  # 2: rows hold typed parts (agreement, latency, memory, accuracy) instead of flat keys
+STATUSES = ("ok", "refused", "failed")
+
+
+def save_arrays(path: str | Path, arrays: list[np.ndarray]) -> Path:
+    """np.savez through the one atomic writer."""
+    buf = io.BytesIO()
+    np.savez(buf, *arrays)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def load_arrays(path: str | Path) -> list[np.ndarray]:
+    with np.load(path) as f:
+        return [f[k] for k in f.files]
+
+
+def save_record(record, path: str | Path) -> str:
+    """A spec, row or result as JSON (dataclasses.asdict), written atomically."""
+    return write_json(asdict(record), path)
+
+
+# ------------------------------------------------------------------------------------------------------ specs
+@dataclass(frozen=True)
+class TimingSpec:
+    """What every worker job shares: the target, the check inputs (.npz; the first is the timed one), timing."""
+
+    target: str
+    inputs: str
+    batch: int
+    num_runs: int
+    warmup: int
+    openvino_int8_hint: str | None
+
+
+@dataclass(frozen=True)
+class WorkerSpec(TimingSpec):
+    """Measure `target` on one model's `artifact`: agreement with PyTorch's outputs in `refs` (.npz), then timing."""
+
+    model: str  # baseline | quantized
+    artifact: str
+    refs: str
+    min_agreement: float
+
+
+@dataclass(frozen=True)
+class ABSpec(TimingSpec):
+    """Time `target` on several models in alternation in one process: `models` are (model, artifact) pairs."""
+
+    models: tuple
+
+
+# ------------------------------------------------------------------------------------------------------- rows
+@dataclass(frozen=True)
+class Memory:
+    """Peak resident memory of the measuring process (since `peak_rss_reset`, else since its start), and on CUDA
+    the device memory the target added and torch's peak allocation."""
+
+    peak_rss_mb: float
+    rss_base_mb: float | None = None
+    added_rss_mb: float | None = None
+    peak_rss_reset: bool = False
+    gpu_mem_mb: float | None = None
+    torch_peak_alloc_mb: float | None = None
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    """Ultralytics' validator on the val split: mAP50, mAP50-95, precision, recall."""
+
+    map50: float
+    map50_95: float
+    precision: float
+    recall: float
+
+
+def _need(ok: bool, row, what: str) -> None:
+    if not ok:
+        raise ValueError(f"{type(row).__name__} {getattr(row, 'model', '')} {row.target} ({row.status}): {what}")
+
+
+@dataclass(frozen=True)
+class TargetRow:
+    """One model on one target. ok: agreed with PyTorch and was timed; refused: disagreed (not timed); failed:
+    could not export, load or run (reason says why)."""
+
+    model: str
+    target: str
+    family: str
+    device: str
+    precision: str
+    status: str
+    reason: str = ""
+    artifact: str = ""
+    export_s: float | None = None
+    file_mb: float | None = None
+    file_gz_mb: float | None = None
+    load_s: float | None = None
+    inference_precision: str = ""
+    notes: str = ""
+    clock: str = ""
+    agreement: Agreement | None = None
+    latency: Latency | None = None
+    memory: Memory | None = None
+    accuracy: Accuracy | None = None
+    map_error: str = ""
+    map_skipped: str = ""
+    traceback: str = ""
+
+    def __post_init__(self):
+        _need(self.status in STATUSES, self, f"status must be one of {', '.join(STATUSES)}")
+        ok = self.status == "ok"
+        _need(ok == (self.latency is not None), self, "latency is measured exactly when the status is ok")
+        _need(ok != bool(self.reason), self, "a reason is given exactly when the status is not ok")
+        if ok:
+            _need(self.memory is not None and bool(self.clock), self, "an ok row has memory and its clock")
+            _need(self.agreement is not None and self.agreement.passed, self, "an ok row agreed with PyTorch")
+        if self.status == "refused":
+            _need(self.agreement is not None and not self.agreement.passed, self, "a refused row failed agreement")
+        _need(ok or self.accuracy is None, self, "only an ok row is validated")
+
+    def figures(self) -> dict[str, float | None]:
+        """Figure name -> value (latency, memory, file size) for quantized/baseline ratios."""
+        parts = [asdict(p) for p in (self.latency, self.memory) if p is not None]
+        return {**{k: v for p in parts for k, v in p.items()}, "file_mb": self.file_mb, "file_gz_mb": self.file_gz_mb}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TargetRow":
+        parts = {"agreement": Agreement, "latency": Latency, "memory": Memory, "accuracy": Accuracy}
+        return cls(**{k: parts[k](**v) if k in parts and v is not None else v for k, v in d.items()})
+
+
+@dataclass(frozen=True)
+class ABResult:
+    """The A/B pass on one target: latency per model, and per model the median over iterations of its time / the
+    first model's."""
+
+    target: str
+    status: str
+    reason: str = ""
+    clock: str = ""
+    stats: dict = field(default_factory=dict)  # model -> Latency
+    paired_median_ratio: dict = field(default_factory=dict)  # model -> float
+
+    def __post_init__(self):
+        _need(self.status in ("ok", "failed"), self, "status must be ok or failed")
+        ok = self.status == "ok"
+        _need(ok != bool(self.reason), self, "a reason is given exactly when the status is not ok")
+        _need(not ok or (self.stats and set(self.stats) == set(self.paired_median_ratio) and self.clock), self,
+              "an ok A/B result has latency and a paired ratio for every model, and its clock")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ABResult":
+        return cls(**{**d, "stats": {m: Latency(**s) for m, s in d["stats"].items()}})
+
+
+# ----------------------------------------------------------------------------------------------------- result
+@dataclass(frozen=True)
+class Skip:
+    """A target that cannot run here, and why (one line, with how to enable it)."""
+
+    target: str
+    reason: str
+
+    def __post_init__(self):
+        if not self.reason:
+            raise ValueError(f"skipped target {self.target} without a reason")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One of the two models: where it came from and what the exporter was given."""
+
+    source: str  # what the user passed
+    checkpoint: str  # the Ultralytics checkpoint the exports were made from
+    kind: str  # fp | ternary | ttq-training
+    summary: dict
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Quantized vs baseline: `ratios` from the separate per-model runs; for the same target `interleaved_ratios`
+    from the A/B pass; the mAP50-95 difference where both were validated."""
+
+    kind: str
+    quantized: str
+    baseline: str
+    ratios: dict
+    interleaved_ratios: dict | None = None
+    delta_map50_95: float | None = None
+
+
+@dataclass(frozen=True)
+class Environment:
+    """The machine, the package versions, and its load average (1, 5, 15 min) before and after."""
+
+    python: str
+    machine: str
+    cpu_count: int | None
+    cpu_features: dict
+    versions: dict
+    loadavg_before: list
+    loadavg_after_timing: list | None = None  # after timing, before the mAP validation's own load
+    loadavg_after: list | None = None
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    """Everything one benchmark run measured; `dataclasses.asdict` of it is the JSON --json writes."""
+
+    schema: str = field(default=SCHEMA, init=False)
+    created: str
+    options: dict
+    environment: Environment
+    models: dict  # baseline | quantized -> ModelInfo
+    skipped: list  # Skip
+    rows: list  # TargetRow
+    interleaved: list  # ABResult
+    comparisons: list  # Comparison
+    workdir: str
+
+    def ok_row(self, model: str, target: str) -> TargetRow | None:
+        return next((r for r in self.rows if r.model == model and r.target == target and r.status == "ok"), None)
