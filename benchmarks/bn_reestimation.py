@@ -11,24 +11,25 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from common import REPO, SHARED_DATA, print_table, provenance, require, write_json
+from common import REPO, parser, print_table, provenance, require
+
+from yolo_tq.eval.validate import validate
+from yolo_tq.io import load_model, save_stock_checkpoint, write_json
+from yolo_tq.quant.apply import export_ternary
+from yolo_tq.train.batchnorm import reestimate_on_split
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args() -> argparse.Namespace:
+    p = parser(__doc__, "data", "imgsz")
     p.add_argument("checkpoints", nargs="+", help="training checkpoints (best.pt of TTQ stages)")
-    p.add_argument("--data", default=str(SHARED_DATA))
-    p.add_argument("--imgsz", type=int, default=320)
     p.add_argument("--images", type=int, default=128, help="train images for the re-estimation")
     p.add_argument("--workdir", default=str(REPO / "benchmarks" / "work" / "bn_reestimation"))
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "bn_reestimation_trained.json"))
-    a = p.parse_args()
+    return p.parse_args()
 
-    from src.checkpoints import load_model, save_stock_checkpoint
-    from src.evaluation import validate
-    from src.quantization.shadow_weight_manager import ShadowWeightManager
-    from src.training.bn_recalibration import reestimate_on_split
 
+def main() -> None:
+    a = parse_args()
     data = str(require(a.data, "data yaml"))
     rows = []
     for i, ckpt in enumerate(a.checkpoints):
@@ -40,7 +41,7 @@ def main() -> None:
             if n:
                 reestimate_on_split(model, data, n, a.imgsz)
             out = Path(a.workdir) / f"c{i}_bn{n}.pt"
-            save_stock_checkpoint(ShadowWeightManager(model).export_ternary(), out, train_args=saved.get("train_args"))
+            save_stock_checkpoint(export_ternary(model), out, train_args=saved.get("train_args"))
             row["as trained" if n == 0 else "BN re-estimated"] = validate(str(out), data, a.imgsz, 16)["mAP50-95"]
         row["change"] = row["BN re-estimated"] - row["as trained"]
         rows.append(row)

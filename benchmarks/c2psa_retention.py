@@ -19,9 +19,15 @@ import argparse
 import json
 import shutil
 import time
+from functools import partial
 from pathlib import Path
 
-from common import REPO, SHARED_DATA, SHARED_WEIGHTS, print_table, provenance, require, write_json
+from common import REPO, epoch_timer, mean_time, parser, print_table, provenance, require
+
+from yolo_tq.config import load_config
+from yolo_tq.eval.validate import validate
+from yolo_tq.io import load_model, save_stock_checkpoint, write_json
+from yolo_tq.train.stages import post_training_model, stage_outputs, train_stage
 
 DEFAULT_STAGE3 = REPO / "benchmarks" / "work" / "retention" / "checkpoints" / "yolo11n" / "stage3" / "weights" / "best.pt"
 VARIANTS = {"fp_ttq": ("fp", "bitlinear_ttq"), "fp_standard": ("fp", "bitlinear_standard"),
@@ -32,94 +38,76 @@ LABELS = {"fp": "FP", "stage3": "stage 3", "bitlinear_ttq": "BitLinear_TTQ", "bi
 TARGET_DROP = 0.02  # BitLinear_TTQ from stage 3 may lose at most this much mAP50-95 against stage 3
 
 
-def ptq_checkpoint(start: str, mode: str, cfg, out: Path) -> Path:
-    """The start checkpoint with its C2PSA replaced (no training), saved in the project's format."""
-    from src.checkpoints import load_model, save_stock_checkpoint
-    from src.quantization.c2psa_replace import replace_c2psa
-
+def ptq_checkpoint(start: str, cfg, out: Path) -> Path:
+    """The start checkpoint with the config's C2PSA stage applied without training (the one post-training path:
+    its StagePlan's c2psa QuantSpec), saved in the project's format. Saved as the module tree, as before: TTQ layers
+    a stage-3 start already holds are not exported to plain convs here."""
     model, ckpt = load_model(start)
-    q = cfg.quantization
-    replace_c2psa(model, mode, threshold=cfg.stages[0].threshold, act_bits=q.act_bits, per_token=q.act_per_token,
-                  rule=q.threshold_rule, scale_grad=q.scale_grad)
+    post_training_model(cfg, [0], model)
     return save_stock_checkpoint(model, out, train_args=ckpt.get("train_args"))
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", default=str(SHARED_WEIGHTS), help="FP start checkpoint")
-    p.add_argument("--data", default=str(SHARED_DATA))
+def parse_args() -> argparse.Namespace:
+    p = parser(__doc__, "weights", "data", "epochs", "imgsz", "batch", weights="FP start checkpoint")
     p.add_argument("--stage3", default=str(DEFAULT_STAGE3), help="stage-3 output of the TTQ retention run")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--imgsz", type=int, default=320)
-    p.add_argument("--batch", type=int, default=16)
     p.add_argument("--set", dest="dotlist", action="append", default=[], help="config override KEY=VALUE")
     p.add_argument("--skip-ptq", action="store_true", help="skip the rows without training")
     p.add_argument("--workdir", default=str(REPO / "benchmarks" / "work" / "c2psa"))
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "c2psa_retention.json"))
-    a = p.parse_args()
+    return p.parse_args()
 
-    from src.config import load_config
-    from src.evaluation import validate
-    from src.training.stages import stage_outputs, train_stage
 
+def chosen_variants(a) -> list[str]:
     variants = [v.strip() for v in a.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"error: unknown variants {unknown}; valid: {', '.join(VARIANTS)}")
-    weights, data = require(a.weights, "weights"), require(a.data, "data yaml")
-    starts = {"fp": str(weights)}
-    if any(VARIANTS[v][0] == "stage3" for v in variants):
-        starts["stage3"] = str(require(a.stage3, "stage-3 checkpoint (run benchmarks/ttq_retention.py first)"))
-    work = Path(a.workdir)
-    dotlist = ["train.ultralytics.nbs=16", *a.dotlist]  # nbs = batch: no gradient accumulation up to 64
-    val = lambda ckpt: validate(ckpt, str(data), a.imgsz, 16, "cpu", project=str(work / "val"))  # noqa: E731
+    return variants
 
-    out = Path(a.out)
-    result = json.loads(out.read_text()) if out.is_file() else {"benchmark": "c2psa_retention", "rows": []}
-    result["budget"] = {"weights": str(weights), "data": str(data), "epochs": a.epochs, "imgsz": a.imgsz,
-                        "batch": a.batch, "nbs": 16, "device": "cpu"}
-    prov = provenance()
 
-    def add(row):
-        row.update(date=prov["date"], commit=prov["commit"], dirty=prov["dirty"], command=prov["command"],
-                   config_overrides=dotlist)
-        result["rows"] = [r for r in result["rows"] if r["name"] != row["name"]] + [row]
-        write_json(result, out)
+class Rows:
+    """The JSON document at --out, its rows merged by name; every row is written as soon as it exists."""
+
+    def __init__(self, out: Path, dotlist: list[str]):
+        self.out, self.dotlist, self.prov = out, dotlist, provenance()
+        self.result = json.loads(out.read_text()) if out.is_file() else {"benchmark": "c2psa_retention", "rows": []}
+
+    def add(self, row: dict) -> None:
+        p = self.prov
+        row.update(date=p["date"], commit=p["commit"], dirty=p["dirty"], command=p["command"],
+                   config_overrides=self.dotlist)
+        self.result["rows"] = [r for r in self.result["rows"] if r["name"] != row["name"]] + [row]
+        write_json(self.result, self.out)
         print(f"[c2psa] {row['name']}: mAP50 {row['mAP50']:.4f}  mAP50-95 {row['mAP50-95']:.4f}", flush=True)
 
-    start_map = {}
-    for key in dict.fromkeys(VARIANTS[v][0] for v in variants):
-        m = val(starts[key])
-        start_map[key] = m["mAP50-95"]
-        add({"name": f"{LABELS[key]} (start)", "kind": "start", "start": starts[key], "mAP50": m["mAP50"],
-             "mAP50-95": m["mAP50-95"]})
 
-    for v in variants:
-        key, mode = VARIANTS[v]
-        vdir = work / v
-        shutil.rmtree(vdir, ignore_errors=True)  # never continue from an earlier run
-        cfg = load_config(CONFIGS[mode], {"weights": str(weights), "data": str(data), "epochs": a.epochs,
-                                          "imgsz": a.imgsz, "batch": a.batch, "device": "cpu",
-                                          "checkpoint_dir": str(vdir / "checkpoints")}, dotlist)
-        label = f"{LABELS[key]} + C2PSA {LABELS[mode]}"
-        if not a.skip_ptq:
-            m = val(str(ptq_checkpoint(starts[key], mode, cfg, vdir / "ptq.pt")))
-            add({"name": f"{label}, no training", "kind": "ptq", "variant": v, "mAP50": m["mAP50"],
-                 "mAP50-95": m["mAP50-95"], "delta_vs_start": m["mAP50-95"] - start_map[key]})
-        times: list[float] = []
-        t0 = {}
-        cbs = {"on_train_epoch_start": lambda tr: t0.__setitem__("t", time.perf_counter()),
-               "on_train_epoch_end": lambda tr: times.append(time.perf_counter() - t0["t"])}
-        wall = time.perf_counter()
-        train_stage(cfg, 1, start=starts[key], callbacks=cbs)
-        wall = time.perf_counter() - wall
-        outputs = stage_outputs(cfg, cfg.stages[0])
-        m = val(str(outputs["ternary"]))
-        add({"name": label, "kind": "trained", "variant": v, "mAP50": m["mAP50"], "mAP50-95": m["mAP50-95"],
-             "delta_vs_start": m["mAP50-95"] - start_map[key], "epochs": a.epochs,
-             "sec_per_epoch": sum(times) / max(len(times), 1), "wall_s": wall, "export": str(outputs["ternary"])})
+def run_variant(a, v: str, starts: dict, start_map: dict, val, rows: Rows) -> None:
+    """One variant: its PTQ row (unless --skip-ptq), then training its C2PSA stage and the trained row."""
+    key, mode = VARIANTS[v]
+    vdir = Path(a.workdir) / v
+    shutil.rmtree(vdir, ignore_errors=True)  # never continue from an earlier run
+    cfg = load_config(CONFIGS[mode], {"weights": str(a.weights), "data": str(a.data), "epochs": a.epochs,
+                                      "imgsz": a.imgsz, "batch": a.batch, "device": "cpu",
+                                      "checkpoint_dir": str(vdir / "checkpoints")}, rows.dotlist)
+    label = f"{LABELS[key]} + C2PSA {LABELS[mode]}"
+    if not a.skip_ptq:
+        m = val(str(ptq_checkpoint(starts[key], cfg, vdir / "ptq.pt")))
+        rows.add({"name": f"{label}, no training", "kind": "ptq", "variant": v, "mAP50": m["mAP50"],
+                  "mAP50-95": m["mAP50-95"], "delta_vs_start": m["mAP50-95"] - start_map[key]})
+    callbacks, times = epoch_timer()
+    wall = time.perf_counter()
+    train_stage(cfg, 1, start=starts[key], callbacks=callbacks)
+    wall = time.perf_counter() - wall
+    outputs = stage_outputs(cfg, cfg.stages[0])
+    m = val(str(outputs["ternary"]))
+    rows.add({"name": label, "kind": "trained", "variant": v, "mAP50": m["mAP50"], "mAP50-95": m["mAP50-95"],
+              "delta_vs_start": m["mAP50-95"] - start_map[key], "epochs": a.epochs,
+              "sec_per_epoch": mean_time(times), "wall_s": wall, "export": str(outputs["ternary"])})
 
+
+def report(result: dict, out: Path) -> None:
+    """The stage-3 BitLinear_TTQ target (when that row exists), the final JSON and the table."""
     s3 = next((r for r in result["rows"] if r["name"] == "stage 3 + C2PSA BitLinear_TTQ"), None)
     if s3 is not None:
         result["target"] = {"max_drop_vs_stage3": TARGET_DROP, "drop": -s3["delta_vs_start"],
@@ -133,6 +121,29 @@ def main() -> None:
         print(f"\ntarget (BitLinear_TTQ from stage 3 loses <= {TARGET_DROP}): drop {t['drop']:.4f} -> "
               f"{'met' if t['met'] else 'NOT met'}")
     print(f"\nJSON: {out}")
+
+
+def main() -> None:
+    a = parse_args()
+    variants = chosen_variants(a)
+    a.weights, a.data = require(a.weights, "weights"), require(a.data, "data yaml")
+    starts = {"fp": str(a.weights)}
+    if any(VARIANTS[v][0] == "stage3" for v in variants):
+        starts["stage3"] = str(require(a.stage3, "stage-3 checkpoint (run benchmarks/ttq_retention.py first)"))
+    val = partial(validate, data=str(a.data), imgsz=a.imgsz, batch=16, device="cpu",
+                  project=str(Path(a.workdir) / "val"))
+    rows = Rows(Path(a.out), ["train.ultralytics.nbs=16", *a.dotlist])  # nbs = batch: no gradient accumulation
+    rows.result["budget"] = {"weights": str(a.weights), "data": str(a.data), "epochs": a.epochs, "imgsz": a.imgsz,
+                             "batch": a.batch, "nbs": 16, "device": "cpu"}
+    start_map = {}
+    for key in dict.fromkeys(VARIANTS[v][0] for v in variants):
+        m = val(starts[key])
+        start_map[key] = m["mAP50-95"]
+        rows.add({"name": f"{LABELS[key]} (start)", "kind": "start", "start": starts[key], "mAP50": m["mAP50"],
+                  "mAP50-95": m["mAP50-95"]})
+    for v in variants:
+        run_variant(a, v, starts, start_map, val, rows)
+    report(rows.result, rows.out)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
-"""Helpers shared by the benchmark scripts: repo paths, ../shared discovery, provenance, tables, JSON."""
+"""Helpers shared by the benchmark scripts: repo paths, ../shared discovery, shared flags, epoch timing, provenance,
+tables. JSON is written with yolo_tq.io.write_json."""
 
 from __future__ import annotations
 
-import json
+import argparse
 import os
 import platform
 import subprocess
@@ -14,10 +15,43 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 SHARED_WEIGHTS = SHARED / "weights" / "yolo11n.pt"
 SHARED_DATA = SHARED / "datasets" / "coco128" / "coco128.yaml"
+PROGRESSIVE_CONFIG = REPO / "configs" / "stage1_progressive.yaml"
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+
+# Flags several benchmarks share, at the retention budget's defaults (argparse keyword arguments).
+FLAGS = {
+    "weights": {"default": str(SHARED_WEIGHTS), "help": "FP checkpoint"},
+    "data": {"default": str(SHARED_DATA), "help": "Ultralytics data yaml"},
+    "config": {"default": str(PROGRESSIVE_CONFIG), "help": "project config"},
+    "epochs": {"type": int, "default": 10, "help": "training epochs (per stage)"},
+    "imgsz": {"type": int, "default": 320},
+    "batch": {"type": int, "default": 16},
+    "device": {"default": "cpu", "help": "cpu (the benchmark's budget) or a CUDA device such as 0"},
+}
+
+
+def parser(doc: str, *shared: str, **helps: str) -> argparse.ArgumentParser:
+    """An argument parser that shows `doc` as written, with the shared flags named in `shared` (keys of FLAGS);
+    `helps` gives a flag its own help text."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name in shared:
+        p.add_argument(f"--{name}", **{**FLAGS[name], **({"help": helps[name]} if name in helps else {})})
+    return p
+
+
+def epoch_timer() -> tuple[dict, list[float]]:
+    """(Ultralytics callbacks that time every training epoch, the list of seconds they fill)."""
+    times: list[float] = []
+    t0 = {}
+    callbacks = {"on_train_epoch_start": lambda tr: t0.__setitem__("t", time.perf_counter()),
+                 "on_train_epoch_end": lambda tr: times.append(time.perf_counter() - t0["t"])}
+    return callbacks, times
+
+
+def mean_time(times: list[float]) -> float:
+    """Mean of the timed epochs (0 when none was timed)."""
+    return sum(times) / max(len(times), 1)
 
 
 def require(path: Path | str, what: str) -> Path:
@@ -40,16 +74,22 @@ def provenance() -> dict:
     return {"command": " ".join([Path(sys.executable).name, *sys.argv]), "commit": git("rev-parse", "HEAD"),
             "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node(), "cpu_count": os.cpu_count(),
-            "python": platform.python_version(), "torch": torch.__version__, "ultralytics": ultralytics.__version__}
+            "python": platform.python_version(), "torch": torch.__version__, "ultralytics": ultralytics.__version__,
+            "packages": package_versions()}
 
 
-def write_json(obj: dict, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-    return path
+def package_versions() -> dict:
+    """Versions of the packages whose numerics reach training (augmentation, resizing, BLAS): training is bit-exact
+    only under the same versions, so every result records them."""
+    from importlib import metadata
+
+    out = {}
+    for name in ("torchvision", "numpy", "opencv-python", "opencv-python-headless", "pillow", "scipy"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
 
 
 def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:

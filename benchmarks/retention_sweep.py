@@ -15,7 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-from common import REPO, print_table, provenance, write_json
+from common import REPO, print_table, provenance
+
+from yolo_tq.io import write_json
 
 # Each variant starts from the paper-like settings (no distillation, lr0 for the latent weights) and adds its switches;
 # ttq_retention.py itself adds nbs=16 and val=false.

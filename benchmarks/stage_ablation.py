@@ -20,8 +20,13 @@ import shutil
 import time
 from pathlib import Path
 
-from common import REPO, SHARED_DATA, SHARED_WEIGHTS, print_table, provenance, require, write_json
+from common import REPO, parser, print_table, provenance, require
 from ttq_retention import BENCH_SETTINGS
+
+from yolo_tq.config import load_config
+from yolo_tq.eval.validate import validate
+from yolo_tq.io import write_json
+from yolo_tq.train.stages import stage_outputs, train_stage
 
 
 def variants(stage: int) -> dict[str, list[str]]:
@@ -46,27 +51,35 @@ def variants(stage: int) -> dict[str, list[str]]:
     }
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args() -> argparse.Namespace:
+    p = parser(__doc__, "weights", "data", "config", "epochs", "imgsz", "batch", "device",
+               weights="FP model (distillation teacher)")
     p.add_argument("--stage", type=int, required=True, help="stage to train (1, 2 or 3)")
     p.add_argument("--start", required=True, help="checkpoint holding stages 1..N-1 (training best.pt)")
     p.add_argument("--only", nargs="*", help="run only these variant names (default: all)")
-    p.add_argument("--weights", default=str(SHARED_WEIGHTS), help="FP model (distillation teacher)")
-    p.add_argument("--data", default=str(SHARED_DATA))
-    p.add_argument("--config", default=str(REPO / "configs" / "stage1_progressive.yaml"))
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--imgsz", type=int, default=320)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--device", default="cpu")
     p.add_argument("--workdir", default=str(REPO / "benchmarks" / "work" / "ablation"))
     p.add_argument("--resume", action="store_true", help="keep --out's rows and skip those variants")
     p.add_argument("--out", default=None, help="JSON (default benchmarks/results/stage<N>_ablation.json)")
-    a = p.parse_args()
+    return p.parse_args()
 
-    from src.config import load_config
-    from src.evaluation import validate
-    from src.training.stages import stage_outputs, train_stage
 
+def run_variant(a, name: str, table: dict, weights: Path, data: Path, start: Path, start_map: float) -> dict:
+    """Train stage --stage with one variant's overrides from `start`; its row (mAP of the stage's ternary export)."""
+    work = Path(a.workdir) / f"stage{a.stage}" / f"v{list(table).index(name):02d}"
+    shutil.rmtree(work, ignore_errors=True)
+    cfg = load_config(a.config, {"weights": str(weights), "data": str(data), "epochs": a.epochs,
+                                 "imgsz": a.imgsz, "device": a.device, "checkpoint_dir": str(work)},
+                      [f"train.batch={a.batch}"] + BENCH_SETTINGS + table[name])  # a variant may change batch
+    t0 = time.perf_counter()
+    train_stage(cfg, a.stage, start=str(start))
+    wall = time.perf_counter() - t0
+    m = validate(str(stage_outputs(cfg, cfg.stages[a.stage - 1])["ternary"]), str(data), a.imgsz, 16, a.device)
+    return {"variant": name, "settings": table[name], "mAP50": m["mAP50"], "mAP50-95": m["mAP50-95"],
+            "change_vs_start": m["mAP50-95"] - start_map, "wall_s": wall, "provenance": provenance()}
+
+
+def main() -> None:
+    a = parse_args()
     table = variants(a.stage)
     names = a.only or list(table)
     unknown = [n for n in names if n not in table]
@@ -84,23 +97,12 @@ def main() -> None:
     start_map = validate(str(start), str(data), a.imgsz, 16, a.device)["mAP50-95"]  # training checkpoint: fused
     result["start_mAP50-95"] = start_map
     print(f"[ablation] start {start}: mAP50-95 {start_map:.4f}", flush=True)
-    for i, name in enumerate(names):
+    for name in names:
         if name in have:
             continue
-        work = Path(a.workdir) / f"stage{a.stage}" / f"v{list(table).index(name):02d}"
-        shutil.rmtree(work, ignore_errors=True)
-        cfg = load_config(a.config, {"weights": str(weights), "data": str(data), "epochs": a.epochs,
-                                     "imgsz": a.imgsz, "device": a.device, "checkpoint_dir": str(work)},
-                          [f"train.batch={a.batch}"] + BENCH_SETTINGS + table[name])  # a variant may change batch
-        t0 = time.perf_counter()
-        train_stage(cfg, a.stage, start=str(start))
-        wall = time.perf_counter() - t0
-        m = validate(str(stage_outputs(cfg, cfg.stages[a.stage - 1])["ternary"]), str(data), a.imgsz, 16, a.device)
-        row = {"variant": name, "settings": table[name], "mAP50": m["mAP50"], "mAP50-95": m["mAP50-95"],
-               "change_vs_start": m["mAP50-95"] - start_map, "wall_s": wall, "provenance": provenance()}
-        result["rows"].append(row)
+        result["rows"].append(run_variant(a, name, table, weights, data, start, start_map))
         write_json(result, out)
-        print(f"[ablation] {name}: mAP50-95 {m['mAP50-95']:.4f}", flush=True)
+        print(f"[ablation] {name}: mAP50-95 {result['rows'][-1]['mAP50-95']:.4f}", flush=True)
     result["rows"].sort(key=lambda r: list(table).index(r["variant"]) if r["variant"] in table else 99)
     write_json(result, out)
     print_table(result["rows"], [("variant", "variant", "s"), ("mAP50", "mAP50", ".4f"),

@@ -16,25 +16,26 @@ import copy
 import json
 import shutil
 import time
+from functools import partial
 from pathlib import Path
 
-from common import REPO, SHARED_DATA, SHARED_WEIGHTS, print_table, provenance, require, write_json
+from common import REPO, epoch_timer, mean_time, parser, print_table, provenance, require
 
+from yolo_tq.config import load_config
+from yolo_tq.eval.validate import validate
+from yolo_tq.io import write_json
+from yolo_tq.train.stages import post_training_ternary, stage_outputs, train_stage
 
 # Fixed for this budget: one optimizer step per batch (Ultralytics would accumulate to nbs=64, i.e. 2 steps per
 # epoch), and validation only after the last epoch of a stage (best.pt = last.pt).
 BENCH_SETTINGS = ["train.ultralytics.nbs=16", "train.val=false"]
+# Post-training rows: name, 0-based stage indices ternarised together.
+PTQ_PLANS = [("PTQ stage 1", [0]), ("PTQ stages 1-2", [0, 1]), ("PTQ stages 1-3", [0, 1, 2]),
+             ("PTQ stage 2 alone", [1]), ("PTQ stage 3 alone", [2])]
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", default=str(SHARED_WEIGHTS))
-    p.add_argument("--data", default=str(SHARED_DATA))
-    p.add_argument("--config", default=str(REPO / "configs" / "stage1_progressive.yaml"))
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--imgsz", type=int, default=320)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--device", default="cpu", help="cpu (the benchmark's budget) or a CUDA device such as 0")
+def parse_args() -> argparse.Namespace:
+    p = parser(__doc__, "weights", "data", "config", "epochs", "imgsz", "batch", "device")
     p.add_argument("--stages", type=int, default=3, help="train stages 1..N")
     p.add_argument("--set", dest="dotlist", action="append", default=[],
                    help="config override KEY=VALUE (added after the benchmark's own: " + ", ".join(BENCH_SETTINGS) + ")")
@@ -46,12 +47,81 @@ def main() -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run: keep --out's rows and the finished stages' checkpoints")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "ttq_retention.json"))
-    a = p.parse_args()
+    return p.parse_args()
 
-    from src.config import load_config
-    from src.evaluation import validate
-    from src.training.stages import post_training_ternary, stage_outputs, train_stage
 
+def stage_row_name(n: int) -> str:
+    return f"TTQ stages 1-{n}" if n > 1 else "TTQ stage 1"
+
+
+def new_result(a: argparse.Namespace, weights: Path, data: Path) -> dict:
+    """The JSON document; with --resume it holds --out's earlier rows."""
+    result = {"benchmark": "ttq_retention", "tag": a.tag, "provenance": provenance(),
+              "budget": {"weights": str(weights), "data": str(data), "epochs_per_stage": a.epochs,
+                         "imgsz": a.imgsz, "batch": a.batch, "device": a.device},
+              "config_overrides": BENCH_SETTINGS + a.dotlist, "rows": []}
+    if a.resume and Path(a.out).is_file():
+        previous = json.loads(Path(a.out).read_text())
+        result["rows"].extend(previous["rows"])
+        result["resumed"] = {"earlier_provenance": previous.get("provenance"), "earlier": previous.get("resumed"),
+                             "rows_before": [r["name"] for r in previous["rows"]]}
+    return result
+
+
+def add(result: dict, row: dict, out: str) -> None:
+    """Append a row and rewrite the JSON (an interrupted run keeps every finished row)."""
+    result["rows"].append(row)
+    write_json(result, out)
+    print(f"[retention] {row['name']}: mAP50 {row['mAP50']:.4f}  mAP50-95 {row['mAP50-95']:.4f}", flush=True)
+
+
+def ptq_rows(a, cfg, weights: Path, work: Path, val, result: dict, have: set) -> None:
+    """Post-training ternarisation of each plan, as configured and (--ptq-bn-images) with BatchNorm re-estimated."""
+    bn_cfg = copy.deepcopy(cfg)
+    bn_cfg.quantization.bn_reestimate_images = a.ptq_bn_images
+    variants = [("", cfg, "")] + ([(f" + BN re-est. ({a.ptq_bn_images} img)", bn_cfg, "_bn")] if a.ptq_bn_images else [])
+    for suffix, c, tag in variants:
+        for name, idx in PTQ_PLANS:
+            if max(idx) >= len(cfg.stages) or name + suffix in have:
+                continue
+            out = post_training_ternary(c, idx, str(weights), work / "ptq" / f"ptq_{'_'.join(map(str, idx))}{tag}.pt")
+            m = val(str(out))
+            add(result, {"name": name + suffix, "kind": "ptq", "stages": [i + 1 for i in idx], "mAP50": m["mAP50"],
+                         "mAP50-95": m["mAP50-95"], "bn_reestimate_images": c.quantization.bn_reestimate_images},
+                a.out)
+
+
+def trained_rows(a, cfg, val, result: dict, have: set) -> None:
+    """Train stages 1..--stages cumulatively; one row per stage (its ternary export) with seconds per epoch."""
+    for n in range(1, min(a.stages, len(cfg.stages)) + 1):
+        if stage_row_name(n) in have:
+            continue
+        callbacks, times = epoch_timer()
+        start = time.perf_counter()
+        train_stage(cfg, n, start=None, callbacks=callbacks)
+        wall = time.perf_counter() - start
+        out = stage_outputs(cfg, cfg.stages[n - 1])
+        m = val(str(out["ternary"]))
+        add(result, {"name": stage_row_name(n), "kind": "trained", "stage": n, "mAP50": m["mAP50"],
+                     "mAP50-95": m["mAP50-95"], "epochs": a.epochs, "sec_per_epoch": mean_time(times),
+                     "stage_wall_s": wall, "ternary_export": str(out["ternary"])}, a.out)
+
+
+def finish(result: dict, out: str) -> None:
+    """Retention of every row against the FP baseline; final JSON and table."""
+    rows = result["rows"]
+    fp = next(r["mAP50-95"] for r in rows if r["name"] == "FP baseline")
+    for r in rows:
+        r["retention"] = r["mAP50-95"] / fp if fp else None
+    write_json(result, out)
+    print()
+    print_table(rows, [("name", "model", "s"), ("mAP50", "mAP50", ".4f"), ("mAP50-95", "mAP50-95", ".4f"),
+                       ("retention", "kept", ".1%"), ("sec_per_epoch", "s/epoch", ".1f")])
+    print(f"\nJSON: {out}")
+
+
+def main() -> None:
+    a = parse_args()
     weights, data = require(a.weights, "weights"), require(a.data, "data yaml")
     work = Path(a.workdir)
     if not a.resume:
@@ -59,66 +129,16 @@ def main() -> None:
     cfg = load_config(a.config, {"weights": str(weights), "data": str(data), "epochs": a.epochs, "imgsz": a.imgsz,
                                  "batch": a.batch, "device": a.device, "checkpoint_dir": str(work / "checkpoints")},
                       BENCH_SETTINGS + a.dotlist)
-    val = lambda ckpt: validate(ckpt, str(data), a.imgsz, 16, a.device, project=str(work / "val"))  # noqa: E731
-    result = {"benchmark": "ttq_retention", "tag": a.tag, "provenance": provenance(),
-              "budget": {"weights": str(weights), "data": str(data), "epochs_per_stage": a.epochs,
-                         "imgsz": a.imgsz, "batch": a.batch, "device": a.device},
-              "config_overrides": BENCH_SETTINGS + a.dotlist, "rows": []}
-    rows = result["rows"]
-    if a.resume and Path(a.out).is_file():
-        previous = json.loads(Path(a.out).read_text())
-        rows.extend(previous["rows"])
-        result["resumed"] = {"earlier_provenance": previous.get("provenance"), "earlier": previous.get("resumed"),
-                             "rows_before": [r["name"] for r in previous["rows"]]}
-    have = {r["name"] for r in rows}
-
-    def add(row):
-        rows.append(row)
-        write_json(result, a.out)
-        print(f"[retention] {row['name']}: mAP50 {row['mAP50']:.4f}  mAP50-95 {row['mAP50-95']:.4f}", flush=True)
-
+    val = partial(validate, data=str(data), imgsz=a.imgsz, batch=16, device=a.device, project=str(work / "val"))
+    result = new_result(a, weights, data)
+    have = {r["name"] for r in result["rows"]}
     if "FP baseline" not in have:
         base = val(str(weights))
-        add({"name": "FP baseline", "kind": "fp", "mAP50": base["mAP50"], "mAP50-95": base["mAP50-95"]})
+        add(result, {"name": "FP baseline", "kind": "fp", "mAP50": base["mAP50"], "mAP50-95": base["mAP50-95"]}, a.out)
     if not a.skip_ptq:
-        plans = [("PTQ stage 1", [0]), ("PTQ stages 1-2", [0, 1]), ("PTQ stages 1-3", [0, 1, 2]),
-                 ("PTQ stage 2 alone", [1]), ("PTQ stage 3 alone", [2])]
-        bn_cfg = copy.deepcopy(cfg)
-        bn_cfg.quantization.bn_reestimate_images = a.ptq_bn_images
-        variants = [("", cfg, "")] + ([(f" + BN re-est. ({a.ptq_bn_images} img)", bn_cfg, "_bn")] if a.ptq_bn_images else [])
-        for suffix, c, tag in variants:
-            for name, idx in plans:
-                if max(idx) >= len(cfg.stages) or name + suffix in have:
-                    continue
-                out = post_training_ternary(c, idx, str(weights), work / "ptq" / f"ptq_{'_'.join(map(str, idx))}{tag}.pt")
-                m = val(str(out))
-                add({"name": name + suffix, "kind": "ptq", "stages": [i + 1 for i in idx], "mAP50": m["mAP50"],
-                     "mAP50-95": m["mAP50-95"], "bn_reestimate_images": c.quantization.bn_reestimate_images})
-
-    for n in range(1, min(a.stages, len(cfg.stages)) + 1):
-        if (f"TTQ stages 1-{n}" if n > 1 else "TTQ stage 1") in have:
-            continue
-        times: list[float] = []
-        t0 = {}
-        cbs = {"on_train_epoch_start": lambda tr: t0.__setitem__("t", time.perf_counter()),
-               "on_train_epoch_end": lambda tr: times.append(time.perf_counter() - t0["t"])}
-        start = time.perf_counter()
-        train_stage(cfg, n, start=None, callbacks=cbs)
-        wall = time.perf_counter() - start
-        out = stage_outputs(cfg, cfg.stages[n - 1])
-        m = val(str(out["ternary"]))
-        add({"name": f"TTQ stages 1-{n}" if n > 1 else "TTQ stage 1", "kind": "trained", "stage": n,
-             "mAP50": m["mAP50"], "mAP50-95": m["mAP50-95"], "epochs": a.epochs,
-             "sec_per_epoch": sum(times) / max(len(times), 1), "stage_wall_s": wall, "ternary_export": str(out["ternary"])})
-
-    fp = next(r["mAP50-95"] for r in rows if r["name"] == "FP baseline")
-    for r in rows:
-        r["retention"] = r["mAP50-95"] / fp if fp else None
-    write_json(result, a.out)
-    print()
-    print_table(rows, [("name", "model", "s"), ("mAP50", "mAP50", ".4f"), ("mAP50-95", "mAP50-95", ".4f"),
-                       ("retention", "kept", ".1%"), ("sec_per_epoch", "s/epoch", ".1f")])
-    print(f"\nJSON: {a.out}")
+        ptq_rows(a, cfg, weights, work, val, result, have)
+    trained_rows(a, cfg, val, result, have)
+    finish(result, a.out)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,16 @@ retention budget's val half; the group that loses least goes first. Prints a tab
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from pathlib import Path
 
-from common import REPO, SHARED_DATA, SHARED_WEIGHTS, print_table, provenance, require, write_json
+from common import REPO, parser, print_table, provenance, require
+
+from yolo_tq.config import StageConfig, load_config
+from yolo_tq.eval.validate import validate
+from yolo_tq.io import save_stock_checkpoint, write_json
+from yolo_tq.quant.apply import export_ternary, quantized_modules
+from yolo_tq.train.stages import post_training_model
 
 GROUPS = {  # name: (layers, include_1x1, detect_head)
     "neck P4/P5 (17,19,20,22)": ([17, 19, 20, 22], True, False),
@@ -19,31 +27,29 @@ GROUPS = {  # name: (layers, include_1x1, detect_head)
 }
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", default=str(SHARED_WEIGHTS))
-    p.add_argument("--data", default=str(SHARED_DATA))
-    p.add_argument("--imgsz", type=int, default=320)
-    p.add_argument("--threshold", type=float, default=0.7)
+def parse_args() -> argparse.Namespace:
+    p = parser(__doc__, "weights", "data", "imgsz", "config")
+    p.add_argument("--threshold", type=float, default=0.7, help="threshold of every group (the config gives the rest "
+                   "of the quantization settings)")
     p.add_argument("--workdir", default=str(REPO / "benchmarks" / "work" / "wide_order"))
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "wide_plan_order.json"))
-    a = p.parse_args()
+    return p.parse_args()
 
-    from src.checkpoints import load_model, save_stock_checkpoint
-    from src.evaluation import validate
-    from src.quantization.shadow_weight_manager import LayerPlan, ShadowWeightManager
 
+def main() -> None:
+    a = parse_args()
     weights, data = require(a.weights, "weights"), require(a.data, "data yaml")
+    cfg = load_config(a.config)
     fp = validate(str(weights), str(data), a.imgsz, 16, "cpu")["mAP50-95"]
     rows = [{"group": "FP baseline", "mAP50-95": fp, "loss": 0.0}]
     for name, (layers, one, head) in GROUPS.items():
-        model, _ = load_model(weights)
-        mgr = ShadowWeightManager(model)
-        added = mgr.install(LayerPlan(tuple(layers), one, a.threshold, detect_head=head))
-        params = sum(m.latent_weight.numel() for m in mgr.quantized.values())
-        out = save_stock_checkpoint(mgr.export_ternary(), f"{a.workdir}/{len(rows)}.pt")
+        stage = StageConfig(name=name, layers=layers, include_1x1=one, threshold=a.threshold, detect_head=head)
+        model = post_training_model(dataclasses.replace(cfg, stages=[stage]), [0], str(weights))
+        quantized = quantized_modules(model)
+        params = sum(m.latent_weight.numel() for m in quantized.values())
+        out = save_stock_checkpoint(export_ternary(model), Path(a.workdir) / f"{len(rows)}.pt")
         m = validate(str(out), str(data), a.imgsz, 16, "cpu")["mAP50-95"]
-        rows.append({"group": name, "layers": layers, "include_1x1": one, "detect_head": head, "convs": len(added),
+        rows.append({"group": name, "layers": layers, "include_1x1": one, "detect_head": head, "convs": len(quantized),
                      "ternary_params": params, "mAP50-95": m, "loss": fp - m})
         print(f"[order] {name}: {m:.4f}", flush=True)
     write_json({"benchmark": "wide_plan_order", "provenance": provenance(), "threshold": a.threshold,
