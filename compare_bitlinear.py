@@ -1,40 +1,7 @@
 #!/usr/bin/env python
-"""One table for the FP baseline, BitLinear_TTQ and standard BitLinear: mAP50, mAP50-95, precision, recall,
-parameters, file size and theoretical compression against the baseline (src.compression: FP32 baseline, 2 bits
-per ternary weight, 32 bits per other parameter).
+"""FP vs BitLinear_TTQ vs standard BitLinear in one table (yolo-tq compare). --help for flags."""
 
-  python compare_bitlinear.py --baseline yolo11n.pt \
-      --ttq checkpoints/yolo11n/c2psa_bitlinear_ttq/ternary.pt \
-      --standard checkpoints/yolo11n/c2psa_bitlinear_standard/ternary.pt --data coco.yaml
-"""
-
-import argparse
-
-from src.cli import run_cli
-
-
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--baseline", required=True, help="FP (or stage-3) checkpoint to compare against")
-    p.add_argument("--ttq", required=True, help="checkpoint trained with BitLinear_TTQ (train_c2psa.py)")
-    p.add_argument("--standard", required=True, help="checkpoint trained with standard BitLinear")
-    p.add_argument("--data", required=True, help="Ultralytics data yaml (name or path)")
-    p.add_argument("--imgsz", type=int, default=640)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--device", default=None, help="cpu, 0, ...")
-    p.add_argument("--json", default="runs/compare_bitlinear/compare_bitlinear.json", help="JSON output")
-    p.add_argument("--csv", default="runs/compare_bitlinear/compare_bitlinear.csv", help="CSV output")
-    a = p.parse_args()
-
-    from src.bitlinear_compare import compare_checkpoints, format_table, write_rows
-
-    entries = [("baseline", a.baseline), ("BitLinear_TTQ", a.ttq), ("standard BitLinear", a.standard)]
-    rows = compare_checkpoints(entries, a.data, a.imgsz, a.batch, a.device)
-    print(format_table(rows))
-    write_rows(rows, a.json, a.csv, meta={"data": a.data, "imgsz": a.imgsz, "batch": a.batch})
-    print(f"\nJSON: {a.json}\nCSV: {a.csv}")
-    return 0
-
+from yolo_tq.cli import script
 
 if __name__ == "__main__":
-    run_cli(main)
+    script("compare")

@@ -55,7 +55,7 @@ step() {  # step NAME COMMAND...: run once; a finished step (marker file) is ski
   echo "$((SECONDS - t0))" > "$RUN_DIR/.done/$name"
 }
 
-step fetch_weights python -c "import sys; from src.checkpoints import ensure_weights; from src.cli import run_cli; run_cli(lambda: print(ensure_weights(sys.argv[1])))" "$WEIGHTS"
+step fetch_weights python -m yolo_tq.io "$WEIGHTS"
 WEIGHTS_PATH=$(tail -n 1 "$RUN_DIR/logs/fetch_weights.log")
 
 for n in 1 2 3; do
@@ -81,5 +81,5 @@ LAT=(--baseline "$WEIGHTS_PATH" --quantized "${MODEL[c2psa_ttq]}" --export-int8 
 [ -n "${DEVICE:-}" ] && LAT+=(--device "$DEVICE")
 step latency python latency_benchmark.py "${LAT[@]}"
 rm -f "$RUN_DIR/.done/report"  # the report is always rebuilt from whatever is there
-step report python -m src.pipeline_report "$RUN_DIR" --profile "$PROFILE" --size "$SIZE"
+step report python -m yolo_tq.pipeline "$RUN_DIR" --profile "$PROFILE" --size "$SIZE"
 echo "run.sh: finished; report in $RUN_DIR/summary.md"

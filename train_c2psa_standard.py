@@ -1,17 +1,7 @@
 #!/usr/bin/env python
-"""Fine-tune YOLO11 with standard BitLinear (BitNet b1.58 absmean weights) in every C2PSA block: the ablation of
-train_c2psa.py (fixed absmean scale instead of learned Ap/An). Same flags and trainer as train_c2psa.py.
+"""Standard BitLinear in every C2PSA block, the ablation (yolo-tq c2psa-standard). --help for flags."""
 
-  python train_c2psa_standard.py --config configs/stage2_c2psa_standard.yaml --model CKPT
-"""
-
-from src.cli import run_cli
-from train_c2psa import main as train_c2psa_main
-
-
-def main() -> int:
-    return train_c2psa_main("configs/stage2_c2psa_standard.yaml", __doc__)
-
+from yolo_tq.cli import script
 
 if __name__ == "__main__":
-    run_cli(main)
+    script("c2psa-standard")

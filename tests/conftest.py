@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,6 @@ import pytest
 os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("YOLO_VERBOSE", "False")
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 SHARED = REPO.parent / "shared"
 SHARED_WEIGHTS = SHARED / "weights" / "yolo11n.pt"
 SHARED_DATA = SHARED / "datasets" / "coco128" / "coco128.yaml"
@@ -69,7 +67,7 @@ def tiny_fp_checkpoint(tmp_path_factory, tiny_data) -> Path:
     import torch
     from ultralytics.nn.tasks import DetectionModel
 
-    from src.checkpoints import save_stock_checkpoint
+    from yolo_tq.io import save_stock_checkpoint
 
     torch.manual_seed(0)
     model = DetectionModel("yolo11n.yaml", nc=2, verbose=False)
@@ -84,3 +82,19 @@ def build_model(name: str = "yolo11n.yaml", nc: int = 80):
     from ultralytics.nn.tasks import DetectionModel
 
     return DetectionModel(name, nc=nc, verbose=False)
+
+
+def progressive_stage_plans():
+    """The three StagePlans of configs/stage1_progressive.yaml (the one place the stage plan is written)."""
+    from yolo_tq.config import load_config, stage_plan
+
+    cfg = load_config(REPO / "configs" / "stage1_progressive.yaml")
+    return tuple(stage_plan(cfg, s) for s in cfg.stages)
+
+
+def c2psa_plan(kind: str = "bitlinear_ttq"):
+    """A StagePlan that only replaces the convs inside C2PSA with BitLinear layers of `kind`."""
+    from yolo_tq.quant.apply import StagePlan
+    from yolo_tq.quant.spec import QuantSpec
+
+    return StagePlan(f"c2psa_{kind}", (), c2psa=QuantSpec(kind=kind))

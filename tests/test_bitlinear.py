@@ -14,16 +14,35 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import REPO, build_model
-from src.quantization.bitlinear_base import (bitlinear_conv2d, channel_fold_scale, is_pointwise, quantize_tokens,
-                                             token_layer_norm)
-from src.quantization.c2psa_bitlinear_standard import BitLinear_Standard
-from src.quantization.c2psa_bitlinear_ttq import BitLinear_TTQ
-from src.quantization.c2psa_replace import PSA_CONVS, c2psa_convs, psa_blocks, replace_c2psa
-from src.quantization.shadow_weight_manager import (LayerPlan, ShadowWeightManager, is_quantized, quantized_modules,
-                                                    scale_parameters, ternary_values)
-from src.quantization.ternary import initial_scales, ternary_threshold
-from src.quantization.ttq_conv import TTQConv2d
+from conftest import REPO, build_model, c2psa_plan
+from yolo_tq.quant import layers as L
+from yolo_tq.quant.apply import (PSA_CONVS, StagePlan, c2psa_convs, install_like, install_stage, is_quantized,
+                                 quantized_modules, scale_parameters)
+from yolo_tq.quant.layers import (bitlinear_conv2d, channel_fold_scale, is_pointwise, quantize_tokens,
+                                  token_layer_norm)
+from yolo_tq.quant.spec import QuantSpec, SpecError
+from yolo_tq.quant.ternary import initial_scales, ternary_threshold, ternary_values
+from yolo_tq.quant.layers import TTQConv2d
+
+
+def _spec(kind: str, per_token: bool = True, **kw) -> QuantSpec:
+    return QuantSpec(kind=kind, act_per_token=per_token, **kw)
+
+
+def BitLinear_TTQ(conv, **kw):  # noqa: N802 - builds the layer from keyword settings, as the tests read best
+    return L.BitLinear_TTQ(conv, _spec("bitlinear_ttq", **kw))
+
+
+def BitLinear_Standard(conv, **kw):  # noqa: N802
+    return L.BitLinear_Standard(conv, _spec("bitlinear_standard", **kw))
+
+
+def replace_c2psa(model, kind):
+    return install_stage(model, c2psa_plan(kind))
+
+
+def psa_blocks(model):
+    return sorted({p.rsplit(".", 3)[0] for p in c2psa_convs(model)})
 
 LATENT = torch.tensor([[0.9, -0.05, 0.3], [-1.2, 0.6, 0.1]]).view(2, 3, 1, 1)
 BIAS = torch.tensor([0.25, -0.5])
@@ -90,10 +109,10 @@ def test_per_tensor_scale():
 def test_bitlinear_ttq_forward_by_hand():
     q = BitLinear_TTQ(hand_conv(), threshold=0.7, restore_token_stats=False)
     # Δ = 0.7 · mean|w| = 0.3675: 0.9 and 0.6 positive, −1.2 negative; Ap = mean(0.9, 0.6), An = 1.2
-    assert q.wp.item() == pytest.approx(0.75) and q.wn.item() == pytest.approx(1.2)
+    assert q.quantizer.wp.item() == pytest.approx(0.75) and q.quantizer.wn.item() == pytest.approx(1.2)
     with torch.no_grad():
-        q.wp.fill_(0.5)
-        q.wn.fill_(2.0)
+        q.quantizer.wp.fill_(0.5)
+        q.quantizer.wn.fill_(2.0)
     assert torch.equal(q.weight.detach().view(2, 3), torch.tensor([[0.5, 0, 0], [-2.0, 0.5, 0]]))
     # codes · W_t: [-85·0.5, 85·2 − 42·0.5] = [-42.5, 149] ; [127·0.5, −127·2 − 42·0.5] = [63.5, −275]
     expected = torch.tensor([[-42.5, 149.0], [63.5, -275.0]]) * GAMMA / 127 + BIAS
@@ -103,8 +122,8 @@ def test_bitlinear_ttq_forward_by_hand():
 def test_restored_token_stats_by_hand():
     q = BitLinear_TTQ(hand_conv(), threshold=0.7)  # restore_token_stats on (default)
     with torch.no_grad():
-        q.wp.fill_(0.5)
-        q.wn.fill_(2.0)
+        q.quantizer.wp.fill_(0.5)
+        q.quantizer.wn.fill_(2.0)
     # σ·γ/127 = 3/127 for both tokens; plus μ · row sums of W_t = μ · [0.5, −1.5]
     conv = torch.tensor([[-42.5, 149.0], [63.5, -275.0]])
     expected = conv * 3 / 127 + MEANS.view(2, 1) * torch.tensor([0.5, -1.5]) + BIAS
@@ -158,8 +177,8 @@ def test_depthwise_3x3_dequantises_before_the_conv():
 def _weight_grad_reference(q, x, g):
     """dL/dW_t of L = Σ g·y, with the ternary weight as a leaf (same activation path)."""
     w = q.weight.detach().clone().requires_grad_(True)
-    y = bitlinear_conv2d(x, w, q.bias, q.norm.weight, q.norm.bias, eps=q.norm.eps, bits=q.act_bits,
-                         per_token=q.per_token, restore_token_stats=q.restore_token_stats, out_scale=q.out_scale,
+    y = bitlinear_conv2d(x, w, q.bias, q.norm.weight, q.norm.bias, eps=q.norm.eps, bits=q.spec.act_bits,
+                         per_token=q.spec.act_per_token, restore_token_stats=q.spec.restore_token_stats, out_scale=q.out_scale,
                          stride=q.stride, padding=q.padding, dilation=q.dilation, groups=q.groups)
     (y * g).sum().backward()
     return w.grad
@@ -178,9 +197,9 @@ def test_ap_an_and_latent_gradients_follow_ttq(kernel):
     pos, neg = w > delta, w < -delta
     assert pos.any() and neg.any() and (~pos & ~neg).any()
     # dL/dAp = Σ_{w>Δ} g_t ; dL/dAn = −Σ_{w<−Δ} g_t ; dL/dw = Ap·g_t, g_t, An·g_t on the three sets
-    torch.testing.assert_close(q.wp.grad, gw[pos].sum(), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(q.wn.grad, -gw[neg].sum(), rtol=1e-4, atol=1e-5)
-    expected = torch.where(pos, q.wp.detach() * gw, torch.where(neg, q.wn.detach() * gw, gw))
+    torch.testing.assert_close(q.quantizer.wp.grad, gw[pos].sum(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(q.quantizer.wn.grad, -gw[neg].sum(), rtol=1e-4, atol=1e-5)
+    expected = torch.where(pos, q.quantizer.wp.detach() * gw, torch.where(neg, q.quantizer.wn.detach() * gw, gw))
     torch.testing.assert_close(q.latent_weight.grad, expected, rtol=1e-4, atol=1e-6)
 
 
@@ -215,7 +234,7 @@ def test_gradients_reach_latent_weights_and_layernorm_with_token_stats(cls):
     if cls is BitLinear_Standard:  # absmean STE: the latent weight gets dL/dW_q unchanged
         torch.testing.assert_close(q.latent_weight.grad, gw, rtol=1e-4, atol=1e-6)
     else:
-        assert q.latent_weight.grad.abs().sum() > 0 and q.wp.grad is not None and q.wn.grad is not None
+        assert q.latent_weight.grad.abs().sum() > 0 and q.quantizer.wp.grad is not None and q.quantizer.wn.grad is not None
 
 
 # ------------------------------------------------------------------------------------------ replacement
@@ -236,12 +255,12 @@ def test_replacement_counts_every_psablock(name, blocks, request):
     assert set(replaced) == {f"{b}.{sub}.conv" for b in psa_blocks(model) for sub in PSA_CONVS}
     for path in replaced:
         q = model.get_submodule(path)
-        assert isinstance(q, BitLinear_TTQ) and q.act_bits == 8
+        assert isinstance(q, L.BitLinear_TTQ) and q.spec.act_bits == 8
         wrapper = model.get_submodule(path.rsplit(".", 1)[0])
         assert isinstance(wrapper.bn, nn.BatchNorm2d) and hasattr(wrapper, "act")  # wrappers stay
         assert torch.equal(q.latent_weight, originals[path])  # initialised from the conv, not random
         wp, wn = initial_scales(originals[path], ternary_threshold(originals[path], 0.7, "mean"))
-        assert torch.equal(q.wp.detach(), wp) and torch.equal(q.wn.detach(), wn)
+        assert torch.equal(q.quantizer.wp.detach(), wp) and torch.equal(q.quantizer.wn.detach(), wn)
         assert ternary_values(q.weight) is not None
     assert type(model.model[10].cv1.conv) is nn.Conv2d and type(model.model[10].cv2.conv) is nn.Conv2d
     assert replace_c2psa(model, "bitlinear_ttq") == []  # already quantized: kept
@@ -251,14 +270,14 @@ def test_replacement_counts_every_psablock(name, blocks, request):
 
 def test_replacement_keeps_ttq_layers_and_standard_mode(yolo11n):
     model = copy.deepcopy(yolo11n)
-    ttq = ShadowWeightManager(model).install(LayerPlan((2, 3, 4, 5, 6)))
+    ttq = install_stage(model, StagePlan("s3", (2, 3, 4, 5, 6)))
     replaced = replace_c2psa(model, "bitlinear_standard")
     q = quantized_modules(model)
     assert set(q) == set(ttq) | set(replaced)
     assert all(isinstance(q[p], TTQConv2d) for p in ttq)
-    assert all(isinstance(q[p], BitLinear_Standard) for p in replaced)
+    assert all(isinstance(q[p], L.BitLinear_Standard) for p in replaced)
     assert len(scale_parameters(model)) == 2 * len(ttq)  # standard BitLinear learns no scales
-    with pytest.raises(ValueError, match="unknown C2PSA mode"):
+    with pytest.raises(SpecError, match="unknown quantization kind"):
         replace_c2psa(model, "bitlinear_other")
 
 
@@ -282,7 +301,7 @@ def test_real_scale_inputs_close_to_the_conv():
 def test_pretrained_c2psa_layers_close_on_real_images(shared_weights, shared_data):
     import cv2
 
-    from src.checkpoints import load_model
+    from yolo_tq.io import load_model
 
     model, _ = load_model(shared_weights)
     images = sorted((shared_data.parent / "images").rglob("*.jpg"))[:2]
@@ -336,7 +355,7 @@ def test_conv_bn_fusion_keeps_outputs(cls):
         wrapper.conv = fuse_conv_and_bn(wrapper.conv, wrapper.bn)
         delattr(wrapper, "bn")
         wrapper.forward = wrapper.forward_fuse
-        assert type(wrapper.conv) is cls  # still BitLinear: LayerNorm and activation quantisation kept
+        assert type(wrapper.conv).__name__ == cls.__name__  # still BitLinear: LayerNorm and activation quantisation kept
         with torch.no_grad():
             after = wrapper(x)
         torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
@@ -368,7 +387,7 @@ def fused_pair(yolo11n):
 
 def test_fused_model_equals_unfused(fused_pair):
     model, fused = fused_pair
-    assert sum(isinstance(m, BitLinear_TTQ) for m in fused.modules()) == 5
+    assert sum(isinstance(m, L.BitLinear_TTQ) for m in fused.modules()) == 5
     x = torch.rand(2, 3, 128, 128)
     with torch.no_grad():
         a, b = model(x)[0], fused(x)[0]
@@ -432,7 +451,7 @@ def test_ultralytics_onnx_export_of_a_bitlinear_checkpoint(shared_weights, share
     import onnxruntime as ort
     from ultralytics import YOLO
 
-    from src.checkpoints import load_model, save_stock_checkpoint
+    from yolo_tq.io import load_model, save_stock_checkpoint
 
     model, ckpt = load_model(shared_weights)
     replace_c2psa(model, "bitlinear_ttq")
@@ -455,23 +474,23 @@ def test_ultralytics_onnx_export_of_a_bitlinear_checkpoint(shared_weights, share
 
 
 # ------------------------------------------------------------------------------------------ checkpoints, training
+ROOT_SCRIPTS = {"test": "layers", "validate": "val", "compare_bitlinear": "compare", "train_c2psa": "c2psa",
+                "train_c2psa_standard": "c2psa-standard", "train": "train"}
+
+
 def run_script(module: str, args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
-    """Run a root script's main() in this process through run_cli: (exit code, stdout, stderr)."""
-    import importlib
+    """Run a root script's command in this process, as its shim does: (exit code, stdout, stderr)."""
+    from yolo_tq.cli import script
 
-    mod = importlib.import_module(module)
-    monkeypatch.setattr(sys, "argv", [f"{module}.py", *args])
     monkeypatch.chdir(REPO)
-    from src.cli import run_cli
-
     with pytest.raises(SystemExit) as e:
-        run_cli(mod.main)
+        script(ROOT_SCRIPTS[module], args)
     out = capsys.readouterr()
     return e.value.code, out.out, out.err
 
 
 def _c2psa_config(tmp, weights, data, mode):
-    from src.config import load_config
+    from yolo_tq.config import load_config
 
     name = "stage2_c2psa.yaml" if mode == "bitlinear_ttq" else "stage2_c2psa_standard.yaml"
     return load_config(REPO / "configs" / name,
@@ -481,7 +500,7 @@ def _c2psa_config(tmp, weights, data, mode):
 
 
 def test_configs_hold_the_plan_defaults():
-    from src.config import load_config
+    from yolo_tq.config import load_config
 
     for name, mode in (("stage2_c2psa.yaml", "bitlinear_ttq"), ("stage2_c2psa_standard.yaml", "bitlinear_standard")):
         cfg = load_config(REPO / "configs" / name)
@@ -496,12 +515,12 @@ def test_configs_hold_the_plan_defaults():
 def trained(tmp_path_factory, tiny_fp_checkpoint, tiny_data):
     """One epoch of each mode: BitLinear_TTQ from a checkpoint that already holds TTQ layers (as a stage output
     does), standard BitLinear from the FP checkpoint."""
-    from src.checkpoints import load_model, save_stock_checkpoint
-    from src.training.stages import train_stage
+    from yolo_tq.io import load_model, save_stock_checkpoint
+    from yolo_tq.train.stages import train_stage
 
     tmp = tmp_path_factory.mktemp("c2psa")
     model, _ = load_model(tiny_fp_checkpoint)
-    ttq_paths = ShadowWeightManager(model).install(LayerPlan((2, 3)))
+    ttq_paths = install_stage(model, StagePlan("s", (2, 3)))
     ttq_start = save_stock_checkpoint(model, tmp / "ttq_start.pt")
     out = {}
     for mode, start in (("bitlinear_ttq", ttq_start), ("bitlinear_standard", tiny_fp_checkpoint)):
@@ -511,10 +530,10 @@ def trained(tmp_path_factory, tiny_fp_checkpoint, tiny_data):
 
 
 def test_training_checkpoints_hold_bitlinear_and_earlier_ttq_layers(trained, tiny_fp_checkpoint):
-    from src.checkpoints import load_model
+    from yolo_tq.io import load_model
 
     out, ttq_paths = trained
-    for mode, cls in (("bitlinear_ttq", BitLinear_TTQ), ("bitlinear_standard", BitLinear_Standard)):
+    for mode, cls in (("bitlinear_ttq", L.BitLinear_TTQ), ("bitlinear_standard", L.BitLinear_Standard)):
         for key in ("best", "last", "ternary"):
             model, ckpt = load_model(out[mode][key])
             q = quantized_modules(model)
@@ -535,16 +554,16 @@ def test_training_checkpoints_hold_bitlinear_and_earlier_ttq_layers(trained, tin
 def test_checkpoint_round_trip_rebuilds_bitlinear(trained):
     """What resume and stage chaining do: a fresh model, the checkpoint's quantized modules replicated at the
     same paths with the same settings, its weights loaded: the same outputs."""
-    from src.checkpoints import load_model
+    from yolo_tq.io import load_model
 
     out, _ = trained
     model, _ = load_model(out["bitlinear_ttq"]["last"])
     fresh = build_model("yolo11n.yaml", nc=2)
-    done = ShadowWeightManager(fresh).replicate_from(model)
-    assert {p for p in done if isinstance(fresh.get_submodule(p), BitLinear_TTQ)} == set(c2psa_convs(model))
+    done = install_like(fresh, model)
+    assert {p for p in done if isinstance(fresh.get_submodule(p), L.BitLinear_TTQ)} == set(c2psa_convs(model))
     fresh.load_state_dict(model.state_dict())
     for p in c2psa_convs(model):
-        assert fresh.get_submodule(p).settings() == model.get_submodule(p).settings()
+        assert fresh.get_submodule(p).spec == model.get_submodule(p).spec
     fresh.eval()
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
@@ -552,9 +571,9 @@ def test_checkpoint_round_trip_rebuilds_bitlinear(trained):
 
 
 def test_validate_and_report_handle_bitlinear_checkpoints(trained, tiny_data, monkeypatch, capsys):
-    from src.checkpoints import load_model
-    from src.evaluation import validate
-    from src.report import conv_rows
+    from yolo_tq.io import load_model
+    from yolo_tq.eval.validate import validate
+    from yolo_tq.eval.layers import conv_rows
 
     out, _ = trained
     m = validate(out["bitlinear_standard"]["ternary"], str(tiny_data), imgsz=64, batch=4, device="cpu")

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from src.training.bn_recalibration import recalibrate_batchnorm
+from yolo_tq.train.batchnorm import recalibrate_batchnorm
 
 
 def _net():
@@ -51,9 +51,9 @@ def test_empty_source_is_an_error():
 
 def test_post_training_ternary_reestimates_bn_on_train_images(tmp_path, tiny_fp_checkpoint, tiny_data):
     """bn_reestimate_images > 0: same ternary convs, new BN statistics; 0: the checkpoint's statistics kept."""
-    from src.checkpoints import load_model
-    from src.config import load_config
-    from src.training.stages import post_training_ternary
+    from yolo_tq.io import load_model
+    from yolo_tq.config import load_config
+    from yolo_tq.train.stages import post_training_ternary
 
     def export(n):
         cfg = load_config("configs/stage1_progressive.yaml", {"data": str(tiny_data), "imgsz": 64, "batch": 4},

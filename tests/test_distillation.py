@@ -7,14 +7,14 @@ import pytest
 import torch
 
 from conftest import build_model
-from src.config import load_config
-from src.training.distillation import (
+from yolo_tq.config import load_config
+from yolo_tq.train.distillation import (
     DistillationCriterion,
     box_distillation,
     feature_distillation,
     score_distillation,
 )
-from src.training.stages import stage_outputs, train_stage
+from yolo_tq.train.stages import stage_outputs, train_stage
 
 
 def test_losses_zero_at_equality_and_positive_otherwise():

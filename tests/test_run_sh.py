@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = ["stage1", "stage2", "stage3", "c2psa_ttq", "c2psa_standard"]
+from yolo_tq.pipeline import STEPS as PIPELINE_STEPS
+
+STEPS = [key for key, _ in PIPELINE_STEPS[1:]]  # the FP row is not a step of its own
 
 
 def run_pipeline(run_dir: Path, weights: Path, data: Path):

@@ -7,20 +7,24 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import build_model
-from src.quantization.shadow_weight_manager import (
-    LayerPlan,
+from conftest import build_model, progressive_stage_plans
+from yolo_tq.quant.apply import (
     PlanError,
-    ShadowWeightManager,
+    StagePlan,
+    export_ternary,
+    install_like,
+    install_stage,
+    is_quantized,
     protected_layers,
+    quantize_,
     quantized_modules,
     select_convs,
-    ternary_values,
 )
-from src.quantization.ttq_conv import TTQConv2d
+from yolo_tq.quant.layers import TTQConv2d
+from yolo_tq.quant.spec import QuantSpec, SpecError
+from yolo_tq.quant.ternary import ternary_values
 
-STAGES = [LayerPlan((17, 19, 20, 22), True, 0.715), LayerPlan((7, 8, 9, 13, 16), False, 0.715),
-          LayerPlan((2, 3, 4, 5, 6), False, 0.7)]
+STAGES = progressive_stage_plans()
 
 
 @pytest.fixture(scope="module")
@@ -72,22 +76,46 @@ def test_yolo11x_stage_plans_select_more_convs_than_n(yolo11n, yolo11x):
 
 def test_cumulative_install_keeps_earlier_layers():
     model = build_model("yolo11n.yaml")
-    mgr = ShadowWeightManager(model)
-    first = mgr.install(STAGES[0])
-    q = mgr.quantized[first[0]]
+    first = install_stage(model, STAGES[0])
+    q = quantized_modules(model)[first[0]]
     with torch.no_grad():
         q.latent_weight.add_(0.01)
-        q.wp.fill_(0.123)
-    second = mgr.install(STAGES[1])
+        q.quantizer.wp.fill_(0.123)
+    second = install_stage(model, STAGES[1])
     assert not set(first) & set(second)
-    assert mgr.quantized[first[0]] is q and float(q.wp.detach()) == pytest.approx(0.123)
-    assert len(mgr.quantized) == len(first) + len(second)
+    assert quantized_modules(model)[first[0]] is q and float(q.quantizer.wp.detach()) == pytest.approx(0.123)
+    assert len(quantized_modules(model)) == len(first) + len(second)
+    assert all(q.spec == STAGES[0].spec for path, q in quantized_modules(model).items() if path in first)
+
+
+def test_quantize_swaps_exactly_what_the_filter_selects():
+    model = build_model("yolo11n.yaml")
+    spec = QuantSpec(threshold=0.5)
+    done = quantize_(model, spec, lambda m, path: isinstance(m, nn.Conv2d) and path.startswith("model.2."))
+    assert done and all(p.startswith("model.2.") for p in done)
+    assert set(quantized_modules(model)) == set(done)
+    assert all(type(m) is TTQConv2d and m.spec is spec for m in quantized_modules(model).values())
+    with pytest.raises(TypeError, match="no builder"):
+        quantize_(model, object(), lambda m, p: True)
+
+
+def test_spec_validates_and_round_trips():
+    spec = QuantSpec(kind="bitlinear_ttq", threshold=0.9, act_bits=4)
+    assert QuantSpec.from_dict(spec.to_dict()) == spec
+    plan = STAGES[2]
+    assert StagePlan.from_dict(plan.to_dict()) == plan
+    for bad in ({"threshold": 5.0}, {"rule": "max", "threshold": 1.0}, {"kind": "int4"}, {"act_bits": 1},
+                {"scale_grad": "adam"}, {"kind": "bitlinear_ttq", "per_channel": True}):
+        with pytest.raises(SpecError):
+            QuantSpec(**bad)
+    with pytest.raises(SpecError, match="unknown QuantSpec fields"):
+        QuantSpec.from_dict({"threshold": 0.7, "thresh": 1})
 
 
 def test_ttq_conv_forward_is_conv_with_ternary_weight():
     torch.manual_seed(0)
     conv = nn.Conv2d(8, 16, 3, padding=1, bias=True)
-    q = TTQConv2d(conv, threshold=0.7)
+    q = TTQConv2d(conv, QuantSpec(threshold=0.7))
     x = torch.randn(2, 8, 7, 7)
     w = q.weight.detach()
     assert ternary_values(w) is not None and torch.unique(w).numel() == 3
@@ -99,7 +127,7 @@ def test_ttq_conv_bn_fusion_gives_plain_conv_with_same_output():
     from ultralytics.utils.torch_utils import fuse_conv_and_bn
 
     torch.manual_seed(0)
-    q = TTQConv2d(nn.Conv2d(4, 8, 3, padding=1, bias=False))
+    q = TTQConv2d(nn.Conv2d(4, 8, 3, padding=1, bias=False), QuantSpec())
     bn = nn.BatchNorm2d(8).eval()
     bn.running_mean.uniform_(-1, 1)
     bn.running_var.uniform_(0.5, 2)
@@ -112,7 +140,7 @@ def test_ttq_conv_bn_fusion_gives_plain_conv_with_same_output():
 
 
 def test_ttq_conv_pickles_and_halves():
-    q = TTQConv2d(nn.Conv2d(4, 8, 3))
+    q = TTQConv2d(nn.Conv2d(4, 8, 3), QuantSpec())
     q2 = pickle.loads(pickle.dumps(q))
     assert torch.equal(q2.weight, q.weight)
     h = copy.deepcopy(q).half()
@@ -121,17 +149,18 @@ def test_ttq_conv_pickles_and_halves():
 
 def test_export_ternary_and_replicate(yolo11n):
     model = copy.deepcopy(yolo11n)
-    mgr = ShadowWeightManager(model)
-    mgr.install(STAGES[0])
-    exported = mgr.export_ternary()
-    assert not quantized_modules(exported)
+    installed = install_stage(model, STAGES[0])
+    exported = export_ternary(model)
+    assert not quantized_modules(exported) and set(quantized_modules(model)) == set(installed)
+    assert all(ternary_values(exported.get_submodule(p).weight) is not None for p in installed)
     x = torch.randn(1, 3, 64, 64)
     model.eval(), exported.eval()
     with torch.no_grad():
         assert torch.allclose(model(x)[0], exported(x)[0], atol=1e-4)
     fresh = build_model("yolo11n.yaml")
-    replicated = ShadowWeightManager(fresh).replicate_from(model)
-    assert set(replicated) == set(mgr.quantized)
+    replicated = install_like(fresh, model)
+    assert set(replicated) == set(installed)
+    assert all(is_quantized(fresh.get_submodule(p)) for p in installed)
     fresh.load_state_dict(model.state_dict())
     fresh.eval()
     with torch.no_grad():

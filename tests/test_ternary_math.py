@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from src.quantization.ternary import (
+from yolo_tq.quant.ternary import (
     TTQTernarize,
     absmax_quantize,
     absmean_ternarize,

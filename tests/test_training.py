@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from src.checkpoints import load_model
-from src.config import load_config
-from src.quantization.shadow_weight_manager import quantized_modules, select_convs, ternary_values
-from src.quantization.ttq_conv import TTQConv2d
-from src.training.shadow_trainer import ShadowTrainer
-from src.training.stages import stage_outputs, train_stage, trainer_overrides
+from yolo_tq.io import load_model
+from yolo_tq.config import load_config
+from yolo_tq.quant.apply import quantized_modules, select_convs
+from yolo_tq.quant.layers import TTQConv2d
+from yolo_tq.quant.ternary import ternary_values
+from yolo_tq.train.trainer import TTQTrainer
+from yolo_tq.train.stages import stage_outputs, train_stage, trainer_overrides
 
 STAGE1, STAGE2 = (17, 19, 20, 22), (7, 8, 9, 13, 16)
 
@@ -82,12 +83,12 @@ def test_stage2_start_loads_stage1_latents_exactly(two_stages):
     cfg, _, stage1_model = two_stages
     over = trainer_overrides(cfg, 1, stage_outputs(cfg, cfg.stages[0])["best"])
     over["name"] = "probe"
-    trainer = ShadowTrainer(overrides=over)
+    trainer = TTQTrainer(overrides=over)
     model = trainer.get_model(cfg=stage1_model.yaml, weights=stage1_model, verbose=False)
     q1, q = quantized_modules(stage1_model), quantized_modules(model)
     for path, m in q1.items():
         assert torch.equal(q[path].latent_weight, m.latent_weight)
-        assert torch.equal(q[path].wp, m.wp) and torch.equal(q[path].wn, m.wn)
+        assert torch.equal(q[path].quantizer.wp, m.quantizer.wp) and torch.equal(q[path].quantizer.wn, m.quantizer.wn)
 
 
 def test_ternary_export_is_stock_and_matches_training_model(two_stages, tmp_path):
@@ -100,10 +101,10 @@ def test_ternary_export_is_stock_and_matches_training_model(two_stages, tmp_path
     with torch.no_grad():
         ref = trained(x)[0]
     torch.save(ref, tmp_path / "ref.pt")
-    # a fresh interpreter that cannot import this repository: only torch and ultralytics
+    # a fresh interpreter in which this package cannot be imported: only torch and ultralytics
     script = textwrap.dedent(f"""
         import sys, torch
-        sys.path = [p for p in sys.path if p not in ('', {str(Path.cwd())!r}, {str(Path(__file__).parents[1])!r})]
+        sys.modules["yolo_tq"] = None  # any import of this package (or unpickling one of its classes) fails
         from ultralytics import YOLO
         m = YOLO({str(out['ternary'])!r})
         net = m.model.float().eval()
@@ -116,8 +117,7 @@ def test_ternary_export_is_stock_and_matches_training_model(two_stages, tmp_path
         r = m.predict(torch.load({str(tmp_path / 'x.pt')!r}), verbose=False)
         print("RESULT", n3, d, len(r))
         """)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    res = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, env=env)
+    res = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     _, n3, diff, npred = res.stdout.strip().splitlines()[-1].split()
     assert int(n3) == len(select_convs(trained, STAGE1, True)) + len(select_convs(trained, STAGE2, False))
@@ -153,7 +153,7 @@ def test_resume_restores_latents_scales_ema_and_optimizer(tmp_path, tiny_fp_chec
         train_stage(cfg, 1, resume=True, callbacks={"on_pretrain_routine_end": capture})
     assert seen["epoch"] == 1
     ema_saved = saved["ema"].float().state_dict()
-    assert any(k.endswith("latent_weight") for k in ema_saved) and any(k.endswith(".wp") for k in ema_saved)
+    assert any(k.endswith("latent_weight") for k in ema_saved) and any(k.endswith(".quantizer.wp") for k in ema_saved)
     for k, v in ema_saved.items():
         assert torch.equal(seen["ema"][k], v), k
         assert torch.equal(seen["model"][k], v), k  # Ultralytics resumes the weights from the EMA
@@ -179,7 +179,7 @@ def test_ddp_relaunch_rebuilds_same_plan(tmp_path, tiny_fp_checkpoint, tiny_data
 
     cfg = load_config(write_config(tmp_path, tiny_fp_checkpoint, tiny_data))
     over = trainer_overrides(cfg, 0, str(tiny_fp_checkpoint))
-    parent = ShadowTrainer(overrides=over)
+    parent = TTQTrainer(overrides=over)
     py_file = generate_ddp_file(parent)
     try:
         text = Path(py_file).read_text()
@@ -189,7 +189,7 @@ def test_ddp_relaunch_rebuilds_same_plan(tmp_path, tiny_fp_checkpoint, tiny_data
         worker_cfg.update(save_dir="")
         worker = state["trainer"](cfg=worker_cfg, overrides=state["args"], _callbacks=state["callbacks"])
         worker.model = state["model"]
-        assert type(worker) is ShadowTrainer and worker.plan == parent.plan
+        assert type(worker) is TTQTrainer and worker.plan == parent.plan
         worker.setup_model()
         parent.setup_model()
         assert set(quantized_modules(worker.model)) == set(quantized_modules(parent.model))
@@ -221,7 +221,7 @@ def test_optimizer_groups_for_latents_and_scales(tmp_path, tiny_fp_checkpoint, t
     latent, scales = groups["ttq_latent"], groups["ttq_scales"]
     assert latent["initial_lr"] == 0.01 and latent["weight_decay"] == 0.0 and scales["initial_lr"] == 0.003
     assert {id(p) for p in latent["params"]} == {id(m.latent_weight) for m in q.values()}
-    assert {id(p) for p in scales["params"]} == {id(p) for m in q.values() for p in (m.wp, m.wn)}
+    assert {id(p) for p in scales["params"]} == {id(p) for m in q.values() for p in m.scale_parameters()}
     ids = [id(p) for g in groups.values() for p in g["params"]]
     assert len(ids) == len(set(ids))  # no parameter in two groups
     assert {id(p) for p in model.parameters() if p.requires_grad} <= set(ids) <= {id(p) for p in model.parameters()}

@@ -13,9 +13,12 @@ from typing import Any, Dict, List, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .quant.apply import StagePlan
+from .quant.spec import BITLINEAR_KINDS, QuantSpec, SpecError
+
 MODEL_SIZES = ("n", "s", "m", "l", "x")
 REPO_ROOT = Path(__file__).resolve().parents[1]
-C2PSA_MODES = ("bitlinear_ttq", "bitlinear_standard")
+C2PSA_MODES = BITLINEAR_KINDS
 
 
 class ConfigError(ValueError):
@@ -31,11 +34,11 @@ class BaseConfig:
 
 @dataclass
 class QuantizationConfig:
-    threshold_rule: str = "mean"  # mean: Δ = t·mean|w| ; max: Δ = t·max|w| (the paper's rule)
-    scale_grad: str = "paper"  # paper: summed gradients ; normalized: mean / scale, clipped to ±1
-    per_channel: bool = False  # one Wp/Wn per output channel instead of per layer (beyond the paper)
-    act_bits: int = 8  # BitLinear activation bits (C2PSA stages)
-    act_per_token: bool = True  # BitLinear absmax per token (pixel) instead of per tensor
+    threshold_rule: str = QuantSpec.rule  # mean: Δ = t·mean|w| ; max: Δ = t·max|w| (the paper's rule)
+    scale_grad: str = QuantSpec.scale_grad  # paper: summed gradients ; normalized: mean / scale, clipped to ±1
+    per_channel: bool = QuantSpec.per_channel  # one Wp/Wn per output channel (beyond the paper)
+    act_bits: int = QuantSpec.act_bits  # BitLinear activation bits (C2PSA stages)
+    act_per_token: bool = QuantSpec.act_per_token  # BitLinear absmax per token (pixel) instead of per tensor
     bn_reestimate_images: int = 0  # post-training ternarisation: re-estimate BatchNorm statistics on this many
     # training images (val-style letterbox, no labels needed) after ternarising; 0 = keep the FP statistics
 
@@ -83,7 +86,7 @@ class StageConfig:
     name: str = "stage"
     layers: List[int] = field(default_factory=list)  # layer indices of the model yaml to ternarise
     include_1x1: bool = False
-    threshold: float = 0.7
+    threshold: float = QuantSpec.threshold
     detect_head: bool = False  # also the Detect head's inner convs (its output convs and DFL stay FP)
     c2psa: Optional[str] = None  # bitlinear_ttq | bitlinear_standard: replace the convs inside C2PSA
     train: Dict[str, Any] = field(default_factory=dict)  # overrides of the top-level `train` for this stage
@@ -129,14 +132,8 @@ def _check_keys(node: Any, schema: type, where: str, source: str) -> None:
 
 
 def _validate_values(cfg: ProjectConfig, source: str) -> None:
-    from .quantization.ternary import SCALE_GRAD_MODES, THRESHOLD_RULES
-
     if cfg.model_size not in MODEL_SIZES:
         raise ConfigError(f"{source}: model_size must be one of {', '.join(MODEL_SIZES)}, got {cfg.model_size!r}")
-    if cfg.quantization.threshold_rule not in THRESHOLD_RULES:
-        raise ConfigError(f"{source}: quantization.threshold_rule must be one of {THRESHOLD_RULES}")
-    if cfg.quantization.scale_grad not in SCALE_GRAD_MODES:
-        raise ConfigError(f"{source}: quantization.scale_grad must be one of {SCALE_GRAD_MODES}")
     if cfg.quantization.bn_reestimate_images < 0:
         raise ConfigError(f"{source}: quantization.bn_reestimate_images must be >= 0")
     names = [s.name for s in cfg.stages]
@@ -145,8 +142,10 @@ def _validate_values(cfg: ProjectConfig, source: str) -> None:
     for s in cfg.stages:
         if s.c2psa is not None and s.c2psa not in C2PSA_MODES:
             raise ConfigError(f"{source}: stage '{s.name}' c2psa must be one of {C2PSA_MODES} or null")
-        if not 0 <= s.threshold < 10:
-            raise ConfigError(f"{source}: stage '{s.name}' threshold {s.threshold} is out of range [0, 10)")
+        try:
+            stage_plan(cfg, s)
+        except SpecError as e:
+            raise ConfigError(f"{source}: stage '{s.name}': {e}") from e
 
 
 def load_config(path: str | Path | None, overrides: dict | None = None, dotlist: list[str] | None = None) -> ProjectConfig:
@@ -209,6 +208,15 @@ def stage_train_args(cfg: ProjectConfig, stage: StageConfig) -> dict:
     extra.update((stage.train or {}).get("ultralytics", {}) or {})
     merged["ultralytics"] = extra
     return merged
+
+
+def stage_plan(cfg: ProjectConfig, stage: StageConfig) -> StagePlan:
+    """The typed plan of one stage: its layers and the QuantSpecs of what they become."""
+    q = cfg.quantization
+    spec = QuantSpec("ttq", float(stage.threshold), q.threshold_rule, q.scale_grad, bool(q.per_channel),
+                     int(q.act_bits), bool(q.act_per_token))
+    c2psa = None if stage.c2psa is None else spec.replace(kind=stage.c2psa, per_channel=False)
+    return StagePlan(stage.name, tuple(stage.layers), bool(stage.include_1x1), bool(stage.detect_head), spec, c2psa)
 
 
 def find_stage(cfg: ProjectConfig, key: int | str) -> tuple[int, StageConfig]:

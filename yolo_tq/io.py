@@ -1,10 +1,12 @@
-"""Reading and writing checkpoints: one format (Ultralytics' pickled-model dict), written atomically."""
+"""Files: the one atomic writer, and checkpoint I/O (one format: Ultralytics' pickled-model dict)."""
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
+import sys
 import tempfile
 from datetime import datetime
 from pathlib import Path
@@ -67,21 +69,40 @@ def check_model_size(model: nn.Module, expected: str, source: str) -> None:
                               f"(pass --model-size {size} or another checkpoint)")
 
 
-def atomic_save(obj, path: str | Path) -> Path:
-    """torch.save to a temporary file in the same folder, then rename: a crash never leaves a half-written file."""
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """The one writer of every file the project writes: a temporary file in the same folder, fsync, then rename.
+    A crash never leaves a half-written file, and the previous version stays until the new one is complete."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    torch.save(obj, buf)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(buf.getvalue())
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Text (UTF-8) through atomic_write_bytes."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(obj, path: str | Path) -> str:
+    """JSON (indented, non-JSON values as str) through atomic_write_bytes; returns the path."""
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+    return str(path)
+
+
+def atomic_save(obj, path: str | Path) -> Path:
+    """torch.save through atomic_write_bytes."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def save_stock_checkpoint(model: nn.Module, path: str | Path, train_args: dict | None = None, extra: dict | None = None) -> Path:
@@ -100,3 +121,10 @@ def save_stock_checkpoint(model: nn.Module, path: str | Path, train_args: dict |
             "version": __version__, "epoch": -1, "optimizer": None}
     ckpt.update(extra or {})
     return atomic_save(ckpt, path)
+
+
+if __name__ == "__main__":  # run.sh: `python -m yolo_tq.io NAME` prints a local path (downloading an official name)
+    from yolo_tq.cli import run_cli
+    from yolo_tq.io import ensure_weights as fetch  # the package's class identities, not __main__'s
+
+    run_cli(lambda: print(fetch(sys.argv[1])))

@@ -1,6 +1,6 @@
 """The run.sh report: summary.md, summary.json and plots from the JSON files the pipeline's steps wrote.
 
-  python -m src.pipeline_report RUN_DIR [--profile quick] [--size n]
+  python -m yolo_tq.pipeline RUN_DIR [--profile quick] [--size n]
 """
 
 from __future__ import annotations
@@ -10,11 +10,10 @@ import json
 import os
 from pathlib import Path
 
+from .io import atomic_write_text, write_json
+
 STEPS = [("fp", "FP baseline"), ("stage1", "Stage 1"), ("stage2", "Stage 1-2"), ("stage3", "Stage 1-3"),
          ("c2psa_ttq", "Stage 1-3 + BitLinear_TTQ"), ("c2psa_standard", "Stage 1-3 + standard BitLinear")]
-# Ultralytics' own INT8 export of yolo11n (OpenVINO, post-training), measured on ../shared's val half (issue 4 text):
-# its weights take 2.78 MB and it keeps the FP mAP50-95. Used only as a reference point on the plot.
-INT8_REFERENCE_MB = 2.78
 
 
 def _load(path: Path) -> dict | None:
@@ -81,8 +80,7 @@ def markdown(summary: dict, profile: str, size: str) -> str:
                      f"{_fmt(r.get('ternary_param_pct'), '.1f')}% | {_fmt(r.get('ternary_conv_pct'), '.1f')}% |")
     lines += ["", "Theoretical compression as in the original reports: 32 bits per FP parameter, 2 bits per ternary "
               "weight. Packed size: ternary weights as base-3 codes (1.6 bits), other weights INT8 per output channel, "
-              f"BN/biases FP16 (compression_calculation.py --pack). Ultralytics' OpenVINO INT8 export of yolo11n: "
-              f"{INT8_REFERENCE_MB} MB of weights.", ""]
+              f"BN/biases FP16 (compression_calculation.py --pack).", ""]
     if summary["latency_ratios"]:
         lines.append("Latency, final model (Stage 1-3 + BitLinear_TTQ) / FP baseline, median, same backend:")
         lines.append("")
@@ -93,7 +91,7 @@ def markdown(summary: dict, profile: str, size: str) -> str:
         total = sum(summary["step_seconds"].values())
         lines.append(f"Step times (s): " + ", ".join(f"{k} {v}" for k, v in summary["step_seconds"].items())
                      + f"; total {total} s.")
-    lines += ["", "Plots: `map_vs_size.png` (mAP50-95 against packed size, with the INT8 export as reference), "
+    lines += ["", "Plots: `map_vs_size.png` (mAP50-95 against packed size), "
               "`stages.png` (per-step bars)."]
     return "\n".join(lines) + "\n"
 
@@ -105,16 +103,11 @@ def plots(summary: dict, run: Path) -> list[Path]:
     rows = [r for r in summary["rows"] if r.get("mAP50-95") is not None]
     out = []
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    fp = next((r for r in rows if r["step"] == "fp"), None)
     for r in rows:
         size = (r.get("packed_bytes") or r.get("pt_bytes") or 0) / 1e6
         if size:
             ax.scatter(size, r["mAP50-95"], s=50, zorder=3)
             ax.annotate(r["name"], (size, r["mAP50-95"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    if fp:
-        ax.scatter(INT8_REFERENCE_MB, fp["mAP50-95"], marker="*", s=160, color="black", zorder=3)
-        ax.annotate("Ultralytics INT8 export (reference)", (INT8_REFERENCE_MB, fp["mAP50-95"]),
-                    textcoords="offset points", xytext=(5, -12), fontsize=8)
     ax.set_xlabel("model size on disk (MB; FP: .pt, ternary: packed file)")
     ax.set_ylabel("mAP50-95 (val)")
     ax.set_title("Accuracy against size")
@@ -153,8 +146,8 @@ def main() -> int:
     run = Path(a.run_dir)
     summary = collect(run)
     summary.update(profile=a.profile, model_size=a.size)
-    (run / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (run / "summary.md").write_text(markdown(summary, a.profile, a.size))
+    write_json(summary, run / "summary.json")
+    atomic_write_text(run / "summary.md", markdown(summary, a.profile, a.size))
     for path in plots(summary, run):
         print(f"plot: {path}")
     print((run / "summary.md").read_text())

@@ -1,6 +1,6 @@
 """Comparing checkpoints (FP baseline, BitLinear_TTQ, standard BitLinear): accuracy, size, theoretical compression.
 
-Sizes and compression follow src.compression (the paper's budget: FP32 baseline, 2 bits per ternary weight, 32 bits
+Sizes and compression follow yolo_tq.eval.size (the paper's budget: FP32 baseline, 2 bits per ternary weight, 32 bits
 per other parameter; ternary layers judged from the weights).
 """
 
@@ -9,12 +9,13 @@ from __future__ import annotations
 import csv
 import io
 import os
-import tempfile
 from pathlib import Path
 
 import torch.nn as nn
 
-from .compression import BUDGETS, compression_ratio, count, model_bits, write_json
+from ..io import atomic_write_text, write_json
+from ..quant.layers import BitConv2d
+from .size import BUDGETS, compression_ratio, count, model_bits
 
 
 def model_summary(model: nn.Module, baseline_params: int | None = None, budget=BUDGETS[0]) -> dict:
@@ -24,7 +25,7 @@ def model_summary(model: nn.Module, baseline_params: int | None = None, budget=B
     base = c["params"] if baseline_params is None else baseline_params
     bits = model_bits(c["params"], c["ternary_params"], budget.ternary_bits, budget.other_bits)
     return {"params": c["params"], "ternary_params": c["ternary_params"], "ternary_convs": c["ternary_convs"],
-            "bitlinear_layers": sum(getattr(m, "act_bits", None) is not None for m in model.modules()),
+            "bitlinear_layers": sum(isinstance(m, BitConv2d) for m in model.modules()),
             "theoretical_mb": bits / 8 / 1e6,
             "compression": compression_ratio(base, c["params"], c["ternary_params"], budget)}
 
@@ -33,8 +34,8 @@ def compare_checkpoints(entries: list[tuple[str, str]], data: str, imgsz: int = 
                         device: str | None = None, project: str | None = None) -> list[dict]:
     """One row per (name, checkpoint), the first being the baseline: validation metrics, parameters, file size and
     theoretical compression against the baseline."""
-    from .checkpoints import load_model
-    from .evaluation import validate
+    from ..io import load_model
+    from .validate import validate
 
     rows, baseline_params = [], None
     for name, ckpt in entries:
@@ -68,13 +69,4 @@ def write_rows(rows: list[dict], json_path: str | Path, csv_path: str | Path, me
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["model"])
     writer.writeheader()
     writer.writerows(rows)
-    path = Path(csv_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(buf.getvalue())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_text(csv_path, buf.getvalue())

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .quantization.shadow_weight_manager import is_quantized, scale_parameters, ternary_values
+from ..quant.apply import is_quantized, scale_parameters
+from ..quant.layers import BitConv2d
+from ..quant.ternary import ternary_values
 
 
 def _layer_index(path: str) -> int | None:
@@ -26,7 +28,7 @@ def conv_rows(model: nn.Module) -> list[dict]:
         row = {"layer": _layer_index(path), "path": path, "module": type(m).__name__,
                "shape": list(w.shape), "kernel": "x".join(map(str, w.shape[2:])), "params": w.numel(),
                "ternary": vals is not None, "distinct": distinct, "wp": None, "wn": None, "sparsity": None,
-               "act_bits": getattr(m, "act_bits", None)}
+               "act_bits": m.spec.act_bits if isinstance(m, BitConv2d) else None}
         if vals is not None:
             row["wp"] = float(vals.max().clamp_min(0))
             row["wn"] = float((-vals.min()).clamp_min(0))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .checkpoints import CheckpointError, load_model
+from ..io import CheckpointError, load_model
 
 
 def validate(checkpoint: str | Path, data: str, imgsz: int = 640, batch: int = 16, device: str | None = None,

@@ -100,22 +100,6 @@ def ttq_ternarize(
     return TTQTernarize.apply(weight, wp, wn, delta, mode)
 
 
-class _RoundSTE(torch.autograd.Function):
-    """round() with identity gradient (straight-through estimator)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return torch.round(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
-
-
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    return _RoundSTE.apply(x)
-
-
 def absmean_ternarize(weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """BitNet b1.58 weights: β = mean|W|, W_q = clip(round(W/β), −1, 1)·β; straight-through to the latent W.
 
@@ -141,3 +125,15 @@ def absmax_quantize(x: torch.Tensor, bits: int = 8, per_token: bool = True, dim:
     scaled = x * (q / gamma)
     codes = scaled + (torch.round(scaled).clamp(-q - 1, q) - scaled).detach()
     return codes, gamma
+
+
+@torch.no_grad()
+def ternary_values(weight: torch.Tensor, max_distinct: int = 3) -> torch.Tensor | None:
+    """The sorted distinct values of `weight` if it is ternary ({-a, 0, +b} with a, b >= 0, at most 3 values, zero
+    allowed to be absent), else None. The one rule that judges a tensor ternary from its values alone."""
+    vals = torch.unique(weight.detach().float())
+    if vals.numel() > max_distinct:
+        return None
+    if (vals > 0).sum() > 1 or (vals < 0).sum() > 1:
+        return None
+    return vals

@@ -7,48 +7,38 @@ longer match what the layers see. Re-estimating them needs only images, no label
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 import torch.nn as nn
+from torch.optim.swa_utils import update_bn
 
 
-def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+def _limit(batches: Iterable[torch.Tensor], max_images: int | None, seen: list[int]) -> Iterator[torch.Tensor]:
+    """Yield batches until `max_images` images went out (the last batch cut to fit); count them in seen[0]."""
+    for x in batches:
+        if max_images is not None:
+            if seen[0] >= max_images:
+                return
+            x = x[: max_images - seen[0]]
+        seen[0] += len(x)
+        yield x
 
 
-@torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], max_images: int | None = None) -> int:
-    """Reset every BN layer's running statistics and re-estimate them as the plain average over `batches`
-    (momentum None = cumulative mean of the per-batch statistics), with the model in train mode and no gradients.
+    """Re-estimate every BN layer's running statistics as the plain average over `batches`, through PyTorch's
+    `torch.optim.swa_utils.update_bn` (reset, momentum None, train mode, no gradients; momentum and mode restored).
 
-    Restores each layer's momentum and the model's train/eval mode. Returns the number of images seen; raises
-    ValueError when `batches` yields nothing (the statistics would be left reset)."""
-    bns = batchnorm_layers(model)
-    if not bns:
+    Returns the number of images seen; raises ValueError when `batches` yields nothing (the statistics would be
+    left reset)."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return 0
-    was_training = model.training
-    momenta = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    seen = 0
-    try:
-        model.train()
-        for x in batches:
-            if max_images is not None and seen >= max_images:
-                break
-            if max_images is not None:
-                x = x[: max_images - seen]
-            model(x)
-            seen += len(x)
-    finally:
-        for m, mom in zip(bns, momenta):
-            m.momentum = mom
-        model.train(was_training)
-    if seen == 0:
+    seen = [0]
+    device = next(model.parameters()).device
+    update_bn(_limit(batches, max_images, seen), model, device=device)
+    if seen[0] == 0:
         raise ValueError("BatchNorm re-estimation got no images (empty image source)")
-    return seen
+    return seen[0]
 
 
 def split_image_batches(data: str, split: str = "train", imgsz: int = 640, batch: int = 16, workers: int = 0,

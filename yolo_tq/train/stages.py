@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..checkpoints import CheckpointError, check_model_size, ensure_weights, load_model
-from ..config import ConfigError, ProjectConfig, find_stage, stage_dir, stage_train_args
-from ..quantization.shadow_weight_manager import PlanError, quantized_modules, select_convs
-from .shadow_trainer import TERNARY_EXPORT_NAME, ShadowTrainer, make_stage_plan
+import torch.nn as nn
+
+from ..config import ConfigError, ProjectConfig, find_stage, stage_dir, stage_plan, stage_train_args
+from ..io import CheckpointError, check_model_size, ensure_weights, load_model, save_stock_checkpoint
+from ..quant.apply import PlanError, export_ternary, quantized_modules, select_convs, ternarize_
+from .trainer import TERNARY_EXPORT_NAME, DistillPlan, OptimPlan, TrainPlan, TTQTrainer
 
 # Ultralytics train arguments taken from the config's `train` section
 _PASSED_TRAIN_KEYS = ("epochs", "batch", "imgsz", "optimizer", "lr0", "lrf", "momentum", "weight_decay",
@@ -70,7 +72,7 @@ def check_data(data: str) -> None:
         raise ConfigError(f"data yaml not found: {data}")
 
 
-def distill_plan(cfg: ProjectConfig, start: str) -> dict | None:
+def distill_plan(cfg: ProjectConfig, start: str) -> DistillPlan | None:
     """Resolved teacher checkpoint and loss weights, or None when distillation is off."""
     d = cfg.distill
     if not d.enabled:
@@ -80,8 +82,18 @@ def distill_plan(cfg: ProjectConfig, start: str) -> dict | None:
         teacher = ensure_weights(teacher)
     if not Path(teacher).is_file():
         raise CheckpointError(f"distillation teacher not found: {teacher} (config distill.teacher)")
-    return {"teacher": str(Path(teacher).resolve()), "cls_weight": d.cls_weight, "box_weight": d.box_weight,
-            "feature_weight": d.feature_weight, "temperature": d.temperature}
+    return DistillPlan(str(Path(teacher).resolve()), float(d.cls_weight), float(d.box_weight),
+                       float(d.feature_weight), float(d.temperature))
+
+
+def train_plan(cfg: ProjectConfig, index: int, start: str) -> TrainPlan:
+    """The typed plan the trainer gets for stage `index` (0-based) starting from `start`."""
+    stage = cfg.stages[index]
+    t = stage_train_args(cfg, stage)
+    optim = OptimPlan(float(t["scale_lr"]), float(t["scale_weight_decay"]),
+                      None if t.get("latent_lr") is None else float(t["latent_lr"]),
+                      None if t.get("latent_weight_decay") is None else float(t["latent_weight_decay"]))
+    return TrainPlan(stage_plan(cfg, stage), optim, distill_plan(cfg, start))
 
 
 def trainer_overrides(cfg: ProjectConfig, index: int, start: str) -> dict:
@@ -91,7 +103,7 @@ def trainer_overrides(cfg: ProjectConfig, index: int, start: str) -> dict:
     over.update(targs.get("ultralytics") or {})
     out = stage_outputs(cfg, stage)
     over.update(model=start, data=cfg.base.data, project=str(out["dir"].parent.resolve()), name=stage.name,
-                exist_ok=True, ttq=make_stage_plan(stage, cfg.quantization, targs, distill_plan(cfg, start)))
+                exist_ok=True, ttq=train_plan(cfg, index, start).to_dict())
     return over
 
 
@@ -110,29 +122,31 @@ def train_stage(cfg: ProjectConfig, stage_key, start: str | None = None, resume:
         start = resolve_start(cfg, index, start)
         check_start(cfg, index, start)
         over = trainer_overrides(cfg, index, start)
-    trainer = ShadowTrainer(overrides=over)
+    trainer = TTQTrainer(overrides=over)
     for event, fn in (callbacks or {}).items():
         trainer.add_callback(event, fn)
     trainer.train()
     return {**{k: str(v) for k, v in out.items()}, "metrics": dict(trainer.metrics or {})}
 
 
-def post_training_ternary(cfg: ProjectConfig, stage_indices, start: str, out: str | Path) -> Path:
-    """Ternarise the layers of the given stages (0-based indices) of an FP checkpoint without training, and save
-    the stock ternary export (Wp/Wn initialised from the weights, as TTQ training starts). With
-    `quantization.bn_reestimate_images` > 0, BatchNorm statistics are then re-estimated on that many images of the
-    data's train split (at `train.imgsz`)."""
-    from ..checkpoints import save_stock_checkpoint
-    from ..quantization.shadow_weight_manager import ShadowWeightManager
-    from .bn_recalibration import reestimate_on_split
-    from .shadow_trainer import install_stage
+def post_training_model(cfg: ProjectConfig, stage_indices, start: str | nn.Module) -> nn.Module:
+    """The one post-training path: ternarise the layers of the given stages (0-based indices) of a checkpoint (path or
+    model, which is changed in place) without training (Wp/Wn initialised from the weights, as TTQ training starts);
+    with `quantization.bn_reestimate_images` > 0, re-estimate BatchNorm statistics on that many train images (at
+    `train.imgsz`). Returns the model with its quantized layers (TTQConv2d, BitLinear) installed."""
+    from .batchnorm import reestimate_on_split
 
-    model, ckpt = load_model(start)
+    model = load_model(start)[0] if isinstance(start, (str, Path)) else start
     model.float()
-    for i in stage_indices:
-        s = cfg.stages[i]
-        install_stage(model, make_stage_plan(s, cfg.quantization, stage_train_args(cfg, s)))
+    ternarize_(model, [stage_plan(cfg, cfg.stages[i]) for i in stage_indices])
     if cfg.quantization.bn_reestimate_images:
         check_data(cfg.base.data)
         reestimate_on_split(model, cfg.base.data, cfg.quantization.bn_reestimate_images, cfg.train.imgsz, cfg.train.batch)
-    return save_stock_checkpoint(ShadowWeightManager(model).export_ternary(), out, train_args=ckpt.get("train_args"))
+    return model
+
+
+def post_training_ternary(cfg: ProjectConfig, stage_indices, start: str, out: str | Path) -> Path:
+    """post_training_model, then its stock ternary export saved to `out` (loads with ultralytics.YOLO)."""
+    model = post_training_model(cfg, stage_indices, start)
+    train_args = load_model(start)[1].get("train_args")
+    return save_stock_checkpoint(export_ternary(model), out, train_args=train_args)

@@ -1,0 +1,1 @@
+"""One module per command: docstring (help), add_arguments(parser), run(args) -> int."""

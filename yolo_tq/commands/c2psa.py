@@ -1,0 +1,40 @@
+"""Fine-tune YOLO11 with BitLinear_TTQ layers in every C2PSA block (one stage, through the project's trainer).
+
+--model is the start checkpoint: a plain YOLO11 checkpoint (C2PSA alone) or any train.py stage output; starting
+from the stage-3 output gives the full "stages 1-3 + BitLinear_TTQ" model (its TTQ layers stay ternary).
+
+  python train_c2psa.py --config configs/stage2_c2psa.yaml --model checkpoints/yolo11n/stage3/weights/best.pt
+  python train_c2psa.py --config configs/stage2_c2psa.yaml --resume
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ..cli import add_config_args, config_overrides
+
+DEFAULT_CONFIG = "configs/stage2_c2psa.yaml"
+MODE = "bitlinear_ttq"
+
+
+def add_arguments(p: argparse.ArgumentParser, default_config: str = DEFAULT_CONFIG) -> None:
+    add_config_args(p, default_config)
+    p.add_argument("--model", help="start checkpoint (default: the config's base.weights)")
+    p.add_argument("--resume", action="store_true", help="resume the stage from its last.pt")
+
+
+def run(a: argparse.Namespace, mode: str = MODE) -> int:
+    """Train the config's one C2PSA stage, which must replace C2PSA with `mode`."""
+    from ..config import ConfigError, load_config
+    from ..train.stages import train_stage
+
+    cfg = load_config(a.config, config_overrides(a), a.dotlist)
+    if len(cfg.stages) != 1 or not cfg.stages[0].c2psa:
+        raise ConfigError(f"{a.config}: expected one stage with `c2psa: bitlinear_ttq|bitlinear_standard`")
+    if cfg.stages[0].c2psa != mode:
+        raise ConfigError(f"{a.config} replaces C2PSA with {cfg.stages[0].c2psa}, but this command trains {mode}: "
+                          f"use the {'train_c2psa.py' if mode == 'bitlinear_standard' else 'train_c2psa_standard.py'} "
+                          f"command for that config, or --set stages[0].c2psa={mode}")
+    result = train_stage(cfg, 1, start=a.model, resume=a.resume)
+    print(f"{mode}: training checkpoint {result['best']}, ternary export {result['ternary']}")
+    return 0

@@ -1,0 +1,34 @@
+"""Validate any checkpoint (FP baseline, stage training checkpoint, ternary export) with Ultralytics' validator.
+
+  python validate.py checkpoints/yolo11n/stage1/ternary.pt --data coco.yaml --imgsz 640
+  yolo-tq val CKPT --data coco128.yaml --imgsz 320 --json metrics.json
+"""
+
+from __future__ import annotations
+
+import argparse
+
+METRICS = ("mAP50", "mAP50-95", "precision", "recall")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a .pt checkpoint")
+    p.add_argument("--data", required=True, help="Ultralytics data yaml (name or path)")
+    p.add_argument("--imgsz", type=int, default=640)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--device", default=None, help="cpu, 0, ...")
+    p.add_argument("--split", default="val", choices=["val", "test", "train"])
+    p.add_argument("--json", help="also write the metrics to this JSON file")
+
+
+def run(a: argparse.Namespace) -> int:
+    from ..eval.validate import validate
+    from ..io import write_json
+
+    r = validate(a.checkpoint, a.data, a.imgsz, a.batch, a.device, a.split)
+    print(f"{'checkpoint':<12} {r['checkpoint']}")
+    for k in METRICS:
+        print(f"{k:<12} {r[k]:.4f}")
+    if a.json:
+        write_json(r, a.json)
+    return 0
