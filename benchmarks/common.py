@@ -54,6 +54,20 @@ def mean_time(times: list[float]) -> float:
     return sum(times) / max(len(times), 1)
 
 
+def validate_sizes(checkpoint: str, data: str, sizes: list[int], device: str, project: str | None = None) -> dict:
+    """mAP of a checkpoint at each image size (validation batch 16): the first size's mAP50 / mAP50-95 as the row's
+    main figures, and `mAP50-95@<size>` for every size."""
+    from yolo_tq.eval.validate import validate
+
+    out: dict = {}
+    for size in sizes:
+        m = validate(checkpoint, data, size, 16, device, project=project)
+        if not out:
+            out.update({"mAP50": m["mAP50"], "mAP50-95": m["mAP50-95"]})
+        out[f"mAP50-95@{size}"] = m["mAP50-95"]
+    return out
+
+
 def require(path: Path | str, what: str) -> Path:
     p = Path(path)
     if not p.exists():

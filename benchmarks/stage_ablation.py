@@ -20,7 +20,7 @@ import shutil
 import time
 from pathlib import Path
 
-from common import REPO, parser, print_table, provenance, require
+from common import REPO, parser, print_table, provenance, require, validate_sizes
 from ttq_retention import BENCH_SETTINGS
 
 from yolo_tq.config import load_config
@@ -48,6 +48,13 @@ def variants(stage: int) -> dict[str, list[str]]:
         "distillation without feature term": ["distill.feature_weight=0"],
         "batch 8 (twice the steps)": ["train.batch=8", "train.ultralytics.nbs=8"],
         "seed 1 (run-to-run spread)": ["train.seed=1"],
+        # candidates for the early backbone (stage 3): gradual ternarisation and multi-scale training
+        "incremental ternarisation (magnitude ramp 0.5 -> 1 over 6 epochs)":
+            ["train.ternary_ramp=magnitude", "train.ternary_ramp_epochs=6", "train.ternary_ramp_start=0.5"],
+        "layer by layer, deep first (over 6 epochs)": ["train.ternary_ramp=layer_deep_first", "train.ternary_ramp_epochs=6"],
+        "layer by layer, early first (over 6 epochs)": ["train.ternary_ramp=layer_early_first",
+                                                        "train.ternary_ramp_epochs=6"],
+        "multi-scale training (imgsz x0.5..x1.5)": ["train.ultralytics.multi_scale=0.5"],
     }
 
 
@@ -57,25 +64,30 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--stage", type=int, required=True, help="stage to train (1, 2 or 3)")
     p.add_argument("--start", required=True, help="checkpoint holding stages 1..N-1 (training best.pt)")
     p.add_argument("--only", nargs="*", help="run only these variant names (default: all)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="train each variant with each of these seeds")
+    p.add_argument("--also-imgsz", type=int, nargs="*", default=[640], help="also validate at these image sizes")
     p.add_argument("--workdir", default=str(REPO / "benchmarks" / "work" / "ablation"))
     p.add_argument("--resume", action="store_true", help="keep --out's rows and skip those variants")
     p.add_argument("--out", default=None, help="JSON (default benchmarks/results/stage<N>_ablation.json)")
     return p.parse_args()
 
 
-def run_variant(a, name: str, table: dict, weights: Path, data: Path, start: Path, start_map: float) -> dict:
-    """Train stage --stage with one variant's overrides from `start`; its row (mAP of the stage's ternary export)."""
-    work = Path(a.workdir) / f"stage{a.stage}" / f"v{list(table).index(name):02d}"
+def run_variant(a, name: str, seed: int, table: dict, weights: Path, data: Path, start: Path, start_map: float) -> dict:
+    """Train stage --stage with one variant's overrides (and `seed`) from `start`; its row (mAP of the stage's
+    ternary export at --imgsz and at --also-imgsz)."""
+    work = Path(a.workdir) / f"stage{a.stage}" / f"v{list(table).index(name):02d}_s{seed}"
     shutil.rmtree(work, ignore_errors=True)
+    settings = table[name] + ([f"train.seed={seed}"] if seed else [])
     cfg = load_config(a.config, {"weights": str(weights), "data": str(data), "epochs": a.epochs,
                                  "imgsz": a.imgsz, "device": a.device, "checkpoint_dir": str(work)},
-                      [f"train.batch={a.batch}"] + BENCH_SETTINGS + table[name])  # a variant may change batch
+                      [f"train.batch={a.batch}"] + BENCH_SETTINGS + settings)  # a variant may change batch
     t0 = time.perf_counter()
     train_stage(cfg, a.stage, start=str(start))
     wall = time.perf_counter() - t0
-    m = validate(str(stage_outputs(cfg, cfg.stages[a.stage - 1])["ternary"]), str(data), a.imgsz, 16, a.device)
-    return {"variant": name, "settings": table[name], "mAP50": m["mAP50"], "mAP50-95": m["mAP50-95"],
-            "change_vs_start": m["mAP50-95"] - start_map, "wall_s": wall, "provenance": provenance()}
+    sizes = [a.imgsz] + [s for s in a.also_imgsz if s != a.imgsz]
+    m = validate_sizes(str(stage_outputs(cfg, cfg.stages[a.stage - 1])["ternary"]), str(data), sizes, a.device)
+    return {"variant": name, "seed": seed, "settings": settings, **m, "change_vs_start": m["mAP50-95"] - start_map,
+            "wall_s": wall, "provenance": provenance()}
 
 
 def main() -> None:
@@ -93,20 +105,25 @@ def main() -> None:
               "bench_settings": BENCH_SETTINGS, "rows": []}
     if a.resume and out.is_file():
         result["rows"] = json.loads(out.read_text())["rows"]
-    have = {r["variant"] for r in result["rows"]}
+    have = {(r["variant"], r.get("seed", 0)) for r in result["rows"]}
     start_map = validate(str(start), str(data), a.imgsz, 16, a.device)["mAP50-95"]  # training checkpoint: fused
     result["start_mAP50-95"] = start_map
     print(f"[ablation] start {start}: mAP50-95 {start_map:.4f}", flush=True)
     for name in names:
-        if name in have:
-            continue
-        result["rows"].append(run_variant(a, name, table, weights, data, start, start_map))
-        write_json(result, out)
-        print(f"[ablation] {name}: mAP50-95 {result['rows'][-1]['mAP50-95']:.4f}", flush=True)
-    result["rows"].sort(key=lambda r: list(table).index(r["variant"]) if r["variant"] in table else 99)
+        for seed in a.seeds:
+            if (name, seed) in have:
+                continue
+            result["rows"].append(run_variant(a, name, seed, table, weights, data, start, start_map))
+            write_json(result, out)
+            row = result["rows"][-1]
+            print(f"[ablation] {name} (seed {seed}): " + "  ".join(f"{k} {v:.4f}" for k, v in row.items()
+                                                                  if k.startswith("mAP50-95")), flush=True)
+    result["rows"].sort(key=lambda r: (list(table).index(r["variant"]) if r["variant"] in table else 99,
+                                       r.get("seed", 0)))
     write_json(result, out)
-    print_table(result["rows"], [("variant", "variant", "s"), ("mAP50", "mAP50", ".4f"),
-                                 ("mAP50-95", "mAP50-95", ".4f"), ("change_vs_start", "vs start", "+.4f"),
+    print_table(result["rows"], [("variant", "variant", "s"), ("seed", "seed", "d"), ("mAP50", "mAP50", ".4f"),
+                                 ("mAP50-95", "mAP50-95", ".4f"), ("mAP50-95@640", "@640", ".4f"),
+                                 ("change_vs_start", "vs start", "+.4f"),
                                  ("wall_s", "wall s", ".0f")])
     print(f"\nJSON: {out}")
 

@@ -19,10 +19,9 @@ import time
 from functools import partial
 from pathlib import Path
 
-from common import REPO, epoch_timer, mean_time, parser, print_table, provenance, require
+from common import REPO, epoch_timer, mean_time, parser, print_table, provenance, require, validate_sizes
 
 from yolo_tq.config import load_config
-from yolo_tq.eval.validate import validate
 from yolo_tq.io import write_json
 from yolo_tq.train.stages import post_training_ternary, stage_outputs, train_stage
 
@@ -39,6 +38,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--stages", type=int, default=3, help="train stages 1..N")
     p.add_argument("--set", dest="dotlist", action="append", default=[],
                    help="config override KEY=VALUE (added after the benchmark's own: " + ", ".join(BENCH_SETTINGS) + ")")
+    p.add_argument("--also-imgsz", type=int, nargs="*", default=[640],
+                   help="also validate every row at these image sizes (default: 640, the deployment default)")
     p.add_argument("--skip-ptq", action="store_true", help="skip the post-training ternarisation rows")
     p.add_argument("--ptq-bn-images", type=int, default=128,
                    help="also report each PTQ row with BatchNorm re-estimated on this many train images (0: no)")
@@ -85,10 +86,8 @@ def ptq_rows(a, cfg, weights: Path, work: Path, val, result: dict, have: set) ->
             if max(idx) >= len(cfg.stages) or name + suffix in have:
                 continue
             out = post_training_ternary(c, idx, str(weights), work / "ptq" / f"ptq_{'_'.join(map(str, idx))}{tag}.pt")
-            m = val(str(out))
-            add(result, {"name": name + suffix, "kind": "ptq", "stages": [i + 1 for i in idx], "mAP50": m["mAP50"],
-                         "mAP50-95": m["mAP50-95"], "bn_reestimate_images": c.quantization.bn_reestimate_images},
-                a.out)
+            add(result, {"name": name + suffix, "kind": "ptq", "stages": [i + 1 for i in idx], **val(str(out)),
+                         "bn_reestimate_images": c.quantization.bn_reestimate_images}, a.out)
 
 
 def trained_rows(a, cfg, val, result: dict, have: set) -> None:
@@ -101,13 +100,12 @@ def trained_rows(a, cfg, val, result: dict, have: set) -> None:
         train_stage(cfg, n, start=None, callbacks=callbacks)
         wall = time.perf_counter() - start
         out = stage_outputs(cfg, cfg.stages[n - 1])
-        m = val(str(out["ternary"]))
-        add(result, {"name": stage_row_name(n), "kind": "trained", "stage": n, "mAP50": m["mAP50"],
-                     "mAP50-95": m["mAP50-95"], "epochs": a.epochs, "sec_per_epoch": mean_time(times),
+        add(result, {"name": stage_row_name(n), "kind": "trained", "stage": n, **val(str(out["ternary"])),
+                     "epochs": a.epochs, "sec_per_epoch": mean_time(times),
                      "stage_wall_s": wall, "ternary_export": str(out["ternary"])}, a.out)
 
 
-def finish(result: dict, out: str) -> None:
+def finish(result: dict, out: str, sizes: list[int]) -> None:
     """Retention of every row against the FP baseline; final JSON and table."""
     rows = result["rows"]
     fp = next(r["mAP50-95"] for r in rows if r["name"] == "FP baseline")
@@ -116,7 +114,8 @@ def finish(result: dict, out: str) -> None:
     write_json(result, out)
     print()
     print_table(rows, [("name", "model", "s"), ("mAP50", "mAP50", ".4f"), ("mAP50-95", "mAP50-95", ".4f"),
-                       ("retention", "kept", ".1%"), ("sec_per_epoch", "s/epoch", ".1f")])
+                       ("retention", "kept", ".1%"), *[(f"mAP50-95@{s}", f"@{s}", ".4f") for s in sizes[1:]],
+                       ("sec_per_epoch", "s/epoch", ".1f")])
     print(f"\nJSON: {out}")
 
 
@@ -129,16 +128,16 @@ def main() -> None:
     cfg = load_config(a.config, {"weights": str(weights), "data": str(data), "epochs": a.epochs, "imgsz": a.imgsz,
                                  "batch": a.batch, "device": a.device, "checkpoint_dir": str(work / "checkpoints")},
                       BENCH_SETTINGS + a.dotlist)
-    val = partial(validate, data=str(data), imgsz=a.imgsz, batch=16, device=a.device, project=str(work / "val"))
+    sizes = [a.imgsz] + [s for s in a.also_imgsz if s != a.imgsz]
+    val = partial(validate_sizes, data=str(data), sizes=sizes, device=a.device, project=str(work / "val"))
     result = new_result(a, weights, data)
     have = {r["name"] for r in result["rows"]}
     if "FP baseline" not in have:
-        base = val(str(weights))
-        add(result, {"name": "FP baseline", "kind": "fp", "mAP50": base["mAP50"], "mAP50-95": base["mAP50-95"]}, a.out)
+        add(result, {"name": "FP baseline", "kind": "fp", **val(str(weights))}, a.out)
     if not a.skip_ptq:
         ptq_rows(a, cfg, weights, work, val, result, have)
     trained_rows(a, cfg, val, result, have)
-    finish(result, a.out)
+    finish(result, a.out, sizes)
 
 
 if __name__ == "__main__":

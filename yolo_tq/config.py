@@ -60,6 +60,9 @@ class TrainConfig:
     scale_weight_decay: float = 0.0
     latent_lr: Optional[float] = None  # own learning rate for the latent weights of quantized layers (None: lr0)
     latent_weight_decay: Optional[float] = None  # their weight decay when latent_lr is set (None: weight_decay)
+    ternary_ramp: str = "none"  # none | magnitude | layer_deep_first | layer_early_first (yolo_tq/train/ramp.py)
+    ternary_ramp_epochs: int = 0  # epochs until the stage's new layers are fully ternary (must be < epochs)
+    ternary_ramp_start: float = 0.5  # magnitude ramp: share of ternary weights at the first epoch
     device: Optional[str] = None
     workers: int = 8
     seed: int = 0

@@ -39,7 +39,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .spec import QuantSpec, SpecError
-from .ternary import absmax_quantize, absmean_ternarize, initial_scales, ternary_threshold, ttq_ternarize
+from .ternary import (absmax_quantize, absmean_ternarize, initial_scales, partial_ternarize, ternary_threshold,
+                      ttq_ternarize)
 
 
 # ------------------------------------------------------------------------------------------ BitLinear functions
@@ -121,12 +122,17 @@ class TTQWeight(nn.Module):
     def __init__(self, latent: torch.Tensor, spec: QuantSpec):
         super().__init__()
         self.rule, self.scale_grad = spec.rule, spec.scale_grad
+        self.share = 1.0  # incremental ternarisation: share of the weights (largest |w| first) that are ternary
         self.register_buffer("threshold_factor", torch.tensor(float(spec.threshold), device=latent.device))
         wp, wn = initial_scales(latent, ternary_threshold(latent, spec.threshold, spec.rule), spec.per_channel)
         self.wp, self.wn = nn.Parameter(wp), nn.Parameter(wn)
 
-    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+    def ternary(self, latent: torch.Tensor) -> torch.Tensor:
+        """The fully ternary weight, whatever `share` is (what an export stores)."""
         return ttq_ternarize(latent, self.wp, self.wn, self.threshold_factor, self.rule, self.scale_grad)
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        return partial_ternarize(latent, self.ternary(latent), getattr(self, "share", 1.0))
 
     def extra_repr(self) -> str:
         return f"threshold={float(self.threshold_factor):.3g}, rule={self.rule}, scale_grad={self.scale_grad}"
@@ -217,7 +223,7 @@ class TTQConv2d(QuantConv2d):
         conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
                          self.dilation, self.groups, self.bias is not None, self.padding_mode)
         with torch.no_grad():
-            conv.weight.copy_(self.weight.detach())
+            conv.weight.copy_(self.quantizer.ternary(self.latent_weight).detach())
             if self.bias is not None:
                 conv.bias.copy_(self.bias.detach())
         return conv.to(self.latent_weight.device)

@@ -14,6 +14,8 @@ Wp/Wn may be scalars (one per layer, as in the paper) or per-output-channel tens
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 THRESHOLD_RULES = ("mean", "max")
@@ -98,6 +100,25 @@ def ttq_ternarize(
     """Ternary shadow of `weight` with learned scales: threshold from the latent weight, then TTQTernarize."""
     delta = ternary_threshold(weight, factor, rule)
     return TTQTernarize.apply(weight, wp, wn, delta, mode)
+
+
+def magnitude_mask(weight: torch.Tensor, share: float) -> torch.Tensor:
+    """Boolean mask of the `share` (0..1) of the entries of `weight` with the largest magnitudes (at least one entry
+    when share > 0; ties at the cut-off are all taken). Incremental ternarisation quantizes these first (INQ)."""
+    a = weight.detach().abs().reshape(-1)
+    k = min(a.numel(), max(1, math.ceil(share * a.numel())))
+    cutoff = torch.kthvalue(a, a.numel() - k + 1).values
+    return weight.detach().abs() >= cutoff
+
+
+def partial_ternarize(latent: torch.Tensor, ternary: torch.Tensor, share: float) -> torch.Tensor:
+    """The ternary values on the `share` of largest-magnitude weights, the latent (full-precision) ones elsewhere;
+    gradients flow to each part through its own path. share >= 1: `ternary` itself; share <= 0: `latent` itself."""
+    if share >= 1:
+        return ternary
+    if share <= 0:
+        return latent
+    return torch.where(magnitude_mask(latent, share), ternary, latent)
 
 
 def absmean_ternarize(weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:

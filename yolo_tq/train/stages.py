@@ -10,6 +10,7 @@ import torch.nn as nn
 from ..config import ConfigError, ProjectConfig, find_stage, stage_dir, stage_plan, stage_train_args
 from ..io import CheckpointError, check_model_size, ensure_weights, load_model, save_stock_checkpoint
 from ..quant.apply import PlanError, export_ternary, quantized_modules, select_convs, ternarize_
+from .ramp import RampPlan
 from .trainer import TERNARY_EXPORT_NAME, DistillPlan, OptimPlan, TrainPlan, TTQTrainer
 
 # Ultralytics train arguments taken from the config's `train` section
@@ -93,7 +94,14 @@ def train_plan(cfg: ProjectConfig, index: int, start: str) -> TrainPlan:
     optim = OptimPlan(float(t["scale_lr"]), float(t["scale_weight_decay"]),
                       None if t.get("latent_lr") is None else float(t["latent_lr"]),
                       None if t.get("latent_weight_decay") is None else float(t["latent_weight_decay"]))
-    return TrainPlan(stage_plan(cfg, stage), optim, distill_plan(cfg, start))
+    try:
+        ramp = RampPlan(t["ternary_ramp"], int(t["ternary_ramp_epochs"]), float(t["ternary_ramp_start"]))
+    except ValueError as e:
+        raise ConfigError(f"stage '{stage.name}': {e}") from e
+    if ramp.active and ramp.epochs >= int(t["epochs"]):
+        raise ConfigError(f"stage '{stage.name}': ternary_ramp_epochs ({ramp.epochs}) must be below the stage's "
+                          f"epochs ({t['epochs']}), so that its last epochs train the fully ternary model")
+    return TrainPlan(stage_plan(cfg, stage), optim, distill_plan(cfg, start), ramp)
 
 
 def trainer_overrides(cfg: ProjectConfig, index: int, start: str) -> dict:

@@ -17,6 +17,7 @@ from ultralytics.utils.torch_utils import unwrap_model
 
 from ..io import load_model, save_stock_checkpoint
 from ..quant.apply import StagePlan, export_ternary, install_like, install_stage, quantized_modules, scale_parameters
+from .ramp import RampPlan, ramp_shares
 
 PLAN_KEY = "ttq"
 TERNARY_EXPORT_NAME = "ternary.pt"
@@ -50,15 +51,42 @@ class TrainPlan:
     stage: StagePlan
     optim: OptimPlan
     distill: DistillPlan | None = None
+    ramp: RampPlan = RampPlan()
 
     def to_dict(self) -> dict:
         return {"stage": self.stage.to_dict(), "optim": asdict(self.optim),
-                "distill": None if self.distill is None else asdict(self.distill)}
+                "distill": None if self.distill is None else asdict(self.distill), "ramp": asdict(self.ramp)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainPlan":
         return cls(StagePlan.from_dict(d["stage"]), OptimPlan(**d["optim"]),
-                   None if d.get("distill") is None else DistillPlan(**d["distill"]))
+                   None if d.get("distill") is None else DistillPlan(**d["distill"]), RampPlan(**d.get("ramp", {})))
+
+
+def find_ramp_layers(trainer) -> None:
+    """Once, before training: the TTQ weight quantizers of this stage's layers, grouped by yaml layer (early to
+    deep), in the model and in its EMA copy (the EMA is what gets validated and saved)."""
+    from ..quant.apply import select_convs
+    from ..quant.layers import TTQConv2d
+
+    s = trainer.plan.stage
+    groups: dict[int, list] = {}
+    for net in (unwrap_model(trainer.model), trainer.ema.ema if trainer.ema else None):
+        for path in select_convs(net, s.layers, s.include_1x1, s.detect_head) if net is not None else ():
+            m = net.get_submodule(path)
+            if isinstance(m, TTQConv2d):
+                groups.setdefault(int(path.split(".")[1]), []).append(m.quantizer)
+    trainer.ramp_groups = [groups[i] for i in sorted(groups)]
+    LOGGER.info(f"ternary ramp '{trainer.plan.ramp.mode}' over {trainer.plan.ramp.epochs} epochs: "
+                f"{len(trainer.ramp_groups)} layers")
+
+
+def set_ramp_shares(trainer) -> None:
+    """At each epoch start: the share of ternary weights of every ramped layer (train.ramp.ramp_shares)."""
+    shares = ramp_shares(trainer.plan.ramp, trainer.epoch, len(trainer.ramp_groups))
+    for share, quantizers in zip(shares, trainer.ramp_groups):
+        for q in quantizers:
+            q.share = share
 
 
 def attach_distillation(trainer) -> None:
@@ -97,6 +125,9 @@ class TTQTrainer(DetectionTrainer):
         setattr(self.args, PLAN_KEY, self.plan.to_dict())  # saved in args.yaml, checkpoints and the DDP state file
         if self.plan.distill is not None:
             self.add_callback("on_pretrain_routine_end", attach_distillation)
+        if self.plan.ramp.active:
+            self.add_callback("on_pretrain_routine_end", find_ramp_layers)
+            self.add_callback("on_train_epoch_start", set_ramp_shares)
 
     def get_validator(self):
         """Ultralytics' validator re-validates the args it is given, so it gets them without the plan."""
@@ -138,6 +169,14 @@ class TTQTrainer(DetectionTrainer):
                                        "param_group": "ttq_scales"})
             LOGGER.info(f"optimizer: + {len(scales)} ternary scales (lr={o.scale_lr}, decay={o.scale_weight_decay})")
         return optimizer
+
+    def validate(self):
+        """Ultralytics' validation; an epoch whose new layers are not yet fully ternary never becomes best.pt."""
+        best = self.best_fitness
+        metrics, fitness = super().validate()
+        if self.plan.ramp.active and self.epoch < self.plan.ramp.epochs:
+            self.best_fitness = best
+        return metrics, fitness
 
     def final_eval(self):
         super().final_eval()
