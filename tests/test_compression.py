@@ -1,4 +1,4 @@
-"""Theoretical sizes and ratios, coverage and per-layer rows (src.compression), on yolo11n built from yaml."""
+"""Theoretical sizes and ratios, coverage and per-layer rows (yolo_tq.eval.size), on yolo11n built from yaml."""
 
 from __future__ import annotations
 
@@ -8,14 +8,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import build_model
-from src import compression as C
-from src.checkpoints import CheckpointError, save_stock_checkpoint
-from src.quantization.shadow_weight_manager import LayerPlan, ShadowWeightManager
+from conftest import build_model, c2psa_plan, progressive_stage_plans
+from yolo_tq.eval import size as C
+from yolo_tq.io import CheckpointError, save_stock_checkpoint
+from yolo_tq.quant.apply import export_ternary, install_stage
 
 YOLO11N_PARAMS = 2_624_080
-STAGES = (LayerPlan((17, 19, 20, 22), True, 0.715), LayerPlan((7, 8, 9, 13, 16), False, 0.715),
-          LayerPlan((2, 3, 4, 5, 6), False, 0.7))
+STAGES = progressive_stage_plans()
 
 
 def test_model_bits_and_ratio_by_hand():
@@ -35,14 +34,13 @@ def test_model_bits_and_ratio_by_hand():
 
 @pytest.fixture(scope="module")
 def staged_models():
-    """yolo11n (nc=80) from yaml after the stage-1, 1-2 and 1-3 plans, installed with ShadowWeightManager."""
+    """yolo11n (nc=80) from yaml after the stage-1, 1-2 and 1-3 plans, installed with install_stage."""
     torch.manual_seed(0)
     model = build_model("yolo11n.yaml", 80)
     fp_counts = C.count(model)
-    manager = ShadowWeightManager(model)
     out = []
     for plan in STAGES:
-        manager.install(plan)
+        install_stage(model, plan)
         out.append(C.count(model))
     return fp_counts, out, model
 
@@ -61,10 +59,8 @@ def test_stage_plans_reproduce_reported_ratios(staged_models):
 def test_with_c2psa_bitlinear_about_2_13(staged_models):
     import copy
 
-    from src.quantization.c2psa_replace import replace_c2psa
-
     model = copy.deepcopy(staged_models[2])
-    assert len(replace_c2psa(model, "bitlinear_ttq")) == 5  # qkv, proj, pe, ffn.0, ffn.1 of the PSABlock
+    assert len(install_stage(model, c2psa_plan("bitlinear_ttq"))) == 5  # qkv, proj, pe, ffn.0, ffn.1 of the PSABlock
     c = C.count(model)
     assert c["ternary_params"] == 1_368_320 + 115_840
     # + the LayerNorms over each BitLinear's input channels (128, 128, 128, 128, 256); Ap/An are scales, not counted
@@ -106,7 +102,7 @@ def test_theoretical_sizes_and_coverage(staged_models):
 def test_stock_ternary_model_keeps_values():
     torch.manual_seed(1)
     model = build_model("yolo11n.yaml", 2)
-    ShadowWeightManager(model).install(STAGES[0])
+    install_stage(model, STAGES[0])
     stock = C.stock_ternary_model(model)
     assert stock is not model
     q = model.get_submodule("model.17.conv")
@@ -129,12 +125,11 @@ def test_load_pair_errors(tmp_path, tiny_fp_checkpoint):
 
 
 def test_size_report_and_format(tmp_path, tiny_fp_checkpoint):
-    from src.checkpoints import load_model
+    from yolo_tq.io import load_model
 
     model, _ = load_model(tiny_fp_checkpoint)
-    manager = ShadowWeightManager(model)
-    manager.install(STAGES[0])
-    q_path = save_stock_checkpoint(manager.export_ternary(), tmp_path / "ternary.pt")
+    install_stage(model, STAGES[0])
+    q_path = save_stock_checkpoint(export_ternary(model), tmp_path / "ternary.pt")
     baseline, quantized, stock = C.load_pair(tiny_fp_checkpoint, q_path)
     assert stock is quantized
     rep = C.size_report(baseline, quantized)
@@ -143,3 +138,29 @@ def test_size_report_and_format(tmp_path, tiny_fp_checkpoint):
     assert f"{rep['theoretical'][0]['ratio']:.2f}x" in text and "4.00x" in text
     assert rep["quantized"]["counts"]["ternary_params"] == 647_168
     assert C.stock_export_bytes(q_path, quantized, stock) == q_path.stat().st_size
+
+
+def test_real_files_and_packed_description(tmp_path, tiny_fp_checkpoint):
+    from yolo_tq.formats.packed import write_verified
+    from yolo_tq.io import load_model
+
+    model, _ = load_model(tiny_fp_checkpoint)
+    install_stage(model, STAGES[0])
+    q_path = save_stock_checkpoint(model, tmp_path / "train.pt")  # a training checkpoint: TTQConv2d layers
+    baseline, quantized, stock = C.load_pair(tiny_fp_checkpoint, q_path)
+    assert stock is not quantized
+    packed = C.packed_sizes(stock, "train.pt")
+    files = C.real_file_sizes(tiny_fp_checkpoint, q_path, quantized, stock, packed)
+    assert files["baseline_pt"] == tiny_fp_checkpoint.stat().st_size
+    assert files["packed_ternary_int8_rest"] == len(packed["int8"]) < files["packed_ternary_fp16_rest"] \
+        == len(packed["fp16"]) < files["stock_ternary_export_pt"]
+    path = tmp_path / "p.safetensors"
+    check = write_verified(stock, path, "int8", data=packed["int8"])
+    assert path.read_bytes() == packed["int8"] and check["ok"]
+    line = C.round_trip_line(path, "int8", check)
+    assert f"({len(packed['int8']):,} bytes, rest int8)" in line and f"{check['ternary']}/{check['ternary']} " in line
+    d = C.describe_packed(path)
+    assert d["bytes"] == len(packed["int8"]) and d["ternary_tensors"] == check["ternary"] > 0
+    assert d["source"] == "train.pt" and d["ternary_layers"] == [17, 19, 20, 22] and "yaml" not in d
+    assert C.format_packed(d).startswith(f"{path}: {len(packed['int8']):,} bytes, DetectionModel (nc=2), "
+                                         f"ternary layers [17, 19, 20, 22]")

@@ -1,4 +1,5 @@
-"""Packed ternary format: code packing, INT8 per channel, BN affine, file round trip, size budget, bad input."""
+"""Packed ternary format: code packing, INT8 per channel, BN affine, file round trip, size budget, bad input,
+and the size / pack commands."""
 
 from __future__ import annotations
 
@@ -12,22 +13,28 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import REPO, build_model
-from src.quantization import packing
-from src.quantization.shadow_weight_manager import LayerPlan, ShadowWeightManager
+from conftest import REPO, build_model, c2psa_plan, progressive_stage_plans
+from yolo_tq.formats import packed as packing
+from yolo_tq.quant.apply import export_ternary, install_stage, quantized_modules
+from yolo_tq.quant.layers import PackedBitLinear
 
-STAGE_PLANS = (LayerPlan((17, 19, 20, 22), True, 0.715), LayerPlan((7, 8, 9, 13, 16), False, 0.715),
-               LayerPlan((2, 3, 4, 5, 6), False, 0.7))
+STAGE_PLANS = progressive_stage_plans()
 
 
 def ternary_model(nc: int = 80, plans=STAGE_PLANS, export: bool = True):
     torch.manual_seed(0)
     model = build_model("yolo11n.yaml", nc)
     model.names = {i: f"c{i}" for i in range(nc)}
-    manager = ShadowWeightManager(model)
     for plan in plans:
-        manager.install(plan)
-    return (manager.export_ternary() if export else model).eval()
+        install_stage(model, plan)
+    return (export_ternary(model) if export else model).eval()
+
+
+def header_of(path) -> tuple[int, dict]:
+    """(header length, header JSON) of a safetensors file: the first 8 bytes give the header's length."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    return n, json.loads(raw[8:8 + n])
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +132,7 @@ def test_bn_affine_round_trip_computes_same_function():
 # ------------------------------------------------------------------------------------------------- whole models
 def payload_formula(model: nn.Module, rest: str) -> int:
     """Bytes of the tensors alone, by the format's definition (no header, no metadata)."""
-    from src.quantization.shadow_weight_manager import ternary_values
+    from yolo_tq.quant.ternary import ternary_values
 
     total = 0
     for name, m in model.named_modules():
@@ -146,23 +153,28 @@ def payload_formula(model: nn.Module, rest: str) -> int:
 @pytest.mark.parametrize("rest", ["int8", "fp16"])
 def test_file_size_matches_bit_budget(model80, tmp_path, rest):
     path = packing.write_packed(model80, tmp_path / f"{rest}.safetensors", rest)
-    size, formula = os.path.getsize(path), payload_formula(model80, rest)
-    assert formula <= size <= formula + 16_000, (size, formula)
-    tensors, meta = packing.read_packed(path)
-    n_tern = sum(math.prod(s) for _, p, s in meta["tensors"] if p == "ternary")
-    assert n_tern == 1_368_320
-    assert tensors["ternary.codes"].numel() * 8 / n_tern <= 1.6 + 1e-3  # 5 codes per byte
+    header_len, header = header_of(path)
+    assert os.path.getsize(path) - 8 - header_len == payload_formula(model80, rest)
+    assert header_len <= 40_000  # one header entry per stored tensor (343 for yolo11n) and the JSON metadata
+    tensors, _ = packing.read_packed(path)
+    ternary = [k for k, kind in packing.entry_kinds(tensors).items() if kind == "ternary"]
+    n_tern = sum(model80.state_dict()[k].numel() for k in ternary)
+    assert n_tern == 1_368_320 and len(ternary) == 34
+    code_bytes = sum(tensors[f"{k}.codes"].numel() for k in ternary)
+    assert code_bytes * 8 / n_tern <= 1.6 + 1e-3  # 5 codes per byte
+    assert all(header[f"{k}.codes"]["dtype"] == "U8" and header[f"{k}.scales"]["shape"] == [2] for k in ternary)
 
 
 def test_round_trip_ternary_identical_int8_within_step(model80, packed80):
     tensors, meta = packing.read_packed(packed80)
     model = packing.model_from_packed(tensors, meta)
     assert type(model).__name__ == "DetectionModel" and not model.training
-    check = packing.verify_round_trip(model80, model, meta)
+    check = packing.verify_round_trip(model80, model, tensors)
     assert check["ternary"] == 34 and check["ternary_identical"] == 34
     assert check["int8"] > 0 and check["int8_max_err_steps"] <= 0.5 + 1e-3 and check["ok"]
+    assert check["bn"] == sum(isinstance(m, nn.BatchNorm2d) for m in model80.modules())
     src, out = model80.state_dict(), model.state_dict()
-    for name, prec, _ in meta["tensors"]:
+    for name, prec in packing.entry_kinds(tensors).items():
         if prec == "ternary":
             assert torch.equal(src[name], out[name]), name
         elif prec == "int8":
@@ -192,33 +204,38 @@ def test_tensor_with_a_tiny_channel_keeps_fp32_scales(model80, tmp_path):
         conv.weight[5] = conv.weight[5].sign() * 1e-4  # its INT8 step would be subnormal in FP16
     path = packing.write_packed(model, tmp_path / "tiny.safetensors")
     tensors, meta = packing.read_packed(path)
-    tags = packing.precisions(meta)
-    assert tags["model.1.conv.weight"] == "int8_fp32scale" and tags["model.0.conv.weight"] == "int8"
-    assert tensors["int8.scales32"].numel() == conv.out_channels and tensors["int8.scales"].dtype == torch.float16
-    check = packing.verify_round_trip(model, packing.model_from_packed(tensors, meta), meta)
+    tags = packing.entry_kinds(tensors)
+    assert tags["model.1.conv.weight"] == tags["model.0.conv.weight"] == "int8"
+    assert tensors["model.1.conv.weight.scale"].dtype == torch.float32
+    assert tensors["model.1.conv.weight.scale"].shape == (conv.out_channels,)
+    assert tensors["model.0.conv.weight.scale"].dtype == torch.float16
+    check = packing.verify_round_trip(model, packing.model_from_packed(tensors, meta), tensors)
     assert check["ok"] and check["int8_max_err_steps"] <= 0.5 + 1e-3
     assert os.path.getsize(path) - os.path.getsize(packing.write_packed(model80, tmp_path / "m.safetensors")) < 200
 
 
 def test_training_model_is_packed_through_its_stock_export(tmp_path):
-    from src.compression import stock_ternary_model
+    from yolo_tq.eval.size import stock_ternary_model
 
     train_model = ternary_model(nc=2, plans=STAGE_PLANS[:1], export=False)
     with pytest.raises(packing.PackError, match="quantized training modules"):
         packing.pack_state(train_model)
     stock = stock_ternary_model(train_model)
     model = packing.load_packed(packing.write_packed(stock, tmp_path / "t.safetensors"))
-    for path, q in ShadowWeightManager(train_model).quantized.items():
+    for path, q in quantized_modules(train_model).items():
         assert torch.equal(model.get_submodule(path).weight, q.weight.detach()), path
 
 
 def test_loads_without_unpickling(packed80, monkeypatch):
     import pickle
 
-    raw = packed80.read_bytes()
-    header_len = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8:8 + header_len])
-    assert set(header) >= {"__metadata__", "ternary.codes", "int8.values", "fp16.values"}
+    _, header = header_of(packed80)
+    assert set(header) >= {"__metadata__", "model.2.m.0.cv1.conv.weight.codes", "model.2.m.0.cv1.conv.weight.scales",
+                           "model.0.conv.weight.int8", "model.0.conv.weight.scale", "model.0.bn.bn_scale",
+                           "model.0.bn.bn_shift", "model.23.dfl.conv.weight"}
+    assert header["model.0.conv.weight.int8"] == {**header["model.0.conv.weight.int8"], "dtype": "I8",
+                                                  "shape": [16, 3, 3, 3]}
+    assert json.loads(header["__metadata__"][packing.META_KEY])["format_version"] == packing.FORMAT_VERSION == 2
 
     def refuse(*a, **k):
         raise AssertionError("unpickling attempted")
@@ -240,6 +257,17 @@ def test_refuses_non_ternary_and_bad_options():
         packing.pack_state(fp, rest="int4")
     with pytest.raises(packing.PackError, match="cannot pack a Conv2d"):
         packing.pack_state(nn.Conv2d(3, 3, 3))
+    tensors, meta = packing.pack_state(fp, require_ternary=False)  # INT8 / FP16 only
+    assert meta["ternary_layers"] == [] and set(packing.entry_kinds(tensors).values()) == {"int8", "fp16", "bn"}
+
+
+def test_refuses_a_state_key_with_a_reserved_suffix(model80):
+    import copy
+
+    model = copy.deepcopy(model80)
+    model.model[1].register_buffer("codes", torch.zeros(3))
+    with pytest.raises(packing.PackError, match="reserves"):
+        packing.pack_state(model)
 
 
 def test_corrupt_truncated_and_foreign_files(packed80, tmp_path):
@@ -267,42 +295,64 @@ def _rewrite(tensors, meta, path):
     return path
 
 
-def test_metadata_that_does_not_match_tensors(packed80, tmp_path):
+CODES, INT8 = "model.2.m.0.cv1.conv.weight.codes", "model.0.conv.weight.int8"
+RECORD = {"kind": "bitlinear", "source_class": "BitLinear_TTQ", "act_bits": 8, "per_token": True,
+          "restore_token_stats": True, "norm_eps": 1e-5}
+CORRUPTIONS = {  # name -> (change to the tensors and metadata, message)
+    "missing entry": (lambda t, m: t.pop("model.0.bn.bn_shift"), "'model.0.bn.bn_shift' is missing"),
+    "int8 as float": (lambda t, m: t.update({INT8: t[INT8].float()}), "is torch.float32, the format stores it as "
+                                                                      "torch.int8"),
+    "codes as int16": (lambda t, m: t.update({CODES: t[CODES].to(torch.int16)}), "stores it as torch.uint8"),
+    "bn as float32": (lambda t, m: t.update({"model.0.bn.bn_scale": t["model.0.bn.bn_scale"].float()}),
+                      "stores it as torch.float16"),
+    "fp16 as int": (lambda t, m: t.update({"model.23.dfl.conv.weight": t["model.23.dfl.conv.weight"].long()}),
+                    "stores it as torch.float16"),
+    "int8 shape": (lambda t, m: t.update({INT8: t[INT8][:, :2].contiguous()}), r"has shape \[16, 2, 3, 3\], the "
+                                                                               r"model built from the yaml needs"),
+    "one code byte short": (lambda t, m: t.update({CODES: t[CODES][:-1].contiguous()}), "has shape"),
+    "scales shape": (lambda t, m: t.update({"model.0.conv.weight.scale": torch.ones(3, dtype=torch.float16)}),
+                     r"needs \[16\]"),
+    "extra tensor": (lambda t, m: t.update({"extra": torch.zeros(1)}), r"no place for: \['extra'\]"),
+    "not base 3": (lambda t, m: t.update({CODES: torch.full_like(t[CODES], 250)}), "base-3"),
+    "negative scale": (lambda t, m: t.update({CODES[:-6] + ".scales": torch.tensor([-1.0, 0.5])}),
+                       "finite and >= 0"),
+    "version": (lambda t, m: m.update({"format_version": 1}), "format version 1 is not supported"),
+    "bad record": (lambda t, m: m.update({"modules": {"model.0.conv": {**RECORD, "act_bits": 99}}}),
+                   "bad settings"),
+    "record path": (lambda t, m: m.update({"modules": {"model.99.conv": RECORD}}), "'model.99.conv', which"),
+}
+
+
+@pytest.fixture(scope="module")
+def rebuilt80(packed80):
+    """The model packed80's metadata describes, built once (load_packed's first step)."""
+    return packing.build_model(packing.read_packed(packed80)[1])
+
+
+@pytest.mark.parametrize("case", list(CORRUPTIONS))
+def test_corrupt_entry_is_a_one_line_pack_error(packed80, rebuilt80, tmp_path, case):
+    """Each step of load_packed after building the model: read, install BitLinear records, decode."""
     tensors, meta = packing.read_packed(packed80)
-    cases = []
-    m = json.loads(json.dumps(meta))
-    m["tensors"] = m["tensors"][:-1]  # one tensor fewer than the blobs hold
-    cases.append((m, tensors, "does not match"))
-    m = json.loads(json.dumps(meta))
-    first_tern = next(e for e in m["tensors"] if e[1] == "ternary")
-    first_tern[2] = [first_tern[2][0] + 5] + first_tern[2][1:]
-    cases.append((m, tensors, "does not match"))
-    m = json.loads(json.dumps(meta))
-    m["yaml"]["nc"] = 3
-    m["nc"] = 3
-    cases.append((m, tensors, "does not match|shape"))
-    m = json.loads(json.dumps(meta))
-    m["format_version"] = 99
-    cases.append((m, tensors, "version"))
-    m = json.loads(json.dumps(meta))
-    m["tensors"][0][1] = "int3"
-    cases.append((m, tensors, "unknown precision"))
-    t2 = dict(tensors)
-    t2["extra"] = torch.zeros(1)
-    cases.append((meta, t2, "does not describe"))
-    t3 = dict(tensors)
-    t3["ternary.codes"] = t3["ternary.codes"].clone()
-    t3["ternary.codes"][0] = 250
-    cases.append((meta, t3, "base-3"))
-    t4 = dict(tensors)
-    t4["int8.values"] = t4["int8.values"].float()
-    cases.append((meta, t4, "stores it as"))
-    m = json.loads(json.dumps(meta))
-    m["tensors"][0][2] = "3x3"
-    cases.append((m, tensors, "not \\[name, precision, shape\\]"))
-    for i, (m, t, pattern) in enumerate(cases):
-        with pytest.raises(packing.PackError, match=pattern):
-            packing.load_packed(_rewrite(t, m, tmp_path / f"bad{i}.safetensors"))
+    change, pattern = CORRUPTIONS[case]
+    change(tensors, meta)
+    path = _rewrite(tensors, meta, tmp_path / "bad.safetensors")
+    with pytest.raises(packing.PackError, match=pattern) as e:
+        tensors, meta = packing.read_packed(path)
+        packing.install_packed_modules(rebuilt80, meta["modules"])
+        packing.decode_state(tensors, rebuilt80)
+    assert "\n" not in str(e.value)
+
+
+def test_corrupt_file_fails_in_load_packed(packed80, tmp_path):
+    tensors, meta = packing.read_packed(packed80)
+    bad = json.loads(json.dumps(meta))
+    bad.update({"nc": 3, "yaml": {**meta["yaml"], "nc": 3}})
+    with pytest.raises(packing.PackError, match=r"model.23.cv3.* has shape \[80\], the model built from the yaml"):
+        packing.load_packed(_rewrite(tensors, bad, tmp_path / "nc.safetensors"))
+    tensors[INT8] = tensors[INT8].float()
+    with pytest.raises(packing.PackError, match="int8.*stores it as torch.int8") as e:
+        packing.load_packed(_rewrite(tensors, meta, tmp_path / "dtype.safetensors"))
+    assert str(e.value).startswith(str(tmp_path / "dtype.safetensors")) and "\n" not in str(e.value)
 
 
 # --------------------------------------------------------------------------------------------------------- CLI
@@ -327,17 +377,44 @@ def cli(monkeypatch, capsys):
     return run
 
 
+@pytest.fixture
+def yolo_tq(capsys):
+    """Run the `yolo-tq` console script in this process."""
+    from yolo_tq.cli import main
+
+    def run(*args):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exc:
+            main(list(map(str, args)))
+        out, err = capsys.readouterr()
+        return CliResult(exc.value.code, out, err)
+
+    return run
+
+
 @pytest.fixture(scope="module")
 def tiny_ternary_checkpoint(tiny_fp_checkpoint, tmp_path_factory):
-    from src.checkpoints import load_model, save_stock_checkpoint
+    from yolo_tq.io import load_model, save_stock_checkpoint
 
     model, _ = load_model(tiny_fp_checkpoint)
-    manager = ShadowWeightManager(model)
     for plan in STAGE_PLANS:
-        manager.install(plan)
+        install_stage(model, plan)
     d = tmp_path_factory.mktemp("tern")
     return {"train": save_stock_checkpoint(model, d / "train.pt"),
-            "stock": save_stock_checkpoint(manager.export_ternary(), d / "ternary.pt")}
+            "stock": save_stock_checkpoint(export_ternary(model), d / "ternary.pt")}
+
+
+def assert_unpacked_holds(pt, packed):
+    """The unpacked .pt holds the packed file's model: same ternary weights (saved in FP16, as Ultralytics saves)."""
+    from yolo_tq.io import load_model
+
+    model, ckpt = load_model(pt)
+    tensors, meta = packing.read_packed(packed)
+    ref = packing.model_from_packed(tensors, meta).state_dict()
+    ternary = [k for k, kind in packing.entry_kinds(tensors).items() if kind == "ternary"]
+    assert len(ternary) == 34 and ckpt["packed_source"] == str(packed)
+    for k in ternary:
+        assert torch.equal(model.state_dict()[k], ref[k].half().float()), k
 
 
 def test_cli_pack_unpack_validate(cli, tiny_fp_checkpoint, tiny_ternary_checkpoint, tiny_data, tmp_path,
@@ -345,22 +422,50 @@ def test_cli_pack_unpack_validate(cli, tiny_fp_checkpoint, tiny_ternary_checkpoi
     monkeypatch.chdir(tmp_path)  # Ultralytics writes its validation folder under the working directory
     out, js, pt = tmp_path / "m.safetensors", tmp_path / "r.json", tmp_path / "u.pt"
     r = cli("--baseline", tiny_fp_checkpoint, "--quantized", tiny_ternary_checkpoint["train"], "--pack", out,
-             "--json", js)
+            "--json", js)
     assert r.returncode == 0, r.stderr
     assert "34/34 ternary tensors identical" in r.stdout
     rep = json.loads(js.read_text())
     assert rep["quantized"]["counts"]["ternary_params"] == 1_368_320
     assert f"{rep['theoretical'][0]['ratio']:.2f}x" in r.stdout
-    assert rep["packed"]["bytes"] == os.path.getsize(out)
-    assert abs(rep["files"]["packed_ternary_int8_rest"] - os.path.getsize(out)) < 200  # differ by the source name
+    assert rep["packed"]["bytes"] == os.path.getsize(out) == rep["files"]["packed_ternary_int8_rest"]
+    assert rep["packed"]["round_trip"]["ok"] and rep["packed"]["rest"] == "int8"
     assert rep["files"]["packed_ternary_int8_rest"] < rep["files"]["packed_ternary_fp16_rest"] \
         < rep["files"]["stock_ternary_export_pt"]
-    r = cli("--unpack", out, "--unpacked-pt", pt, "--val-data", tiny_data, "--imgsz", 64, "--device", "cpu")
+    r = cli("--unpack", out, "--unpacked-pt", pt, "--val-data", tiny_data, "--imgsz", 64, "--device", "cpu",
+            "--json", js)
     assert r.returncode == 0, r.stderr
-    assert pt.is_file() and "mAP50-95" in r.stdout
+    assert_unpacked_holds(pt, out)
+    rep = json.loads(js.read_text())
+    assert rep["packed"]["ternary_tensors"] == 34 and rep["packed"]["bytes"] == os.path.getsize(out)
+    m = rep["validation"]["unpacked"]["mAP50-95"]
+    assert 0.0 <= m <= 1.0 and f"mAP50-95 {m:.4f}" in r.stdout
 
 
-def test_cli_errors(cli, tiny_fp_checkpoint, tmp_path):
+def test_pack_command_packs_and_unpacks(yolo_tq, tiny_ternary_checkpoint, tmp_path):
+    out, out16, pt = tmp_path / "p.safetensors", tmp_path / "p16.safetensors", tmp_path / "p.pt"
+    r = yolo_tq("pack", tiny_ternary_checkpoint["train"], out)
+    assert r.returncode == 0, r.stderr
+    assert "34/34 ternary tensors identical" in r.stdout
+    _, meta = packing.read_packed(out)
+    assert meta["rest_precision"] == "int8" and meta["source"] == "train.pt"
+    assert yolo_tq("pack", tiny_ternary_checkpoint["stock"], out16, "--fp16-rest").returncode == 0
+    assert packing.read_packed(out16)[1]["rest_precision"] == "fp16" and out16.stat().st_size > out.stat().st_size
+    r = yolo_tq("pack", "--unpack", out, "--out", pt)
+    assert r.returncode == 0, r.stderr
+    assert_unpacked_holds(pt, out)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    for args, words in ((("pack", out), "CKPT OUT"), (("pack", "--unpack", out), "needs --out"),
+                        (("pack", "--unpack", out, "--out", pt, "--fp16-rest"), "takes no"),
+                        (("pack", tiny_ternary_checkpoint["train"], blocker / "p.safetensors"),
+                         "cannot write the packed file"),
+                        (("pack", tmp_path, out), "is a folder, not a file")):
+        r = yolo_tq(*args)
+        assert r.returncode == 2 and words in r.stderr and r.stderr.strip().splitlines()[-1].startswith("error:")
+
+
+def test_cli_errors(cli, tiny_fp_checkpoint, packed80, tmp_path):
     r = cli("--baseline", tiny_fp_checkpoint, "--quantized", tiny_fp_checkpoint)
     assert r.returncode == 2 and r.stderr.strip().startswith("error:") and "no ternary" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
@@ -368,6 +473,11 @@ def test_cli_errors(cli, tiny_fp_checkpoint, tmp_path):
     bad.write_bytes(b"\x00" * 100)
     r = cli("--unpack", bad)
     assert r.returncode == 2 and "corrupt or truncated" in r.stderr
+    tensors, meta = packing.read_packed(packed80)
+    tensors[INT8] = tensors[INT8].float()
+    r = cli("--unpack", _rewrite(tensors, meta, bad))
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "stores it as torch.int8" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1  # no traceback
     foreign = tmp_path / "foreign.pt"
     torch.save({"weights": torch.zeros(3)}, foreign)
     r = cli("--baseline", tiny_fp_checkpoint, "--quantized", foreign)
@@ -378,48 +488,50 @@ def test_cli_errors(cli, tiny_fp_checkpoint, tmp_path):
 
 # -------------------------------------------------------------------------------------------- on ../shared data
 def test_shared_stage_1_3_packs_under_target(shared_weights, tmp_path):
-    from src.checkpoints import load_model
+    from yolo_tq.io import load_model
 
     model, _ = load_model(shared_weights)
-    manager = ShadowWeightManager(model)
     for plan in STAGE_PLANS:
-        manager.install(plan)
-    stock = manager.export_ternary()
+        install_stage(model, plan)
+    stock = export_ternary(model)
     path = packing.write_packed(stock, tmp_path / "s3.safetensors")
     assert os.path.getsize(path) <= 1_600_000
     tensors, meta = packing.read_packed(path)
-    assert packing.verify_round_trip(stock, packing.model_from_packed(tensors, meta), meta)["ok"]
+    assert packing.verify_round_trip(stock, packing.model_from_packed(tensors, meta), tensors)["ok"]
 
 
 def test_loader_needs_no_training_code(packed80):
-    code = ("import sys; from src.quantization.packing import load_packed; m = load_packed(sys.argv[1]); "
-            "bad = [k for k in sys.modules if k.startswith(('src.training', 'src.quantization.ttq_conv', "
-            "'src.quantization.shadow_weight_manager'))]; print(type(m).__name__, bad)")
+    code = ("import sys; from yolo_tq.formats.packed import load_packed; m = load_packed(sys.argv[1]); "
+            "bad = [k for k in sys.modules if k.startswith(('yolo_tq.train', 'yolo_tq.config', "
+            "'ultralytics.engine.trainer'))]; print(type(m).__name__, bad, 'yolo_tq.quant.apply' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code, str(packed80)], capture_output=True, text=True, cwd=REPO,
                        env={**os.environ, "YOLO_OFFLINE": "1"}, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip().splitlines()[-1] == "DetectionModel []"
+    assert r.stdout.strip().splitlines()[-1] == "DetectionModel [] True"  # modules go in through quantize_
 
 
 @pytest.mark.parametrize("mode", ["bitlinear_ttq", "bitlinear_standard"])
 def test_bitlinear_layers_round_trip(tmp_path, mode):
-    from src.checkpoints import load_model, save_stock_checkpoint
-    from src.compression import stock_ternary_model
-    from src.quantization.c2psa_replace import replace_c2psa
+    from yolo_tq.eval.size import stock_ternary_model
+    from yolo_tq.io import load_model, save_stock_checkpoint
 
     train_model = ternary_model(nc=2, plans=STAGE_PLANS[:1], export=False)
-    paths = replace_c2psa(train_model, mode)
+    paths = install_stage(train_model, c2psa_plan(mode))
     stock = stock_ternary_model(train_model).eval()
     path = packing.write_packed(stock, tmp_path / "bl.safetensors", "fp16")
     tensors, meta = packing.read_packed(path)
-    assert sorted(meta["modules"]) == sorted(paths)
+    assert sorted(meta["modules"]) == sorted(paths) and len(paths) == 5
+    assert {r["source_class"] for r in meta["modules"].values()} == {type(train_model.get_submodule(paths[0])).__name__}
     model = packing.model_from_packed(tensors, meta)
-    check = packing.verify_round_trip(stock, model, meta)
+    check = packing.verify_round_trip(stock, model, tensors)
     assert check["ternary"] == check["ternary_identical"] == 15 + 5 and check["ok"]
     for p in paths:
         q = model.get_submodule(p)
-        assert type(q) is packing.PackedBitLinear and torch.equal(q.weight, stock.get_submodule(p).weight.detach())
-        assert f"{p}.latent_weight" in model.state_dict() and f"{p}.wp" not in model.state_dict()
+        assert type(q) is PackedBitLinear and torch.equal(q.weight, stock.get_submodule(p).weight.detach())
+        assert f"{p}.latent_weight" in model.state_dict() and f"{p}.quantizer.wp" not in model.state_dict()
+        src_spec = stock.get_submodule(p).spec
+        assert (q.spec.act_bits, q.spec.act_per_token, q.spec.restore_token_stats) == \
+            (src_spec.act_bits, src_spec.act_per_token, src_spec.restore_token_stats)
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         a, b = stock(x)[0], model(x)[0]

@@ -1,8 +1,10 @@
-"""Theoretical model sizes and compression ratios, coverage, and per-layer rows: pure functions over a model.
+"""Model sizes: theoretical sizes and compression ratios, coverage and per-layer rows (pure functions over a
+model), and the real files (checkpoints, the packed file) that `yolo-tq size` and `yolo-tq pack` report.
 
-Ternary layers are judged from the weights themselves (src.report.conv_rows). The original reports' definition:
-baseline at 32 bits per parameter; quantized model at 2 bits per ternary weight and 32 bits per other parameter.
-Parameters are the model's parameters without the learned ternary scales (Wp/Wn, Ap/An), as in src.report.totals.
+Ternary layers are judged from the weights themselves (yolo_tq.eval.layers.conv_rows). The original reports'
+definition: baseline at 32 bits per parameter; quantized model at 2 bits per ternary weight and 32 bits per other
+parameter. Parameters are the model's parameters without the learned ternary scales (Wp/Wn, Ap/An), as in
+yolo_tq.eval.layers.totals.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from .report import conv_rows, totals
+from .layers import conv_rows, totals
 
 LOG2_3 = math.log2(3)
 
@@ -49,15 +51,15 @@ def compression_ratio(baseline_params: int, params: int, ternary_params: int, bu
 
 
 def count(model: nn.Module, rows: list[dict] | None = None) -> dict:
-    """Parameter and conv counts, ternary ones judged from the weights (see src.report.totals); `rows` are
-    src.report.conv_rows(model) if already computed."""
+    """Parameter and conv counts, ternary ones judged from the weights (see yolo_tq.eval.layers.totals); `rows` are
+    yolo_tq.eval.layers.conv_rows(model) if already computed."""
     return totals(model, conv_rows(model) if rows is None else rows)
 
 
 def layer_rows(model: nn.Module, budget: BitBudget = BUDGETS[0], rows: list[dict] | None = None) -> list[dict]:
     """One row per yaml layer (model.model[i]): type, parameters, ternary parameters, convs, ternary convs, and the
     bits this layer takes under `budget` (Wp/Wn and other learned scales are not counted as parameters)."""
-    from .quantization.shadow_weight_manager import scale_parameters
+    from ..quant.apply import scale_parameters
 
     scale_ids = {id(p) for p in scale_parameters(model)}
     by_layer: dict[int, list[dict]] = {}
@@ -95,9 +97,9 @@ def theoretical_sizes(baseline_params: int, params: int, ternary_params: int, bu
 def stock_ternary_model(model: nn.Module) -> nn.Module:
     """The model with every quantized training module (TTQConv2d, ...) replaced by its stock export; the model
     itself if it holds none."""
-    from .quantization.shadow_weight_manager import ShadowWeightManager, quantized_modules
+    from ..quant.apply import export_ternary, quantized_modules
 
-    return ShadowWeightManager(model).export_ternary() if quantized_modules(model) else model
+    return export_ternary(model) if quantized_modules(model) else model
 
 
 def size_report(baseline: nn.Module, quantized: nn.Module) -> dict:
@@ -118,14 +120,14 @@ def _architecture(model: nn.Module) -> tuple:
 def load_pair(baseline_path, quantized_path) -> tuple[nn.Module, nn.Module, nn.Module]:
     """(baseline model, quantized model as stored, its stock ternary form) from two checkpoints of one
     architecture; the quantized one must hold ternary weights (judged from the weights)."""
-    from .checkpoints import CheckpointError, load_model
+    from ..io import CheckpointError, load_model
 
     baseline, _ = load_model(baseline_path)
     quantized, _ = load_model(quantized_path)
     if _architecture(baseline) != _architecture(quantized):
         raise CheckpointError(f"{baseline_path} and {quantized_path} are not the same architecture "
                               f"(yaml or number of classes differ)")
-    from .quantization.packing import is_ternary_tensor
+    from ..formats.packed import is_ternary_tensor
 
     if not any(is_ternary_tensor(m.weight) for m in quantized.modules() if isinstance(m, nn.Conv2d)):
         raise CheckpointError(f"{quantized_path} holds no ternary weights (judged from the weights): "
@@ -135,11 +137,11 @@ def load_pair(baseline_path, quantized_path) -> tuple[nn.Module, nn.Module, nn.M
 
 def stock_export_bytes(quantized_path, quantized: nn.Module, stock: nn.Module) -> int:
     """Bytes of the stock-YOLO ternary export: the file itself if it already is one, else the size that
-    src.checkpoints.save_stock_checkpoint writes for the exported model."""
+    yolo_tq.io.save_stock_checkpoint writes for the exported model."""
     import os
     import tempfile
 
-    from .checkpoints import save_stock_checkpoint
+    from ..io import save_stock_checkpoint
 
     if stock is quantized:
         return os.path.getsize(quantized_path)
@@ -147,8 +149,75 @@ def stock_export_bytes(quantized_path, quantized: nn.Module, stock: nn.Module) -
         return os.path.getsize(save_stock_checkpoint(stock, os.path.join(d, "ternary.pt")))
 
 
+def packed_sizes(stock: nn.Module, source: str | None) -> dict[str, bytes]:
+    """The packed file of a stock ternary model with each rest precision: rest -> bytes."""
+    from ..formats.packed import REST_PRECISIONS, pack_bytes
+
+    return {rest: pack_bytes(stock, rest, source=source) for rest in REST_PRECISIONS}
+
+
+def real_file_sizes(baseline_path, quantized_path, quantized: nn.Module, stock: nn.Module,
+                    packed: dict[str, bytes]) -> dict[str, int]:
+    """Bytes on disk: baseline .pt, stock ternary export .pt, and the packed file with INT8 and FP16 rest."""
+    import os
+
+    return {"baseline_pt": os.path.getsize(baseline_path),
+            "stock_ternary_export_pt": stock_export_bytes(quantized_path, quantized, stock),
+            **{f"packed_ternary_{rest}_rest": len(data) for rest, data in packed.items()}}
+
+
+def round_trip_line(path, rest: str, check: dict) -> str:
+    """One line: the packed file, its size and its round-trip check (yolo_tq.formats.packed.verify_round_trip)."""
+    import os
+
+    return (f"packed: {path} ({os.path.getsize(path):,} bytes, rest {rest}); round trip: "
+            f"{check['ternary_identical']}/{check['ternary']} ternary tensors identical, INT8 max error "
+            f"{check['int8_max_err_steps']:.3f} step, FP16 max rel. error {check['fp16_max_rel_err']:.1e}")
+
+
+def describe_packed(path) -> dict:
+    """A packed file checked by rebuilding its model: path, bytes, ternary tensors and its metadata (no yaml)."""
+    import os
+
+    from ..formats.packed import entry_kinds, model_from_packed, read_packed
+
+    tensors, meta = read_packed(path)
+    model_from_packed(tensors, meta, source=str(path))
+    kinds = entry_kinds(tensors)
+    return {"path": str(path), "bytes": os.path.getsize(path),
+            "ternary_tensors": sum(k == "ternary" for k in kinds.values()),
+            **{k: v for k, v in meta.items() if k != "yaml"}}
+
+
+def format_packed(d: dict) -> str:
+    """One line of describe_packed's result."""
+    return (f"{d['path']}: {d['bytes']:,} bytes, {d['model_class']} (nc={d['nc']}), ternary layers "
+            f"{d['ternary_layers']}, {d['ternary_tensors']} ternary tensors, rest {d['rest_precision']}")
+
+
+def validate_unpacked(packed_path, unpacked_pt, val_data, imgsz: int, batch: int, device,
+                      source_ckpt=None) -> dict:
+    """Unpack to an Ultralytics .pt (at `unpacked_pt`, else a temporary file) and, with `val_data`, validate it
+    and the checkpoint it was packed from. Returns {'unpacked': row, 'before_packing': row} (rows present only
+    when validated)."""
+    import os
+    import tempfile
+
+    from ..formats.packed import unpack_to_checkpoint
+    from .validate import validate
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pt = unpack_to_checkpoint(packed_path, unpacked_pt or os.path.join(tmp, "unpacked.pt"))
+        if not val_data:
+            return {}
+        rows = {"unpacked": validate(str(pt), val_data, imgsz, batch, device)}
+    if source_ckpt:
+        rows["before_packing"] = validate(str(source_ckpt), val_data, imgsz, batch, device)
+    return rows
+
+
 def format_size_report(rep: dict) -> str:
-    """Human-readable tables of a report built by compression_calculation.py."""
+    """Human-readable tables of a size report (yolo-tq size)."""
     lines = [f"{'layer':>5} {'type':<10} {'params':>10} {'ternary':>10} {'convs':>6} {'tern':>5} "
              f"{'bits (paper)':>13}"]
     for r in rep["quantized"]["layers"]:
@@ -169,23 +238,3 @@ def format_size_report(rep: dict) -> str:
         if b is not None:
             lines.append(f"{name:<38} {b:>12,} {b / 1e6:>8.3f} {base / b:>11.2f}x")
     return "\n".join(lines)
-
-
-def write_json(obj: dict, path) -> str:
-    """Write JSON atomically (temporary file in the same folder, then rename)."""
-    import json
-    import os
-    import tempfile
-
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return str(path)

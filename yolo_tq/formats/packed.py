@@ -1,59 +1,60 @@
 """Packed ternary format: a real on-disk encoding of a ternary YOLO model, and the loader that undoes it.
 
-One file, safetensors (no pickle), holding a few flat blobs and JSON metadata under the header key `yolo_tq`:
+One safetensors file (no pickle) with one tensor per entry, so that safetensors itself records and checks every
+dtype, shape and offset, and JSON metadata under the header key `yolo_tq`. For a state-dict key K:
 
-  ternary.codes   uint8    ternary weights as base-3 codes, 5 per byte (1.6 bits each); 0 -> 0, 1 -> +Wp, 2 -> -Wn;
-                           each tensor padded to a whole byte
-  ternary.scales  float32  (Wp, Wn) per ternary tensor
-  int8.values     int8     other weights (ndim >= 2), symmetric per output channel, codes in [-127, 127]
-  int8.scales     float16  a scale per output channel
-  int8.scales32   float32  the same for a tensor tagged int8_fp32scale (a scale would overflow FP16 or be subnormal)
-  fp16.values     float16  everything else: biases, BatchNorm as a per-channel affine pair (see below), the
-                           DFL projection (a fixed 0..15 ramp that INT8 would not keep exact), and, with
-                           rest="fp16", the other weights too
-  raw.<key>       any      non-float tensors other than BatchNorm's num_batches_tracked (kept as they are)
+  K.codes, K.scales    ternary weight: uint8 base-3 codes, 5 per byte (1.6 bits each; 0 -> 0, 1 -> +Wp, 2 -> -Wn,
+                       padded to a whole byte), and float32 (Wp, Wn)
+  K.int8, K.scale      other weights (ndim >= 2): int8 codes in [-127, 127] of K's shape, symmetric per output
+                       channel, and a float16 scale per output channel (float32 where one would overflow FP16 or
+                       be subnormal)
+  K                    everything else: float16 (biases, the DFL projection, a fixed 0..15 ramp INT8 would not keep
+                       exact, and with rest="fp16" the other weights too); non-float tensors as they are
+  P.bn_scale, P.bn_shift   BatchNorm module P as the FP16 affine pair y = x*scale + shift (see below)
 
-The metadata lists every stored tensor in blob order as [name, precision, shape] (precision: ternary | int8 |
-int8_fp32scale | fp16 | bn_affine_fp16 | raw), plus the architecture yaml, class names, stride and which yaml layers hold ternary
-tensors. A new kind of tensor is a new precision tag and its decoder, without touching the others.
-
-BitLinear layers (BitLinear_TTQ, standard BitLinear in C2PSA) are stored as their ternary weight (codes + Ap/An,
-or β twice), bias, LayerNorm weight/bias and out_scale in FP16, and a record under `modules` (path -> act_bits,
-per_token, restore_token_stats, LayerNorm eps); their training state (latent weight, threshold) is not stored.
-The loader puts a PackedBitLinear (fixed ternary weight, BitLinear's activation path) at those paths.
-TTQConv2d training modules are not packed directly: pack the stock ternary export (plain convs).
+The metadata holds the format version, the architecture yaml, class names, stride, the rest precision, which yaml
+layers hold ternary weights, and `modules`: a record per BitLinear layer (path -> act_bits, per_token,
+restore_token_stats, LayerNorm eps). A BitLinear layer (BitLinear_TTQ, standard BitLinear in C2PSA) is stored as its
+ternary weight (P.weight.codes, P.weight.scales: Ap/An, or β twice), and its bias, LayerNorm and out_scale in FP16;
+its training state (latent weight, threshold) is not stored. The loader puts a PackedBitLinear (fixed ternary
+weight, BitLinear's activation path) at those paths through quantize_. TTQConv2d training modules are not packed
+directly: pack the stock ternary export (plain convs).
 
 BatchNorm is not folded into the convs: folding multiplies each output channel by its own factor, so a ternary
-conv would stop being {-Wn, 0, +Wp}. Instead each BN is stored as y = x*scale + shift (two FP16 vectors instead of
-four) and restored as weight=scale, bias=shift, running_mean=0, running_var=1-eps, which computes the same
-function in eval mode. The file is an inference artifact: fine-tune from the .pt, not from an unpacked model.
+conv would stop being {-Wn, 0, +Wp}. Each BN is restored as weight=scale, bias=shift, running_mean=0,
+running_var=1-eps, which computes the same function in eval mode. The file is an inference artifact: fine-tune
+from the .pt, not from an unpacked model.
 
-The loader rebuilds an ordinary Ultralytics model from the yaml (plus PackedBitLinear layers where the metadata
-names them) and loads the decoded tensors: no training code.
+The loader rebuilds an ordinary Ultralytics model from the yaml, takes every tensor it needs by name (checking its
+dtype and the shape the rebuilt model needs) and refuses a file holding tensors the model has no place for.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
-import os
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from ..checkpoints import CheckpointError
-from .bitlinear_base import BitConv2dBase
+from ..io import CheckpointError, atomic_write_bytes
+from ..quant.apply import is_quantized, paths_filter, quantize_, register_builder
+from ..quant.layers import BitConv2d, PackedBitLinear
+from ..quant.spec import QuantSpec
+from ..quant.ternary import ternary_values
 
 FORMAT_NAME = "yolo-tq-packed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: concatenated blobs indexed by a JSON list; 2: one safetensors tensor per entry
 META_KEY = "yolo_tq"
 TRITS_PER_BYTE = 5  # 3**5 = 243 <= 256
 REST_PRECISIONS = ("int8", "fp16")
 SUPPORTED_MODEL_CLASSES = ("DetectionModel",)
 _POW3 = torch.tensor([3**i for i in range(TRITS_PER_BYTE)], dtype=torch.int16)
-_BLOBS = ("ternary.codes", "ternary.scales", "int8.values", "int8.scales", "int8.scales32", "fp16.values")
+KIND_SUFFIXES = {"ternary": (".codes", ".scales"), "int8": (".int8", ".scale"), "bn": (".bn_scale", ".bn_shift")}
+RESERVED_SUFFIXES = tuple(s for pair in KIND_SUFFIXES.values() for s in pair)
 
 
 class PackError(CheckpointError):
@@ -143,10 +144,8 @@ def bn_from_affine(scale, shift, eps: float) -> dict[str, torch.Tensor]:
 
 # ------------------------------------------------------------------------------------------------------ packing
 def is_ternary_tensor(w: torch.Tensor) -> bool:
-    """The project's rule (shadow_weight_manager.ternary_values), after a cheap reject: a tensor whose first 64
+    """The project's rule (yolo_tq.quant.ternary.ternary_values), after a cheap reject: a tensor whose first 64
     values already hold more than three distinct ones is not ternary, so it need not be sorted whole."""
-    from .shadow_weight_manager import ternary_values
-
     if torch.unique(w.detach().reshape(-1)[:64]).numel() > 3:
         return False
     return ternary_values(w) is not None
@@ -154,20 +153,11 @@ def is_ternary_tensor(w: torch.Tensor) -> bool:
 
 def is_bitlinear(m: nn.Module) -> bool:
     """A BitLinear convolution of this project (BitLinear_TTQ, standard BitLinear, or a PackedBitLinear)."""
-    return isinstance(m, BitConv2dBase)
+    return isinstance(m, BitConv2d)
 
 
-class PackedBitLinear(BitConv2dBase):
-    """A BitLinear convolution rebuilt from a packed file: the ternary weight is fixed (held in `latent_weight`; no
-    scales, no threshold), the activation path is BitLinear's (LayerNorm, 8-bit absmax codes; bitlinear_base)."""
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.latent_weight
-
-
-def _module_of(model: nn.Module) -> dict[str, nn.Module]:
-    return dict(model.named_modules())
+def _is_bn(m: nn.Module) -> bool:
+    return isinstance(m, nn.modules.batchnorm._BatchNorm)
 
 
 def _inside_dfl(path: str, modules: dict[str, nn.Module]) -> bool:
@@ -176,11 +166,17 @@ def _inside_dfl(path: str, modules: dict[str, nn.Module]) -> bool:
     return any(type(modules.get(".".join(parts[:i]))).__name__ == "DFL" for i in range(1, len(parts) + 1))
 
 
+def _owner(key: str, owners: dict[str, nn.Module]) -> str | None:
+    """The path in `owners` that `key` lies under, if any."""
+    parts = key.split(".")
+    return next((p for p in (".".join(parts[:i]) for i in range(1, len(parts))) if p in owners), None)
+
+
 def _to_fp16(t: torch.Tensor, name: str) -> torch.Tensor:
-    h = t.detach().float().half()
+    h = t.detach().cpu().float().half().contiguous()
     if not torch.isfinite(h).all() and torch.isfinite(t).all():
         raise PackError(f"{name} has values beyond the FP16 range")
-    return h.reshape(-1)
+    return h
 
 
 def _layer_of(name: str) -> int | None:
@@ -195,12 +191,75 @@ def check_packable(model: nn.Module) -> None:
         raise PackError(f"cannot pack a {name}: supported model classes are {', '.join(SUPPORTED_MODEL_CLASSES)}")
     if not isinstance(getattr(model, "yaml", None), dict):
         raise PackError("the model has no architecture yaml (model.yaml); it cannot be rebuilt from a packed file")
-    from .shadow_weight_manager import is_quantized
-
     odd = [f"{p} ({type(m).__name__})" for p, m in model.named_modules() if is_quantized(m) and not is_bitlinear(m)]
     if odd:
         raise PackError(f"the model still holds quantized training modules: {', '.join(odd[:3])}"
                         f"{' ...' if len(odd) > 3 else ''}; pack its stock ternary export instead")
+
+
+def ternary_entries(key: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """K.codes (5 codes per byte) and K.scales (Wp, Wn) of a ternary tensor."""
+    codes, wp, wn = ternary_codes(w)
+    return {f"{key}.codes": pack_trits(codes), f"{key}.scales": torch.tensor([wp, wn], dtype=torch.float32)}
+
+
+def int8_entries(key: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """K.int8 (w's shape) and K.scale (per output channel: FP16, or FP32 where a scale does not fit FP16)."""
+    try:
+        q, s = quantize_int8_per_channel(w, torch.float16)
+    except ValueError:
+        q, s = quantize_int8_per_channel(w, torch.float32)
+    return {f"{key}.int8": q.contiguous(), f"{key}.scale": s.contiguous()}
+
+
+def bn_entries(path: str, bn: nn.Module) -> dict[str, torch.Tensor]:
+    """P.bn_scale and P.bn_shift (FP16) of a BatchNorm in eval mode."""
+    if bn.weight is None or bn.bias is None or bn.running_mean is None or bn.running_var is None:
+        raise PackError(f"{path}: BatchNorm without running statistics or affine parameters")
+    scale, shift = bn_affine(bn.weight.detach(), bn.bias.detach(), bn.running_mean, bn.running_var, bn.eps)
+    return {f"{path}.bn_scale": _to_fp16(scale, path), f"{path}.bn_shift": _to_fp16(shift, path)}
+
+
+def bitlinear_entries(path: str, m: BitConv2d) -> dict[str, torch.Tensor]:
+    """A BitLinear layer: its ternary weight, and bias, LayerNorm and out_scale in FP16 (no training state)."""
+    w = m.weight.detach().cpu()
+    if not is_ternary_tensor(w):
+        raise PackError(f"{path} ({type(m).__name__}) has a weight that is not ternary")
+    out = ternary_entries(f"{path}.weight", w)
+    state = m.state_dict()
+    for sub in ("bias", "norm.weight", "norm.bias", "out_scale"):
+        if sub in state:
+            out[f"{path}.{sub}"] = _to_fp16(state[sub], f"{path}.{sub}")
+    return out
+
+
+def bitlinear_record(m: BitConv2d) -> dict:
+    """The metadata record the loader rebuilds a BitLinear layer from."""
+    return {"kind": "bitlinear", "source_class": type(m).__name__, "act_bits": int(m.spec.act_bits),
+            "per_token": bool(m.spec.act_per_token), "restore_token_stats": bool(m.spec.restore_token_stats),
+            "norm_eps": float(m.norm.eps)}
+
+
+def plain_entries(key: str, t: torch.Tensor, rest: str, in_dfl: bool) -> dict[str, torch.Tensor]:
+    """A tensor outside BatchNorm and BitLinear: ternary if it is a ternary weight, else INT8 (weights, with
+    rest='int8') or FP16; non-float tensors as they are."""
+    if key.endswith(RESERVED_SUFFIXES):
+        raise PackError(f"state key {key!r} ends with a suffix the format reserves ({', '.join(RESERVED_SUFFIXES)})")
+    if not t.is_floating_point():
+        return {key: t.detach().cpu().clone().contiguous()}
+    weight_like = key.endswith(".weight") and t.dim() >= 2 and not in_dfl
+    if weight_like and is_ternary_tensor(t):
+        return ternary_entries(key, t)
+    if weight_like and rest == "int8":
+        return int8_entries(key, t)
+    return {key: _to_fp16(t, key)}
+
+
+def _add(tensors: dict[str, torch.Tensor], entries: dict[str, torch.Tensor]) -> None:
+    clash = set(tensors) & set(entries)
+    if clash:
+        raise PackError(f"two entries of the packed file would both be named {sorted(clash)[0]!r}")
+    tensors.update(entries)
 
 
 def pack_state(model: nn.Module, rest: str = "int8", source: str | None = None,
@@ -209,94 +268,33 @@ def pack_state(model: nn.Module, rest: str = "int8", source: str | None = None,
     if rest not in REST_PRECISIONS:
         raise PackError(f"unknown precision {rest!r} for the non-ternary weights; valid: {', '.join(REST_PRECISIONS)}")
     check_packable(model)
-    modules = _module_of(model)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    entries: list[list] = []
-    blobs: dict[str, list[torch.Tensor]] = {k: [] for k in _BLOBS}
-    raw: dict[str, torch.Tensor] = {}
-    done: set[str] = set()
-    bitlinear = {p: m for p, m in modules.items() if is_bitlinear(m)}
-    bitlinear_meta: dict[str, dict] = {}
-    for key, t in state.items():
-        if key in done:
-            continue
-        owner_path, _, attr = key.rpartition(".")
-        owner = modules.get(owner_path)
-        bl_path = next((p for p in bitlinear if key.startswith(p + ".")), None)
-        if bl_path is not None:  # a BitLinear layer: its ternary weight, bias, LayerNorm, out_scale; no training state
-            m = bitlinear[bl_path]
-            w = m.weight.detach().cpu()
-            if not is_ternary_tensor(w):
-                raise PackError(f"{bl_path} ({type(m).__name__}) has a weight that is not ternary")
-            codes, wp, wn = ternary_codes(w)
-            blobs["ternary.codes"].append(pack_trits(codes))
-            blobs["ternary.scales"].append(torch.tensor([wp, wn], dtype=torch.float32))
-            entries.append([f"{bl_path}.weight", "ternary", list(w.shape)])
-            for sub in ("bias", "norm.weight", "norm.bias", "out_scale"):
-                if f"{bl_path}.{sub}" in state:
-                    blobs["fp16.values"].append(_to_fp16(state[f"{bl_path}.{sub}"], f"{bl_path}.{sub}"))
-                    entries.append([f"{bl_path}.{sub}", "fp16", list(state[f"{bl_path}.{sub}"].shape)])
-            bitlinear_meta[bl_path] = {"kind": "bitlinear", "source_class": type(m).__name__,
-                                       "act_bits": int(m.act_bits), "per_token": bool(m.per_token),
-                                       "restore_token_stats": bool(m.restore_token_stats),
-                                       "norm_eps": float(m.norm.eps)}
-            done.update(k for k in state if k.startswith(bl_path + "."))
-            continue
-        if isinstance(owner, nn.modules.batchnorm._BatchNorm) and attr in ("weight", "bias", "running_mean",
-                                                                           "running_var", "num_batches_tracked"):
-            bn = [state.get(f"{owner_path}.{a}") for a in ("weight", "bias", "running_mean", "running_var")]
-            if any(t is None for t in bn):
-                raise PackError(f"{owner_path}: BatchNorm without running statistics or affine parameters")
-            scale, shift = bn_affine(*bn, owner.eps)
-            blobs["fp16.values"].append(torch.cat([_to_fp16(scale, owner_path), _to_fp16(shift, owner_path)]))
-            entries.append([owner_path, "bn_affine_fp16", [int(scale.numel())]])
-            done.update(f"{owner_path}.{a}" for a in ("weight", "bias", "running_mean", "running_var",
-                                                       "num_batches_tracked"))
-            continue
-        done.add(key)
-        if not t.is_floating_point():
-            raw[f"raw.{key}"] = t.clone().contiguous()
-            entries.append([key, "raw", list(t.shape)])
-            continue
-        weight_like = attr == "weight" and t.dim() >= 2 and not _inside_dfl(owner_path, modules)
-        if weight_like and is_ternary_tensor(t):
-            codes, wp, wn = ternary_codes(t)
-            blobs["ternary.codes"].append(pack_trits(codes))
-            blobs["ternary.scales"].append(torch.tensor([wp, wn], dtype=torch.float32))
-            entries.append([key, "ternary", list(t.shape)])
-        elif weight_like and rest == "int8":
-            try:
-                q, s = quantize_int8_per_channel(t, torch.float16)
-                blobs["int8.scales"].append(s)
-                entries.append([key, "int8", list(t.shape)])
-            except ValueError:  # a channel's scale does not fit FP16: this tensor keeps FP32 scales
-                q, s = quantize_int8_per_channel(t, torch.float32)
-                blobs["int8.scales32"].append(s)
-                entries.append([key, "int8_fp32scale", list(t.shape)])
-            blobs["int8.values"].append(q.reshape(-1))
-        else:
-            blobs["fp16.values"].append(_to_fp16(t, key))
-            entries.append([key, "fp16", list(t.shape)])
-    n_tern = sum(e[1] == "ternary" for e in entries)
-    if require_ternary and n_tern == 0:
+    modules = dict(model.named_modules())
+    owners = {p: m for p, m in modules.items() if p and (is_bitlinear(m) or _is_bn(m))}
+    tensors: dict[str, torch.Tensor] = {}
+    for path, m in owners.items():
+        _add(tensors, bitlinear_entries(path, m) if is_bitlinear(m) else bn_entries(path, m))
+    for key, t in model.state_dict().items():
+        if _owner(key, owners) is None:
+            _add(tensors, plain_entries(key, t.detach().cpu(), rest, _inside_dfl(key.rpartition(".")[0], modules)))
+    if require_ternary and not any(k.endswith(".codes") for k in tensors):
         raise PackError("no ternary weights found (judged from the weights): this is not a ternary model")
-    empty = {"ternary.codes": torch.uint8, "ternary.scales": torch.float32, "int8.values": torch.int8,
-             "int8.scales": torch.float16, "int8.scales32": torch.float32, "fp16.values": torch.float16}
-    tensors = {k: (torch.cat(v) if v else torch.zeros(0, dtype=empty[k])).contiguous() for k, v in blobs.items()}
-    tensors["ternary.scales"] = tensors["ternary.scales"].reshape(-1, 2)
-    tensors.update(raw)
+    records = {p: bitlinear_record(m) for p, m in owners.items() if is_bitlinear(m)}
+    return tensors, pack_metadata(model, rest, source, tensors, records)
+
+
+def pack_metadata(model: nn.Module, rest: str, source: str | None, tensors: dict, records: dict) -> dict:
+    """The JSON metadata: format, architecture, names, stride, rest precision, ternary layers, BitLinear records."""
     stride = getattr(model, "stride", None)
-    meta = {
+    return {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "model_class": type(model).__name__,
         "task": "detect", "yaml": model.yaml, "nc": int(model.yaml.get("nc", len(getattr(model, "names", {})))),
         "names": {str(k): v for k, v in dict(getattr(model, "names", {}) or {}).items()},
         "stride": [float(s) for s in stride] if stride is not None else None,
         "rest_precision": rest,
-        "ternary_layers": sorted({_layer_of(e[0]) for e in entries if e[1] == "ternary"} - {None}),
+        "ternary_layers": sorted({_layer_of(k) for k in tensors if k.endswith(".codes")} - {None}),
         "codes": {"ternary": "base-3, 5 per byte, 0->0 1->+Wp 2->-Wn", "int8": "symmetric per output channel"},
-        "modules": bitlinear_meta, "tensors": entries, "source": source,
+        "modules": records, "source": source,
     }
-    return tensors, meta
 
 
 def pack_bytes(model: nn.Module, rest: str = "int8", source: str | None = None, require_ternary: bool = True) -> bytes:
@@ -313,23 +311,20 @@ def pack_bytes(model: nn.Module, rest: str = "int8", source: str | None = None, 
 
 def write_packed(model: nn.Module, path: str | Path, rest: str = "int8", source: str | None = None,
                  require_ternary: bool = True) -> Path:
-    """Pack `model` and write the file atomically (temporary file in the same folder, then rename)."""
-    return save_packed_bytes(pack_bytes(model, rest, source, require_ternary), path)
+    """Pack `model` and write the file atomically (yolo_tq.io.atomic_write_bytes)."""
+    return atomic_write_bytes(path, pack_bytes(model, rest, source, require_ternary))
 
 
-def save_packed_bytes(data: bytes, path: str | Path) -> Path:
-    """Write packed bytes atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+def write_verified(model: nn.Module, path: str | Path, rest: str = "int8", data: bytes | None = None,
+                   source: str | None = None, require_ternary: bool = True) -> dict:
+    """Write the packed file of `model` (`data`: its bytes, if already packed), read it back and check the round
+    trip (verify_round_trip); PackError if it fails. Returns the check."""
+    path = atomic_write_bytes(path, pack_bytes(model, rest, source, require_ternary) if data is None else data)
+    tensors, meta = read_packed(path)
+    check = verify_round_trip(model, model_from_packed(tensors, meta, str(path)), tensors)
+    if not check["ok"]:
+        raise PackError(f"{path}: round trip failed: {check}")
+    return check
 
 
 # ------------------------------------------------------------------------------------------------------ loading
@@ -360,101 +355,80 @@ def read_packed(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, meta
 
 
-def _check_entries(entries) -> None:
-    ok = isinstance(entries, list)
-    for e in entries if ok else []:
-        ok = (isinstance(e, list) and len(e) == 3 and isinstance(e[0], str) and isinstance(e[1], str)
-              and isinstance(e[2], list) and all(isinstance(d, int) and d >= 0 for d in e[2])
-              and (e[1] not in ("ternary", "int8", "int8_fp32scale") or len(e[2]) >= 2))
-        if not ok:
-            raise PackError(f"metadata entry {e!r} is not [name, precision, shape] (weights need >= 2 dims)")
-    if not ok:
-        raise PackError("metadata 'tensors' must be a list of [name, precision, shape]")
+def entry_kinds(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """State key (BatchNorm: module path) -> ternary | int8 | bn | fp16 | raw, from the names and dtypes."""
+    kinds = {name[:-len(pair[0])]: kind for name in tensors for kind, pair in KIND_SUFFIXES.items()
+             if name.endswith(pair[0])}
+    parts = {key + s for key, kind in kinds.items() for s in KIND_SUFFIXES[kind]}
+    kinds.update((name, "fp16" if t.dtype == torch.float16 else "raw") for name, t in tensors.items()
+                 if name not in parts)
+    return kinds
 
 
-def _expected_sizes(entries: list) -> dict[str, int]:
-    n = dict.fromkeys(_BLOBS, 0)
-    for name, prec, shape in entries:
-        numel = math.prod(shape)
-        if prec == "ternary":
-            n["ternary.codes"] += packed_trit_bytes(numel)
-            n["ternary.scales"] += 2
-        elif prec in ("int8", "int8_fp32scale"):
-            n["int8.values"] += numel
-            n["int8.scales" if prec == "int8" else "int8.scales32"] += shape[0]
-        elif prec == "fp16":
-            n["fp16.values"] += numel
-        elif prec == "bn_affine_fp16":
-            n["fp16.values"] += 2 * numel
-        elif prec != "raw":
-            raise PackError(f"metadata names an unknown precision {prec!r} for {name}")
-    return n
+class _Entries:
+    """The file's tensors, taken by name with their dtype and shape checked; anything never taken is an error."""
 
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors, self.taken = tensors, set()
 
-def check_blobs(tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    """Every blob present, of its dtype and of the size the metadata describes; no undescribed tensors."""
-    entries = meta.get("tensors")
-    _check_entries(entries)
-    for blob, n in _expected_sizes(entries).items():
-        if blob not in tensors:
-            raise PackError(f"tensor '{blob}' is missing from the file")
-        if tensors[blob].numel() != n:
-            raise PackError(f"metadata does not match the tensors: '{blob}' holds {tensors[blob].numel()} values, "
-                            f"the metadata describes {n}")
-    dtypes = {"ternary.codes": (torch.uint8,), "ternary.scales": (torch.float32,), "int8.values": (torch.int8,),
-              "int8.scales": (torch.float16,), "int8.scales32": (torch.float32,), "fp16.values": (torch.float16,)}
-    for blob, allowed in dtypes.items():
-        if tensors[blob].dtype not in allowed:
-            raise PackError(f"tensor '{blob}' is {tensors[blob].dtype}, the format stores it as {allowed[0]}")
-    extra = set(tensors) - set(_BLOBS) - {f"raw.{e[0]}" for e in entries if e[1] == "raw"}
-    if extra:
-        raise PackError(f"the file holds tensors the metadata does not describe: {sorted(extra)[:3]}")
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
 
-
-def decode_state(tensors: dict[str, torch.Tensor], meta: dict, bn_eps: dict[str, float]) -> dict[str, torch.Tensor]:
-    """State dict (float32 for float tensors) from the blobs, checking every size against the metadata."""
-    check_blobs(tensors, meta)
-    entries = meta["tensors"]
-    pos = dict.fromkeys(_BLOBS, 0)
-
-    def take(blob: str, n: int) -> torch.Tensor:
-        t = tensors[blob].reshape(-1)[pos[blob]:pos[blob] + n]
-        pos[blob] += n
+    def take(self, name: str, dtypes: tuple[torch.dtype, ...], shape) -> torch.Tensor:
+        t = self.tensors.get(name)
+        if t is None:
+            raise PackError(f"tensor '{name}' is missing from the file")
+        if t.dtype not in dtypes:
+            raise PackError(f"tensor '{name}' is {t.dtype}, the format stores it as "
+                            f"{' or '.join(map(str, dtypes))}")
+        if tuple(t.shape) != tuple(shape):
+            raise PackError(f"tensor '{name}' has shape {list(t.shape)}, the model built from the yaml needs "
+                            f"{list(shape)}")
+        self.taken.add(name)
         return t
 
-    state: dict[str, torch.Tensor] = {}
-    for name, prec, shape in entries:
-        numel = math.prod(shape)
-        if prec == "ternary":
-            wp, wn = take("ternary.scales", 2).float().tolist()
-            if wp < 0 or wn < 0 or not math.isfinite(wp) or not math.isfinite(wn):
-                raise PackError(f"{name}: ternary scales must be finite and >= 0 (got {wp}, {wn})")
-            codes = unpack_trits(take("ternary.codes", packed_trit_bytes(numel)), numel)
-            state[name] = decode_ternary(codes, wp, wn, shape)
-        elif prec in ("int8", "int8_fp32scale"):
-            q = take("int8.values", numel).reshape(shape)
-            state[name] = dequantize_int8(q, take("int8.scales" if prec == "int8" else "int8.scales32", shape[0]))
-        elif prec == "fp16":
-            state[name] = take("fp16.values", numel).float().reshape(shape)
-        elif prec == "bn_affine_fp16":
-            if name not in bn_eps:
-                raise PackError(f"metadata names BatchNorm '{name}', which the rebuilt model does not have")
-            scale, shift = take("fp16.values", numel), take("fp16.values", numel)
-            for attr, t in bn_from_affine(scale, shift, bn_eps[name]).items():
-                state[f"{name}.{attr}"] = t
-        else:  # raw
-            t = tensors[f"raw.{name}"]
-            if list(t.shape) != list(shape):
-                raise PackError(f"metadata does not match the tensors: raw.{name} has shape {list(t.shape)}, "
-                                f"metadata says {shape}")
-            state[name] = t
+    def check_all_taken(self) -> None:
+        extra = sorted(set(self.tensors) - self.taken)
+        if extra:
+            raise PackError(f"the file holds tensors the model built from its yaml has no place for: {extra[:3]}")
+
+
+def decode_tensor(entries: _Entries, key: str, target: torch.Tensor) -> torch.Tensor:
+    """The tensor stored for state key `key`, decoded to the dtype and shape of `target` (float32 for floats)."""
+    if f"{key}.codes" in entries:
+        n = target.numel()
+        wp, wn = entries.take(f"{key}.scales", (torch.float32,), (2,)).tolist()
+        if wp < 0 or wn < 0 or not math.isfinite(wp) or not math.isfinite(wn):
+            raise PackError(f"{key}: ternary scales must be finite and >= 0 (got {wp}, {wn})")
+        codes = unpack_trits(entries.take(f"{key}.codes", (torch.uint8,), (packed_trit_bytes(n),)), n)
+        return decode_ternary(codes, wp, wn, target.shape)
+    if f"{key}.int8" in entries and target.dim() >= 2:
+        q = entries.take(f"{key}.int8", (torch.int8,), target.shape)
+        return dequantize_int8(q, entries.take(f"{key}.scale", (torch.float16, torch.float32), target.shape[:1]))
+    if target.is_floating_point():
+        return entries.take(key, (torch.float16,), target.shape).float()
+    return entries.take(key, (target.dtype,), target.shape)
+
+
+def decode_state(tensors: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict of `model` (built from the metadata, BitLinear layers installed) decoded from the file's
+    tensors. A PackedBitLinear's `latent_weight` is stored as its `weight`; BatchNorm as its affine pair."""
+    entries, state = _Entries(tensors), {}
+    bns = {p: m for p, m in model.named_modules() if p and _is_bn(m)}
+    for path, bn in bns.items():
+        scale, shift = (entries.take(f"{path}.{s}", (torch.float16,), bn.running_mean.shape)
+                        for s in ("bn_scale", "bn_shift"))
+        state.update((f"{path}.{a}", t) for a, t in bn_from_affine(scale, shift, bn.eps).items())
+    for key, target in model.state_dict().items():
+        if _owner(key, bns) is None:
+            stored = key[:-len("latent_weight")] + "weight" if key.endswith(".latent_weight") else key
+            state[key] = decode_tensor(entries, stored, target)
+    entries.check_all_taken()
     return state
 
 
 def build_model(meta: dict) -> nn.Module:
     """An ordinary Ultralytics model built from the metadata's architecture yaml (random weights)."""
-    import copy
-
     from ultralytics.nn import tasks
 
     cls = meta.get("model_class")
@@ -469,26 +443,49 @@ def build_model(meta: dict) -> nn.Module:
     return model
 
 
-def install_packed_modules(model: nn.Module, records: dict) -> list[str]:
-    """Put a PackedBitLinear at every path the metadata's `modules` names (in place of the plain conv the yaml
-    built there). Returns the paths."""
-    if not isinstance(records, dict):
-        raise PackError("metadata 'modules' must map module paths to their settings")
-    for path, rec in records.items():
-        try:
-            conv = model.get_submodule(path)
-        except AttributeError as e:
-            raise PackError(f"metadata names module '{path}', which the model built from the yaml lacks") from e
-        if not isinstance(rec, dict) or rec.get("kind") != "bitlinear" or not isinstance(conv, nn.Conv2d):
+@dataclass(frozen=True)
+class PackedBitLinearConfig:
+    """quantize_ config of a packed BitLinear record: a conv becomes a PackedBitLinear with these settings."""
+
+    spec: QuantSpec
+    norm_eps: float
+
+    @classmethod
+    def from_record(cls, path: str, rec) -> "PackedBitLinearConfig":
+        if not isinstance(rec, dict) or rec.get("kind") != "bitlinear":
             raise PackError(f"metadata module '{path}': only BitLinear replacements of a conv are supported")
         try:
-            q = PackedBitLinear(conv, int(rec["act_bits"]), bool(rec["per_token"]), bool(rec["restore_token_stats"]))
-            q.norm.eps = float(rec["norm_eps"])
-        except (KeyError, TypeError, ValueError) as e:
+            spec = QuantSpec("bitlinear_ttq", act_bits=int(rec["act_bits"]), act_per_token=bool(rec["per_token"]),
+                             restore_token_stats=bool(rec["restore_token_stats"]))
+            return cls(spec, float(rec["norm_eps"]))
+        except (KeyError, TypeError, ValueError) as e:  # SpecError is a ValueError
             raise PackError(f"metadata module '{path}' has bad settings {rec!r}: {e}") from e
-        parent, _, attr = path.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, q)
-    return list(records)
+
+
+def _build_packed_bitlinear(conv: nn.Module, config: PackedBitLinearConfig) -> PackedBitLinear:
+    if type(conv) is not nn.Conv2d:
+        raise PackError(f"a packed BitLinear record names a {type(conv).__name__}, not a plain conv")
+    q = PackedBitLinear(conv, config.spec)
+    q.norm.eps = config.norm_eps
+    return q
+
+
+register_builder(PackedBitLinearConfig, _build_packed_bitlinear)
+
+
+def install_packed_modules(model: nn.Module, records: dict) -> list[str]:
+    """Put a PackedBitLinear (through quantize_) at every path the metadata's `modules` names, in place of the
+    plain conv the yaml built there. Returns the paths."""
+    if not isinstance(records, dict):
+        raise PackError("metadata 'modules' must map module paths to their settings")
+    by_config: dict[PackedBitLinearConfig, list[str]] = {}
+    for path, rec in records.items():
+        by_config.setdefault(PackedBitLinearConfig.from_record(path, rec), []).append(path)
+    done = [p for config, paths in by_config.items() for p in quantize_(model, config, paths_filter(paths))]
+    missing = sorted(set(records) - set(done))
+    if missing:
+        raise PackError(f"metadata names module '{missing[0]}', which the model built from the yaml lacks")
+    return done
 
 
 def load_packed(path: str | Path) -> nn.Module:
@@ -499,25 +496,12 @@ def load_packed(path: str | Path) -> nn.Module:
 
 def model_from_packed(tensors: dict[str, torch.Tensor], meta: dict, source: str = "packed file") -> nn.Module:
     """The model a packed file describes (float32, eval mode); PackError for anything inconsistent."""
-    check_blobs(tensors, meta)  # cheap checks before building the model
     model = build_model(meta)
-    bitlinear = install_packed_modules(model, meta.get("modules") or {})
-    bn_eps = {p: m.eps for p, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
-    state = decode_state(tensors, meta, bn_eps)
-    for path in bitlinear:  # a BitLinear layer keeps its fixed ternary weight in `latent_weight`
-        if f"{path}.weight" in state:
-            state[f"{path}.latent_weight"] = state.pop(f"{path}.weight")
-    target = model.state_dict()
-    optional = {k for k in target if k.endswith(".num_batches_tracked")}
-    missing = sorted(set(target) - set(state) - optional)
-    unexpected = sorted(set(state) - set(target))
-    if missing or unexpected:
-        raise PackError(f"{source}: metadata does not match the model built from its yaml "
-                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    for k, t in state.items():
-        if tuple(t.shape) != tuple(target[k].shape):
-            raise PackError(f"{source}: {k} has shape {tuple(t.shape)}, the model built from the yaml needs "
-                            f"{tuple(target[k].shape)}")
+    install_packed_modules(model, meta.get("modules") or {})
+    try:
+        state = decode_state(tensors, model)
+    except PackError as e:
+        raise PackError(f"{source}: {e}") from e
     model.load_state_dict(state, strict=False)
     try:
         model.names = {int(k): str(v) for k, v in (meta.get("names") or {}).items()}
@@ -528,11 +512,6 @@ def model_from_packed(tensors: dict[str, torch.Tensor], meta: dict, source: str 
     except (TypeError, ValueError, AttributeError) as e:
         raise PackError(f"{source}: metadata 'names' or 'stride' is malformed: {e}") from e
     return model.float().eval()
-
-
-def precisions(meta: dict) -> dict[str, str]:
-    """Tensor (or BatchNorm module) name -> precision tag."""
-    return {name: prec for name, prec, _ in meta["tensors"]}
 
 
 class _TensorView:
@@ -548,38 +527,43 @@ class _TensorView:
         return getattr(self.model.get_submodule(path), attr).detach()
 
 
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)) if a.numel() else 0.0
+
+
+def _int8_err_steps(src: torch.Tensor, out: torch.Tensor) -> float:
+    """Worst error of an INT8 tensor, in quantization steps of its output channel."""
+    _, scale = quantize_int8_per_channel(src, torch.float32)
+    err = (src.float() - out.float()).reshape(scale.numel(), -1).abs().amax(1)
+    return float((err / scale.clamp_min(1e-30)).max()) if err.numel() else 0.0
+
+
+def _bn_rel_err(a: nn.Module, b: nn.Module) -> float:
+    sa, ta = bn_affine(a.weight, a.bias, a.running_mean, a.running_var, a.eps)
+    sb, tb = bn_affine(b.weight, b.bias, b.running_mean, b.running_var, b.eps)
+    return max(_rel(sb, sa), _rel(tb, ta))
+
+
 @torch.no_grad()
-def verify_round_trip(source: nn.Module, unpacked: nn.Module, meta: dict) -> dict:
-    """Compare an unpacked model with the model it was packed from, tensor by tensor: ternary tensors must be
-    equal, INT8 ones within half a quantization step (per output channel), FP16 ones within FP16 rounding; each
-    BatchNorm is compared as the affine map it computes in eval mode. Returns counts and worst errors."""
+def verify_round_trip(source: nn.Module, unpacked: nn.Module, tensors: dict[str, torch.Tensor]) -> dict:
+    """Compare an unpacked model with the model it was packed from, entry by entry of the file's `tensors`:
+    ternary tensors must be equal, INT8 ones within half a quantization step (per output channel), FP16 ones
+    within FP16 rounding; each BatchNorm is compared as the affine map it computes in eval mode."""
     src, out = _TensorView(source), _TensorView(unpacked)
-    mods_src, mods_out = _module_of(source), _module_of(unpacked)
     rep = {"ternary": 0, "ternary_identical": 0, "int8": 0, "int8_max_err_steps": 0.0, "fp16": 0,
            "fp16_max_rel_err": 0.0, "bn": 0, "bn_max_rel_err": 0.0}
-
-    def rel(a, b):
-        return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)) if a.numel() else 0.0
-
-    for name, prec, _ in meta["tensors"]:
-        if prec == "ternary":
-            rep["ternary"] += 1
+    for name, kind in entry_kinds(tensors).items():
+        if kind == "ternary":
             rep["ternary_identical"] += int(torch.equal(src[name].float(), out[name].float()))
-        elif prec in ("int8", "int8_fp32scale"):
-            rep["int8"] += 1
-            _, scale = quantize_int8_per_channel(src[name], torch.float32)
-            err = (src[name].float() - out[name].float()).reshape(scale.numel(), -1).abs().amax(1)
-            steps = err / scale.clamp_min(1e-30)
-            rep["int8_max_err_steps"] = max(rep["int8_max_err_steps"], float(steps.max()) if steps.numel() else 0.0)
-        elif prec == "fp16":
-            rep["fp16"] += 1
-            rep["fp16_max_rel_err"] = max(rep["fp16_max_rel_err"], rel(out[name], src[name]))
-        elif prec == "bn_affine_fp16":
-            rep["bn"] += 1
-            a, b = mods_src[name], mods_out[name]
-            sa, ta = bn_affine(a.weight, a.bias, a.running_mean, a.running_var, a.eps)
-            sb, tb = bn_affine(b.weight, b.bias, b.running_mean, b.running_var, b.eps)
-            rep["bn_max_rel_err"] = max(rep["bn_max_rel_err"], rel(sb, sa), rel(tb, ta))
+        elif kind == "int8":
+            rep["int8_max_err_steps"] = max(rep["int8_max_err_steps"], _int8_err_steps(src[name], out[name]))
+        elif kind == "fp16":
+            rep["fp16_max_rel_err"] = max(rep["fp16_max_rel_err"], _rel(out[name], src[name]))
+        elif kind == "bn":
+            rep["bn_max_rel_err"] = max(rep["bn_max_rel_err"], _bn_rel_err(source.get_submodule(name),
+                                                                           unpacked.get_submodule(name)))
+        if kind in rep:
+            rep[kind] += 1
     rep["ok"] = rep["ternary_identical"] == rep["ternary"] and rep["int8_max_err_steps"] <= 0.5 + 1e-3
     return rep
 
@@ -587,7 +571,7 @@ def verify_round_trip(source: nn.Module, unpacked: nn.Module, meta: dict) -> dic
 def unpack_to_checkpoint(packed: str | Path, out: str | Path) -> Path:
     """Write the unpacked model as an ordinary Ultralytics .pt (FP16 pickle, as Ultralytics saves weights), so
     that `ultralytics.YOLO(out)` and the project's validate() can use it."""
-    from ..checkpoints import save_stock_checkpoint
+    from ..io import save_stock_checkpoint
 
     model = load_packed(packed)
     return save_stock_checkpoint(model, out, extra={"packed_source": str(packed)})

@@ -1,0 +1,63 @@
+"""Pack a ternary checkpoint into the packed ternary file (safetensors, no pickle), or unpack one.
+
+  yolo-tq pack CKPT OUT [--fp16-rest]       pack (a training checkpoint goes through its stock ternary export),
+                                            then read the file back and check the round trip
+  yolo-tq pack --unpack FILE --out PT       rebuild the model and save it as an ordinary Ultralytics .pt
+
+Ternary weights: base-3 codes, 5 per byte, with Wp/Wn per layer; other weights INT8 per output channel (FP16 with
+--fp16-rest); biases and BatchNorm in FP16. The format is described in yolo_tq/formats/packed.py; `yolo-tq size`
+reports the sizes against the FP baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..cli import input_file
+
+    p.add_argument("ckpt", nargs="?", type=input_file, metavar="CKPT", help="ternary checkpoint (.pt) to pack")
+    p.add_argument("out", nargs="?", metavar="OUT", help="packed file to write (.safetensors)")
+    p.add_argument("--fp16-rest", action="store_true",
+                   help="store the non-ternary weights as FP16 instead of INT8 per output channel")
+    p.add_argument("--unpack", metavar="FILE", type=input_file, help="unpack this packed file instead (needs --out)")
+    p.add_argument("--out", dest="unpacked_pt", metavar="PT", help="with --unpack: the Ultralytics .pt to write")
+
+
+def argument_problem(a: argparse.Namespace) -> str | None:
+    """What is wrong with a combination of arguments, if anything."""
+    if a.unpack:
+        if a.ckpt or a.out or a.fp16_rest:
+            return "--unpack FILE --out PT takes no CKPT, OUT or --fp16-rest"
+        return None if a.unpacked_pt else "--unpack FILE needs --out PT"
+    if a.unpacked_pt:
+        return "--out PT is for --unpack; to pack give CKPT OUT"
+    return None if a.ckpt and a.out else "give CKPT OUT (or --unpack FILE --out PT)"
+
+
+def pack(ckpt: str, out: str, rest: str) -> str:
+    """Pack a checkpoint, check the round trip; the line to print."""
+    from ..eval.size import round_trip_line, stock_ternary_model
+    from ..formats.packed import write_verified
+    from ..io import load_model
+
+    model, _ = load_model(ckpt)
+    check = write_verified(stock_ternary_model(model), out, rest, source=os.path.basename(ckpt))
+    return round_trip_line(out, rest, check)
+
+
+def run(a: argparse.Namespace) -> int:
+    from ..cli import check_writable, command_parser
+    from ..formats.packed import unpack_to_checkpoint
+
+    problem = argument_problem(a)
+    if problem:
+        command_parser("pack").error(problem)
+    check_writable(a.unpacked_pt if a.unpack else a.out, "the unpacked .pt" if a.unpack else "the packed file")
+    if a.unpack:
+        print(f"unpacked model written to {unpack_to_checkpoint(a.unpack, a.unpacked_pt)}")
+    else:
+        print(pack(a.ckpt, a.out, "fp16" if a.fp16_rest else "int8"))
+    return 0
