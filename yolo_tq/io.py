@@ -1,10 +1,24 @@
-"""Files: the one atomic writer, and checkpoint I/O (one format: Ultralytics' pickled-model dict)."""
+"""Files: the one atomic writer, and checkpoint I/O (one format: Ultralytics' pickled-model dict).
+
+Opening a `.pt` file unpickles it, and unpickling runs whatever code the file names: open a stranger's checkpoint
+only in safe mode. Safe mode (YOLO_TQ_SAFE_LOAD=1, `set_safe_load(True)`, or `load_model(path, safe=True)`;
+Ultralytics' own ULTRALYTICS_SAFE_LOAD=1 turns it on too) loads with `torch.load(weights_only=True)` and accepts only
+the classes of `safe_globals()`: torch.nn, Ultralytics' model modules, this project's quantized layers and specs, and
+the plain data types their checkpoints hold. A file that names anything else is refused before any of it is
+unpickled, and Ultralytics builds models from their yaml without eval while it loads.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
+import importlib
 import io
 import json
 import os
+import pickle
+import pkgutil
 import re
 import sys
 import tempfile
@@ -14,22 +28,141 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+SAFE_LOAD_ENV = "YOLO_TQ_SAFE_LOAD"
+_TRUE = ("1", "true", "yes", "on")
+# every nn.Module subclass (and dataclass) defined in these packages' modules, or in these modules, is allowed
+_SAFE_PACKAGES = ("torch.nn.modules", "ultralytics.nn.modules")
+_SAFE_MODULES = ("ultralytics.nn.tasks", "yolo_tq.quant.layers", "yolo_tq.quant.spec")
+_PROJECT_PREFIX = "yolo_tq."
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 class CheckpointError(ValueError):
-    """A checkpoint that is missing, unreadable, or of the wrong model."""
+    """A checkpoint that is missing, unreadable, unsafe, damaged, or of the wrong model."""
 
 
-def load_model(path: str | Path) -> tuple[nn.Module, dict]:
-    """(FP32 model in eval mode, checkpoint dict) from any checkpoint this project or Ultralytics writes."""
+def set_safe_load(on: bool = True) -> None:
+    """Safe checkpoint loading for this process and the processes it starts (DDP workers): YOLO_TQ_SAFE_LOAD."""
+    os.environ[SAFE_LOAD_ENV] = "1" if on else "0"
+
+
+def safe_load_enabled() -> bool:
+    return any(os.environ.get(k, "").strip().lower() in _TRUE for k in (SAFE_LOAD_ENV, "ULTRALYTICS_SAFE_LOAD"))
+
+
+def _classes_of(module) -> dict[str, type]:
+    """The nn.Module subclasses and dataclasses that `module` defines, by their pickled name."""
+    return {f"{v.__module__}.{v.__qualname__}": v for v in vars(module).values()
+            if isinstance(v, type) and v.__module__ == module.__name__
+            and (issubclass(v, nn.Module) or dataclasses.is_dataclass(v))}
+
+
+@functools.lru_cache(maxsize=1)
+def safe_globals() -> dict[str, object]:
+    """Pickled name -> object of every global a checkpoint may reference in safe mode: the classes of the modules
+    in _SAFE_PACKAGES / _SAFE_MODULES, plus the data types Ultralytics' checkpoints hold (numpy dtypes and scalars,
+    IterableSimpleNamespace, paths). Torch's own tensor and container types are allowed by torch itself."""
+    import numpy as np
+    from ultralytics.utils import IterableSimpleNamespace
+
+    modules = [importlib.import_module(m) for m in _SAFE_MODULES]
+    for name in _SAFE_PACKAGES:
+        pkg = importlib.import_module(name)
+        modules += [importlib.import_module(f"{name}.{m.name}") for m in pkgutil.iter_modules(pkg.__path__)]
+    allowed = {k: v for m in modules for k, v in _classes_of(m).items()}
+    scalar = np.float64(0).__reduce__()[0]
+    allowed.update({"numpy.dtype": np.dtype, "numpy.core.multiarray.scalar": scalar,
+                    "numpy._core.multiarray.scalar": scalar,
+                    "ultralytics.utils.IterableSimpleNamespace": IterableSimpleNamespace})
+    allowed.update({f"numpy.dtypes.{k}": v for k, v in vars(np.dtypes).items() if isinstance(v, type)})
+    allowed.update({f"{m}.{c}": type(Path()) for m in ("pathlib", "pathlib._local")
+                    for c in ("PosixPath", "WindowsPath")})
+    return allowed
+
+
+def allow_checkpoint_globals(path: str | Path) -> None:
+    """Refuse (CheckpointError naming it) a checkpoint that references a global outside safe_globals(), without
+    unpickling anything; register the ones it needs for torch.load(weights_only=True)."""
+    if not hasattr(torch.serialization, "get_unsafe_globals_in_checkpoint"):
+        raise CheckpointError(f"safe loading ({SAFE_LOAD_ENV}) needs torch>=2.6; this is torch {torch.__version__}")
+    try:
+        needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except ValueError:  # not a torch.save archive: torch.load(weights_only=True) refuses or reads it, nothing to add
+        return
+    allowed = safe_globals()
+    refused = sorted(set(needed) - set(allowed))
+    if refused:
+        more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
+        raise CheckpointError(f"{path} refused by safe loading: it references {refused[0]}{more}, which is not a "
+                              f"class of this project, Ultralytics or torch.nn; load it without {SAFE_LOAD_ENV} only "
+                              f"if you trust where it came from")
+    if needed:
+        torch.serialization.add_safe_globals([(allowed[n], n) for n in needed])
+
+
+@contextlib.contextmanager
+def safe_loading(on: bool | None = None):
+    """Within: Ultralytics' own loads (trainer, validator) in its safe mode, which also accepts this project's
+    classes. `on` None: only when safe_load_enabled()."""
+    if not (safe_load_enabled() if on is None else on):
+        yield
+        return
+    from ultralytics.nn import tasks
+
+    torch.serialization.add_safe_globals([(v, k) for k, v in safe_globals().items() if k.startswith(_PROJECT_PREFIX)])
+    before, tasks.SAFE_LOAD = tasks.SAFE_LOAD, True
+    try:
+        yield
+    finally:
+        tasks.SAFE_LOAD = before
+
+
+def _reason(e: BaseException) -> str:
+    """One line for a failed load: what a weights_only load refused (the global it names), a damaged zip archive,
+    else the loader's first line."""
+    for x in (e, e.__cause__, e.__context__):
+        if isinstance(x, pickle.UnpicklingError) and "weights_only" in str(x):
+            name = re.search(r"GLOBAL ([\w.]+)", str(x))
+            if name:
+                return f"refused by safe loading: it references {name.group(1)}"
+            why = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(x))
+            return "refused by safe loading" + (f": {why.group(1)}" if why else "")
+        zip_error = re.search(r"PytorchStreamReader failed [^.(]*", str(x or ""))
+        if zip_error:
+            return f"the file is truncated or damaged ({zip_error.group(0).strip()})"
+    line = next((ln for ln in str(e).splitlines() if ln.strip()), "")
+    return f"{type(e).__name__}: {line.replace('ERROR ❌️ ', '')}"
+
+
+def check_finite(model: nn.Module, source) -> None:
+    """CheckpointError naming the first floating-point tensor of `model` that holds NaN or Inf."""
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{source}: tensor {name} holds NaN or Inf values (a damaged or diverged "
+                                  f"checkpoint); use another one, e.g. best.pt or an earlier epoch")
+
+
+def load_model(path: str | Path, safe: bool | None = None) -> tuple[nn.Module, dict]:
+    """(FP32 model in eval mode, checkpoint dict) from any checkpoint this project or Ultralytics writes; its float
+    tensors must be finite. `safe`: weights_only loading with the safe_globals() allowlist (None: the process's
+    mode, safe_load_enabled())."""
     from ultralytics.nn.tasks import load_checkpoint
 
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"checkpoint not found: {p}")
+    if p.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {p} is empty (0 bytes)")
+    safe = safe_load_enabled() if safe is None else safe
+    if safe:
+        allow_checkpoint_globals(p)
     try:
-        model, ckpt = load_checkpoint(p)
+        with safe_loading(safe):
+            model, ckpt = load_checkpoint(p)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-        raise CheckpointError(f"cannot read checkpoint {p}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        raise CheckpointError(f"cannot read checkpoint {p}: {_reason(e)}") from e
+    check_finite(model, p)
     return model, ckpt
 
 
@@ -77,6 +210,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            if hasattr(os, "fchmod"):  # the permissions open() would give, not mkstemp's 0600
+                os.fchmod(f.fileno(), 0o666 & ~_UMASK)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -85,6 +220,15 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+class AtomicPath(type(Path())):
+    """A path whose write_bytes goes through atomic_write_bytes; paths derived from it (`p / "x"`) are AtomicPaths.
+    Given to Ultralytics' trainer as its weights folder and last/best paths, so its checkpoint writes are atomic."""
+
+    def write_bytes(self, data) -> int:
+        atomic_write_bytes(self, data)
+        return len(data)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

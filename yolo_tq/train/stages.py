@@ -10,6 +10,7 @@ import torch.nn as nn
 from ..config import ConfigError, ProjectConfig, find_stage, stage_dir, stage_plan, stage_train_args
 from ..io import CheckpointError, check_model_size, ensure_weights, load_model, save_stock_checkpoint
 from ..quant.apply import PlanError, export_ternary, quantized_modules, select_convs, ternarize_
+from .guard import StageRun, command_line
 from .ramp import RampPlan
 from .trainer import TERNARY_EXPORT_NAME, DistillPlan, OptimPlan, TrainPlan, TTQTrainer
 
@@ -115,25 +116,54 @@ def trainer_overrides(cfg: ProjectConfig, index: int, start: str) -> dict:
     return over
 
 
+def _readable(path: Path) -> bool:
+    try:
+        load_model(path)
+    except CheckpointError:
+        return False
+    return True
+
+
+def check_resumable(cfg: ProjectConfig, index: int) -> tuple[int, int | None]:
+    """(epochs the stage's last.pt holds, epochs of the run); one line on why it cannot be resumed otherwise (missing,
+    empty, unreadable or damaged, with the best.pt to start again from; or a stage that finished)."""
+    out, name = stage_outputs(cfg, cfg.stages[index]), f"stage {index + 1} ({cfg.stages[index].name})"
+    try:
+        _, ckpt = load_model(out["last"])
+    except CheckpointError as e:
+        again = (f"; its best.pt is readable, start again from it: {command_line(index + 1, start=str(out['best']))}"
+                 if out["best"].is_file() and _readable(out["best"]) else "")
+        raise CheckpointError(f"cannot resume {name}: {e}{again}") from e
+    epoch, epochs = ckpt.get("epoch", -1), (ckpt.get("train_args") or {}).get("epochs")
+    if epoch < 0 or (epochs and epoch + 1 >= epochs):
+        raise CheckpointError(f"{name} has finished training ({out['last']} is its final checkpoint): nothing to "
+                              f"resume; train it again without --resume, or go on to the next stage")
+    return epoch + 1, epochs
+
+
 def train_stage(cfg: ProjectConfig, stage_key, start: str | None = None, resume: bool = False,
                 callbacks: dict | None = None) -> dict:
-    """Train one stage (resuming its last.pt if `resume`). Returns the output paths and final metrics."""
+    """Train one stage (resuming its last.pt if `resume`). Returns the output paths and final metrics.
+
+    The stage folder is locked for the run (guard.StageLock); SIGINT / SIGTERM end it with one line saying what
+    was saved and how to resume; a run that fails before saving a checkpoint removes the folder it created."""
     index, stage = find_stage(cfg, stage_key)
     out = stage_outputs(cfg, stage)
     check_data(cfg.base.data)
-    if resume:
-        if not out["last"].is_file():
-            raise CheckpointError(f"nothing to resume: {out['last']} does not exist")
-        over = trainer_overrides(cfg, index, str(out["last"]))
-        over["resume"] = str(out["last"])
-    else:
-        start = resolve_start(cfg, index, start)
-        check_start(cfg, index, start)
-        over = trainer_overrides(cfg, index, start)
-    trainer = TTQTrainer(overrides=over)
-    for event, fn in (callbacks or {}).items():
-        trainer.add_callback(event, fn)
-    trainer.train()
+    run = StageRun(out["dir"], index + 1, start)
+    with run.guard():
+        if resume:
+            run.resumed = check_resumable(cfg, index)
+            over = trainer_overrides(cfg, index, str(out["last"]))
+            over["resume"] = str(out["last"])
+        else:
+            start = resolve_start(cfg, index, start)
+            check_start(cfg, index, start)
+            over = trainer_overrides(cfg, index, start)
+        trainer = TTQTrainer(overrides=over)
+        for event, fn in (callbacks or {}).items():
+            trainer.add_callback(event, fn)
+        trainer.train()
     return {**{k: str(v) for k, v in out.items()}, "metrics": dict(trainer.metrics or {})}
 
 

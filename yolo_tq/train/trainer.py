@@ -8,6 +8,7 @@ the checkpoint's train_args; it is turned back into typed objects once, in __ini
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils import DEFAULT_CFG, LOGGER, RANK
 from ultralytics.utils.torch_utils import unwrap_model
 
-from ..io import load_model, save_stock_checkpoint
+from ..io import AtomicPath, atomic_write_bytes, load_model, safe_loading, save_stock_checkpoint
 from ..quant.apply import StagePlan, export_ternary, install_like, install_stage, quantized_modules, scale_parameters
 from .ramp import RampPlan, ramp_shares
 
@@ -106,17 +107,48 @@ def attach_distillation(trainer) -> None:
                 f"features {d.feature_weight})")
 
 
+@contextlib.contextmanager
+def atomic_strips():
+    """Within: Ultralytics' strip_optimizer, which final_eval uses to rewrite last.pt and best.pt in place, writes a
+    temporary file that then replaces the checkpoint through atomic_write_bytes."""
+    from ultralytics.engine import trainer as engine
+
+    strip = engine.strip_optimizer
+
+    def atomic_strip(f, s="", updates=None):
+        target = Path(s or f)
+        tmp = target.with_name(f".{target.name}.strip.tmp")
+        try:
+            ckpt = strip(f, str(tmp), updates)
+            if tmp.is_file():
+                atomic_write_bytes(target, tmp.read_bytes())
+            return ckpt
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    engine.strip_optimizer = atomic_strip
+    try:
+        yield
+    finally:
+        engine.strip_optimizer = strip
+
+
 class TTQTrainer(DetectionTrainer):
     """DetectionTrainer that trains a model with ternary (TTQ / BitLinear) layers.
 
     Every network parameter keeps training; the learned scales get their own optimizer group (scale_lr,
-    scale_weight_decay), and with latent_lr the quantized layers' latent weights get theirs.
+    scale_weight_decay), and with latent_lr the quantized layers' latent weights get theirs. Checkpoints are written
+    atomically (weights folder and last/best paths are AtomicPaths); in safe mode (yolo_tq.io.safe_load_enabled)
+    every checkpoint Ultralytics opens for it is loaded weights_only.
     """
 
     def __init__(self, cfg=DEFAULT_CFG, overrides=None, _callbacks=None):
         overrides = dict(overrides or {})
         plan = overrides.pop(PLAN_KEY, None)  # not an Ultralytics key: keep it out of their validation
-        super().__init__(cfg, overrides, _callbacks)
+        with safe_loading():  # resume opens last.pt here
+            super().__init__(cfg, overrides, _callbacks)
+        self.wdir = AtomicPath(self.wdir)
+        self.last, self.best = self.wdir / "last.pt", self.wdir / "best.pt"
         if plan is None:  # resume: the plan comes back with the checkpoint's train_args
             plan = getattr(self.args, PLAN_KEY, None)
         if plan is None:
@@ -128,6 +160,10 @@ class TTQTrainer(DetectionTrainer):
         if self.plan.ramp.active:
             self.add_callback("on_pretrain_routine_end", find_ramp_layers)
             self.add_callback("on_train_epoch_start", set_ramp_shares)
+
+    def train(self):
+        with safe_loading():
+            return super().train()
 
     def get_validator(self):
         """Ultralytics' validator re-validates the args it is given, so it gets them without the plan."""
@@ -179,7 +215,8 @@ class TTQTrainer(DetectionTrainer):
         return metrics, fitness
 
     def final_eval(self):
-        super().final_eval()
+        with atomic_strips():
+            super().final_eval()
         if RANK in {-1, 0}:
             self.export_ternary()
 
