@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,60 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 SHARED_WEIGHTS = SHARED / "weights" / "yolo11n.pt"
 SHARED_DATA = SHARED / "datasets" / "coco128" / "coco128.yaml"
+
+
+def run(*args, cwd=REPO, timeout=300) -> subprocess.CompletedProcess:
+    """`python ARGS...` (a root script and its flags) in a subprocess; a first argument 'yolo-tq' runs the console
+    script instead."""
+    cmd = [str(a) for a in args]
+    cmd = cmd if cmd and cmd[0] == "yolo-tq" else [sys.executable, *cmd]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+ROOT_COMMANDS = {"train.py": "train", "train_c2psa.py": "c2psa", "train_c2psa_standard.py": "c2psa-standard",
+                 "validate.py": "val", "test.py": "layers", "compression_calculation.py": "size",
+                 "compare_bitlinear.py": "compare", "latency_benchmark.py": "latency"}
+
+
+def run_here(*args, cwd=REPO) -> subprocess.CompletedProcess:
+    """What `run` does, in this process (no interpreter start per call): the root script's command (or `yolo-tq`)
+    through the same entry point as its shim, with stdout/stderr captured and any escaping exception written to stderr
+    as the traceback an interpreter would print."""
+    import contextlib
+    import io
+    import traceback
+
+    from yolo_tq.cli import main, script
+
+    argv = [str(a) for a in args]
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main(argv[1:]) if argv[0] == "yolo-tq" else script(ROOT_COMMANDS[Path(argv[0]).name], argv[1:])
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            except BaseException:  # noqa: BLE001 - what an interpreter would print before exiting 1
+                err.write(traceback.format_exc())
+                code = 1
+    finally:
+        os.chdir(old)
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
+def assert_one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
+    """Exit status 2, no traceback, and exactly one 'error: ...' line on stderr, the last one, holding every needle.
+    Returns that line."""
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2, f"exit status {r.returncode}\n{r.stderr[-1500:]}"
+    assert "Traceback" not in r.stderr + r.stdout, r.stderr[-1500:]
+    assert err and err[-1].startswith("error:"), r.stderr[-1500:]
+    assert sum(line.startswith("error:") for line in err) == 1, r.stderr[-1500:]
+    for n in needles:
+        assert n in err[-1], err[-1]
+    return err[-1]
 
 
 @pytest.fixture(scope="session")

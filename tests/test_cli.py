@@ -1,19 +1,12 @@
 """Bad input gets one clear line and a non-zero exit (no traceback); every root script answers --help."""
 
 import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import pytest
+from conftest import REPO, assert_one_line_error, run
 
-REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ["train.py", "validate.py", "test.py", "train_c2psa.py", "train_c2psa_standard.py",
            "compression_calculation.py", "compare_bitlinear.py", "latency_benchmark.py"]
-
-
-def run(*args, cwd=REPO):
-    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -41,15 +34,6 @@ def test_console_script_lists_and_runs_commands(tmp_path):
     r = subprocess.run(["yolo-tq", "val", str(tmp_path / "none.pt"), "--data", "coco128.yaml"], capture_output=True,
                        text=True, timeout=120)
     assert_one_line_error(r, "checkpoint not found")
-
-
-def assert_one_line_error(r, *needles):
-    assert r.returncode != 0
-    err = r.stderr.strip().splitlines()
-    assert err and err[-1].startswith("error:"), r.stderr[-1500:]
-    assert "Traceback" not in r.stderr
-    for n in needles:
-        assert n in err[-1], err[-1]
 
 
 def test_unknown_config_key(tmp_path):

@@ -11,14 +11,17 @@ import argparse
 import importlib
 import os
 import sys
+from pathlib import Path
 from typing import Callable
 
-from .config import ConfigError
+from .config import ConfigError, imgsz_problem
 from .io import CheckpointError
 from .quant.apply import PlanError
 from .quant.spec import SpecError
 
 USER_ERRORS = (ConfigError, CheckpointError, PlanError, SpecError, FileNotFoundError)
+# OSErrors that name a path the user gave (an output under a file, a folder without write permission, ...)
+PATH_ERRORS = (PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError)
 COMMANDS = {  # name -> one-line summary; the module is yolo_tq.commands.<name with - as _>
     "train": "progressive TTQ: train one stage, or all in order (train.py)",
     "c2psa": "BitLinear_TTQ in every C2PSA block (train_c2psa.py)",
@@ -30,6 +33,75 @@ COMMANDS = {  # name -> one-line summary; the module is yolo_tq.commands.<name w
     "compare": "FP vs BitLinear_TTQ vs standard BitLinear in one table (compare_bitlinear.py)",
     "latency": "export, agreement check, latency, memory (latency_benchmark.py)",
 }
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its usage errors as the same 'error: …' line (exit status 2) as every other user error."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(2, f"error: {message}\n")
+
+
+def imgsz_arg(text: str) -> int:
+    """argparse type of --imgsz: a positive multiple of 32 (config.imgsz_problem)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if imgsz_problem(value):
+        raise argparse.ArgumentTypeError(imgsz_problem(value))
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a count that must be >= 1 (a validation batch size)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def input_file(text: str) -> str:
+    """argparse type of an input file: a folder is refused here; a missing file is reported by its loader."""
+    if Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder, not a file")
+    return text
+
+
+def check_writable(path: str | Path, what: str = "output", folder: bool = False) -> None:
+    """Before any work, refuse an output that cannot be written: under a file, a folder where a file goes, or in a
+    folder without write permission. `folder`: `path` is a folder to be created. Creates nothing."""
+    p = Path(path).absolute()
+    if not folder and p.is_dir():
+        raise ConfigError(f"cannot write {what} {path}: it is a folder")
+    if folder and p.exists() and not p.is_dir():
+        raise ConfigError(f"cannot write {what} {path}: it is a file, not a folder")
+    parent = p if folder else p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"cannot write {what} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write {what} {path}: no permission to write in {parent}")
+
+
+def check_training(cfg, indices: list[int], start: str | None, resume: bool) -> str | None:
+    """Before any training, in the order a user fixes them: every stage's output folder can be written, its device
+    exists, the first stage's start checkpoint exists, the dataset is usable. Creates nothing; returns the first
+    stage's resolved start (None on resume)."""
+    from .config import check_dataset, check_device, stage_dir, stage_train_args
+    from .train.stages import resolve_start
+
+    for i in indices:
+        check_writable(stage_dir(cfg, cfg.stages[i]), "the stage output folder", folder=True)
+        check_device(stage_train_args(cfg, cfg.stages[i]).get("device"))
+    first = None if resume else resolve_start(cfg, indices[0], start)
+    check_dataset(cfg.base.data, ("train", "val"))
+    return first
 
 
 def add_config_args(p: argparse.ArgumentParser, config_default: str | None) -> None:
@@ -62,8 +134,7 @@ def command_module(name: str):
 def command_parser(name: str, prog: str | None = None) -> argparse.ArgumentParser:
     """The parser of one command (its module's docstring is the description)."""
     module = command_module(name)
-    p = argparse.ArgumentParser(prog=prog, description=module.__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog=prog, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(p)
     return p
 
@@ -93,14 +164,21 @@ def main(argv: list[str] | None = None) -> None:
     script(argv[0], argv[1:], prog=f"yolo-tq {argv[0]}")
 
 
+def error_line(e: BaseException) -> str:
+    """A user error as one line; an OSError names its path(s)."""
+    if isinstance(e, OSError) and e.filename is not None:
+        return f"{e.strerror or type(e).__name__}: {e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
+    return " ".join(str(e).split())
+
+
 def run_cli(main: Callable[[], int | None]) -> None:
     """Run `main`; user errors print one line 'error: …' and exit 2, tracebacks only with YOLO_TQ_DEBUG=1."""
     try:
         code = main()
-    except USER_ERRORS as e:
+    except USER_ERRORS + PATH_ERRORS as e:
         if os.environ.get("YOLO_TQ_DEBUG"):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {error_line(e)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

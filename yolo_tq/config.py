@@ -6,10 +6,16 @@ Every root script calls `load_config(path, overrides)`; nothing else reads confi
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
+import os
+import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -19,6 +25,11 @@ from .quant.spec import BITLINEAR_KINDS, QuantSpec, SpecError
 MODEL_SIZES = ("n", "s", "m", "l", "x")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 C2PSA_MODES = BITLINEAR_KINDS
+MAX_STRIDE = 32  # YOLO11's largest stride: Ultralytics rounds any other image size up to a multiple of it
+# Ultralytics arguments this project sets itself for every stage: train.ultralytics must not carry them
+PROJECT_SET_ARGS = {"model": "base.weights / --start", "data": "base.data / --data",
+                    "project": "base.checkpoint_dir / --checkpoint-dir", "name": "the stage name",
+                    "exist_ok": "nothing (always true)", "resume": "--resume"}
 
 
 class ConfigError(ValueError):
@@ -63,6 +74,7 @@ class TrainConfig:
     ternary_ramp: str = "none"  # none | magnitude | layer_deep_first | layer_early_first (yolo_tq/train/ramp.py)
     ternary_ramp_epochs: int = 0  # epochs until the stage's new layers are fully ternary (must be < epochs)
     ternary_ramp_start: float = 0.5  # magnitude ramp: share of ternary weights at the first epoch
+    ternary_freeze_epochs: int = 0  # last epochs with the new layers' ternary pattern frozen (yolo_tq/train/ramp.py)
     device: Optional[str] = None
     workers: int = 8
     seed: int = 0
@@ -134,6 +146,73 @@ def _check_keys(node: Any, schema: type, where: str, source: str) -> None:
                     )
 
 
+def first_line(e: BaseException) -> str:
+    """The first non-empty line of an exception's message (YAML errors: the problem and where it is)."""
+    mark = getattr(e, "problem_mark", None)
+    if isinstance(e, yaml.MarkedYAMLError) and mark is not None:
+        return f"{e.problem} (line {mark.line + 1}, column {mark.column + 1})"
+    lines = message_lines(e)
+    return lines[0] if lines else type(e).__name__
+
+
+def message_lines(e: BaseException) -> list[str]:
+    """The non-empty lines of an exception's message, without terminal colour codes and help links."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    return [x.strip() for x in text.splitlines() if x.strip() and not x.strip().startswith("http")]
+
+
+def imgsz_problem(imgsz: Any) -> str | None:
+    """Why an image size is refused, or None. Ultralytics rounds 0 or 31 up to 32 (500 to 512) with only a warning
+    in its log, and trains or validates at a size other than the one recorded: only positive multiples of 32 pass."""
+    if isinstance(imgsz, bool) or not isinstance(imgsz, int) or imgsz <= 0 or imgsz % MAX_STRIDE:
+        return f"imgsz must be a positive multiple of {MAX_STRIDE} (YOLO11's largest stride), got {imgsz!r}"
+    return None
+
+
+def _ultralytics_args_problem(extra: dict) -> str | None:
+    """Why a train.ultralytics mapping is refused: a key Ultralytics does not know (it would raise SyntaxError at the
+    trainer), one this project sets itself, or one with its own key under `train` (which it would silently replace)."""
+    from ultralytics.cfg import DEFAULT_CFG_DICT
+
+    for key in extra:
+        if key in PROJECT_SET_ARGS:
+            return f"train.ultralytics.{key} is set by this project (use {PROJECT_SET_ARGS[key]})"
+        if key in _TRAIN_KEYS:
+            return f"train.ultralytics.{key} has its own key: use train.{key} (or --{key.replace('_', '-')})"
+        if key not in DEFAULT_CFG_DICT:
+            close = difflib.get_close_matches(str(key), list(DEFAULT_CFG_DICT), n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            return f"train.ultralytics.{key} is not an Ultralytics train argument{hint}"
+    return None
+
+
+def train_args_problem(t: dict) -> str | None:
+    """Why a stage's effective train arguments (stage_train_args) are refused, or None: Ultralytics' own type and range
+    checks (check_cfg: epochs >= 1, lr0 in [0, 1], ...) run now instead of at the trainer, plus what they let through
+    (imgsz, batch, workers, this project's learning rates)."""
+    from ultralytics.cfg import DEFAULT_CFG_DICT, check_cfg
+
+    extra = t.get("ultralytics") or {}
+    problem = _ultralytics_args_problem(extra)
+    if problem:
+        return problem
+    try:
+        check_cfg({**{k: v for k, v in t.items() if k in DEFAULT_CFG_DICT}, **extra}, hard=True)
+    except (TypeError, ValueError) as e:
+        return first_line(e)
+    if imgsz_problem(t["imgsz"]):
+        return imgsz_problem(t["imgsz"])
+    if not (t["batch"] == -1 or t["batch"] > 0):
+        return f"batch must be > 0 (or -1 for Ultralytics' AutoBatch), got {t['batch']}"
+    if t["workers"] < 0:
+        return f"workers must be >= 0, got {t['workers']}"
+    for key in ("scale_lr", "scale_weight_decay", "latent_lr", "latent_weight_decay"):
+        v = t.get(key)
+        if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+            return f"{key} must be a finite number >= 0, got {v!r}"
+    return None
+
+
 def _validate_values(cfg: ProjectConfig, source: str) -> None:
     if cfg.model_size not in MODEL_SIZES:
         raise ConfigError(f"{source}: model_size must be one of {', '.join(MODEL_SIZES)}, got {cfg.model_size!r}")
@@ -149,9 +228,43 @@ def _validate_values(cfg: ProjectConfig, source: str) -> None:
             stage_plan(cfg, s)
         except SpecError as e:
             raise ConfigError(f"{source}: stage '{s.name}': {e}") from e
+        problem = train_args_problem(stage_train_args(cfg, s))
+        if problem:
+            raise ConfigError(f"{source}: stage '{s.name}': {problem}")
 
 
-def load_config(path: str | Path | None, overrides: dict | None = None, dotlist: list[str] | None = None) -> ProjectConfig:
+def _read_yaml(p: Path, source: str) -> Any:
+    """The file's top-level YAML value ({} when empty); a mapping through OmegaConf (its loader and interpolation)."""
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}" + (" (it is a folder)" if p.is_dir() else ""))
+    try:
+        top = yaml.safe_load(p.read_text(encoding="utf-8"))  # only to see what it is: a text file is a str
+        if isinstance(top, dict):
+            top = OmegaConf.to_container(OmegaConf.load(p), resolve=False)
+    except (yaml.YAMLError, OmegaConfBaseException, ValueError, OSError) as e:
+        raise ConfigError(f"{source}: cannot parse YAML: {first_line(e)}") from e
+    return {} if top is None else top
+
+
+def _apply_dotlist(cfg, dotlist: list[str], source: str) -> None:
+    """--set KEY=VALUE items, each naming a key the config has (a new key only under train.ultralytics, checked later
+    against Ultralytics' arguments, or inside an existing stage)."""
+    for item in dotlist:
+        key = item.split("=", 1)[0].strip()
+        if "=" not in item:
+            raise ConfigError(f"--set takes KEY=VALUE, got '{item}'")
+        stage = re.match(r"stages\[(-?\d+)\]", key)
+        if stage and not 0 <= int(stage.group(1)) < len(cfg.stages):
+            raise ConfigError(f"{source}: '{key}' in override '{item}' names no stage; this config has "
+                              f"stages[0] to stages[{len(cfg.stages) - 1}]")
+        if OmegaConf.select(cfg, key, default="__missing__") == "__missing__" and not (
+                key.startswith("train.ultralytics.") or stage):
+            raise ConfigError(f"{source}: unknown config key '{key}' in override '{item}'")
+        cfg.merge_with_dotlist([item])
+
+
+def load_config(path: str | Path | None, overrides: dict | None = None,
+                dotlist: list[str] | None = None) -> ProjectConfig:
     """Load a YAML config, apply overrides, resolve interpolation and validate.
 
     `overrides` maps flat names to values: model_size, weights, data, checkpoint_dir and any `train` key (epochs,
@@ -164,22 +277,11 @@ def load_config(path: str | Path | None, overrides: dict | None = None, dotlist:
         p = Path(path)
         if not p.is_file() and not p.is_absolute() and (REPO_ROOT / p).is_file():
             p = REPO_ROOT / p  # default configs resolve from any working directory
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            raw = OmegaConf.to_container(OmegaConf.load(p), resolve=False) or {}
-        except (OmegaConfBaseException, ValueError, OSError) as e:
-            raise ConfigError(f"{source}: cannot parse YAML ({e})") from e
+        raw = _read_yaml(p, source)
     _check_keys(raw, ProjectConfig, "", source)
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(ProjectConfig), raw)
-        for item in dotlist or []:
-            key = item.split("=", 1)[0]
-            if OmegaConf.select(cfg, key, default="__missing__") == "__missing__" and not key.startswith(
-                ("train.ultralytics.", "stages[")
-            ):
-                raise ConfigError(f"{source}: unknown config key '{key}' in override '{item}'")
-            cfg.merge_with_dotlist([item])
+        _apply_dotlist(cfg, dotlist or [], source)
         for key, value in (overrides or {}).items():
             if value is None:
                 continue
@@ -238,3 +340,54 @@ def find_stage(cfg: ProjectConfig, key: int | str) -> tuple[int, StageConfig]:
 def stage_dir(cfg: ProjectConfig, stage: StageConfig) -> Path:
     """<checkpoint_dir>/yolo11<size>/<stage name>"""
     return Path(cfg.base.checkpoint_dir) / f"yolo11{cfg.model_size}" / stage.name
+
+
+def check_device(device: Any) -> None:
+    """Refuse a device this machine lacks (Ultralytics' select_device, asked before any work instead of at the
+    trainer or validator, which would raise it as a traceback)."""
+    if device is None or str(device).strip() == "":
+        return
+    from ultralytics.utils.torch_utils import select_device
+
+    try:
+        select_device(str(device), verbose=False)
+    except ValueError as e:
+        import torch
+
+        raise ConfigError(f"device {device!r} is not available: {first_line(e).split('. ')[0]} (this machine has "
+                          f"{torch.cuda.device_count()} CUDA devices; --device cpu runs on the CPU)") from e
+
+
+def check_dataset(data: str, splits: tuple[str, ...] = ("val",)) -> dict:
+    """The data yaml parsed and checked by Ultralytics (check_det_dataset, which downloads a known dataset that is
+    missing, as the trainer would), with every split in `splits` present; any problem is one ConfigError."""
+    from ultralytics.data.utils import check_det_dataset
+
+    data = str(data)
+    local = Path(data).is_file()
+    if data.endswith((".yaml", ".yml")) and (os.sep in data or data.startswith(".")) and not local:
+        raise ConfigError(f"data yaml not found: {data}")
+    info: dict = {}
+    try:
+        if local:  # Ultralytics reports a syntax error on several lines: this names the problem and where
+            yaml.safe_load(Path(data).read_text(encoding="utf-8"))
+        for split in splits:
+            info = check_det_dataset(data, split=split)
+    except Exception as e:  # noqa: BLE001 - anything wrong with the data yaml or its folders means the same to the user
+        raise ConfigError(f"data {data}: {first_line(e)}") from e
+    return info
+
+
+DATASET_ERRORS = ("No valid images found", "No labels found", "Dataset '")
+
+
+@contextmanager
+def dataset_errors(data: str):
+    """Ultralytics' errors about the images and labels of a split (all labels invalid, no labels), raised when the
+    trainer or validator builds its dataset, as one ConfigError naming the data yaml and the first problem."""
+    try:
+        yield
+    except (RuntimeError, ValueError) as e:
+        if isinstance(e, ConfigError) or not any(m in str(e) for m in DATASET_ERRORS):
+            raise
+        raise ConfigError(f"data {data}: {' '.join(message_lines(e)[:2])}") from e

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli import add_config_args, config_overrides
+from ..cli import add_config_args, check_training, config_overrides
 
 DEFAULT_CONFIG = "configs/stage2_c2psa.yaml"
 MODE = "bitlinear_ttq"
@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser, default_config: str = DEFAULT_CONF
 
 def run(a: argparse.Namespace, mode: str = MODE) -> int:
     """Train the config's one C2PSA stage, which must replace C2PSA with `mode`."""
-    from ..config import ConfigError, load_config
+    from ..config import ConfigError, dataset_errors, load_config
     from ..train.stages import train_stage
 
     cfg = load_config(a.config, config_overrides(a), a.dotlist)
@@ -35,6 +35,8 @@ def run(a: argparse.Namespace, mode: str = MODE) -> int:
         raise ConfigError(f"{a.config} replaces C2PSA with {cfg.stages[0].c2psa}, but this command trains {mode}: "
                           f"use the {'train_c2psa.py' if mode == 'bitlinear_standard' else 'train_c2psa_standard.py'} "
                           f"command for that config, or --set stages[0].c2psa={mode}")
-    result = train_stage(cfg, 1, start=a.model, resume=a.resume)
+    start = check_training(cfg, [0], a.model, a.resume)
+    with dataset_errors(cfg.base.data):
+        result = train_stage(cfg, 1, start=start, resume=a.resume)
     print(f"{mode}: training checkpoint {result['best']}, ternary export {result['ternary']}")
     return 0

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 
+from ..cli import check_writable, input_file
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", type=input_file)
     p.add_argument("--only-ternary", action="store_true", help="print only the ternary layers")
     p.add_argument("--json", help="also write rows and totals to this JSON file")
 
@@ -19,6 +21,8 @@ def run(a: argparse.Namespace) -> int:
     from ..eval.layers import conv_rows, format_report, totals
     from ..io import load_model, write_json
 
+    if a.json:
+        check_writable(a.json, "the JSON report")
     model, _ = load_model(a.checkpoint)
     rows = conv_rows(model)
     tot = totals(model, rows)

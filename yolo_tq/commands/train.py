@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli import add_config_args, config_overrides
+from ..cli import add_config_args, check_training, check_writable, config_overrides
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -22,18 +22,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "the export to OUT (post-training ternarisation, Wp/Wn from the weights)")
 
 
+def post_training(cfg, a: argparse.Namespace) -> int:
+    """--post-training OUT: no training; every input checked before any work."""
+    from ..config import check_dataset, dataset_errors, find_stage
+    from ..train.stages import post_training_ternary, resolve_start
+
+    check_writable(a.post_training, "the post-training export")
+    last = len(cfg.stages) - 1 if a.stage == "all" else find_stage(cfg, a.stage)[0]
+    start = a.start or resolve_start(cfg, 0, None)
+    if cfg.quantization.bn_reestimate_images:
+        check_dataset(cfg.base.data, ("train",))
+    with dataset_errors(cfg.base.data):
+        out = post_training_ternary(cfg, range(last + 1), start, a.post_training)
+    print(f"post-training ternary export of stages 1-{last + 1}: {out}")
+    return 0
+
+
 def run(a: argparse.Namespace) -> int:
-    from ..config import find_stage, load_config
-    from ..train.stages import post_training_ternary, resolve_start, train_stage
+    from ..config import dataset_errors, find_stage, load_config
+    from ..train.stages import train_stage
 
     cfg = load_config(a.config, config_overrides(a), a.dotlist)
     if a.post_training:
-        last = len(cfg.stages) - 1 if a.stage == "all" else find_stage(cfg, a.stage)[0]
-        out = post_training_ternary(cfg, range(last + 1), a.start or resolve_start(cfg, 0, None), a.post_training)
-        print(f"post-training ternary export of stages 1-{last + 1}: {out}")
-        return 0
+        return post_training(cfg, a)
     keys = [str(i + 1) for i in range(len(cfg.stages))] if a.stage == "all" else [a.stage]
-    for n, key in enumerate(keys):
-        result = train_stage(cfg, key, start=a.start if n == 0 else None, resume=a.resume and n == 0)
-        print(f"stage {key}: training checkpoint {result['best']}, ternary export {result['ternary']}")
+    start = check_training(cfg, [find_stage(cfg, k)[0] for k in keys], a.start, a.resume)
+    with dataset_errors(cfg.base.data):
+        for n, key in enumerate(keys):
+            result = train_stage(cfg, key, start=start if n == 0 else None, resume=a.resume and n == 0)
+            print(f"stage {key}: training checkpoint {result['best']}, ternary export {result['ternary']}")
     return 0

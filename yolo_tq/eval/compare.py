@@ -34,14 +34,18 @@ def compare_checkpoints(entries: list[tuple[str, str]], data: str, imgsz: int = 
                         device: str | None = None, project: str | None = None) -> list[dict]:
     """One row per (name, checkpoint), the first being the baseline: validation metrics, parameters, file size and
     theoretical compression against the baseline."""
+    from ..config import check_dataset, check_device
     from ..io import load_model
     from .validate import validate
 
-    rows, baseline_params = [], None
-    for name, ckpt in entries:
-        model, _ = load_model(ckpt)
-        summary = model_summary(model, baseline_params)
-        baseline_params = baseline_params or summary["params"]
+    summaries, baseline_params = [], None
+    for _, ckpt in entries:  # every file read, the data and device checked, before the first validation
+        summaries.append(model_summary(load_model(ckpt)[0], baseline_params))
+        baseline_params = baseline_params or summaries[-1]["params"]
+    check_dataset(data)
+    check_device(device)
+    rows = []
+    for (name, ckpt), summary in zip(entries, summaries):
         m = validate(ckpt, data, imgsz, batch, device, project=project)
         rows.append({"model": name, "checkpoint": str(ckpt), "mAP50": m["mAP50"], "mAP50-95": m["mAP50-95"],
                      "precision": m["precision"], "recall": m["recall"], **summary,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
+from ..config import check_dataset, check_device, dataset_errors
 from ..io import CheckpointError, load_model
 
 
@@ -12,9 +14,9 @@ def validate(checkpoint: str | Path, data: str, imgsz: int = 640, batch: int = 1
     """mAP50, mAP50-95, precision and recall of a checkpoint on `data` (Ultralytics DetectionValidator)."""
     from ultralytics import YOLO
 
-    if data.endswith((".yaml", ".yml")) and ("/" in data or "\\" in data) and not Path(data).is_file():
-        raise FileNotFoundError(f"data yaml not found: {data}")
     load_model(checkpoint)  # one clear error for a missing or unreadable file
+    check_dataset(data, (split,))
+    check_device(device)
     try:
         model = YOLO(str(checkpoint))
     except Exception as e:  # noqa: BLE001
@@ -22,9 +24,10 @@ def validate(checkpoint: str | Path, data: str, imgsz: int = 640, batch: int = 1
     kwargs = dict(data=data, imgsz=imgsz, batch=batch, split=split, plots=plots, verbose=verbose)
     if device is not None:
         kwargs["device"] = device
-    if project:
-        kwargs["project"] = project
-    m = model.val(**kwargs)
+    with tempfile.TemporaryDirectory(prefix="yolo_tq_val_") as tmp, dataset_errors(data):
+        if project or not plots:  # without plots there is nothing to keep: Ultralytics' val-N folder goes to tmp
+            kwargs["project"] = project or tmp
+        m = model.val(**kwargs)
     p, r, map50, map5095 = m.box.mean_results()
     return {"checkpoint": str(checkpoint), "data": data, "imgsz": imgsz, "batch": batch, "split": split,
             "precision": float(p), "recall": float(r), "mAP50": float(map50), "mAP50-95": float(map5095)}
