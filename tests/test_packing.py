@@ -346,7 +346,7 @@ def test_corrupt_entry_is_a_one_line_pack_error(packed80, rebuilt80, tmp_path, c
 def test_corrupt_file_fails_in_load_packed(packed80, tmp_path):
     tensors, meta = packing.read_packed(packed80)
     bad = json.loads(json.dumps(meta))
-    bad.update({"nc": 3, "yaml": {**meta["yaml"], "nc": 3}})
+    bad.update({"nc": 3, "yaml": {**meta["yaml"], "nc": 3}, "names": {"0": "a", "1": "b", "2": "c"}})
     with pytest.raises(packing.PackError, match=r"model.23.cv3.* has shape \[80\], the model built from the yaml"):
         packing.load_packed(_rewrite(tensors, bad, tmp_path / "nc.safetensors"))
     tensors[INT8] = tensors[INT8].float()
@@ -484,6 +484,244 @@ def test_cli_errors(cli, tiny_fp_checkpoint, packed80, tmp_path):
     assert r.returncode == 2 and r.stderr.startswith("error:")
     r = cli("--quantized", foreign)
     assert r.returncode == 2 and "--baseline" in r.stderr
+
+
+# ------------------------------------------------------------------------------ crafted files: data, never code
+SAFETENSORS_DTYPE = {torch.uint8: "U8", torch.int8: "I8", torch.float16: "F16", torch.float32: "F32",
+                     torch.int64: "I64"}
+
+
+def write_raw(path, tensors, meta, huge: dict | None = None, meta_text: str | None = None):
+    """A safetensors file written byte by byte (what an attacker writes): `huge` maps names to (dtype, shape)
+    whose data is a sparse run of zeros (no disk, no memory); `meta_text` replaces the metadata JSON."""
+    entries, offset = {}, 0
+    items = [(k, SAFETENSORS_DTYPE[t.dtype], list(t.shape), t.numel() * t.element_size()) for k, t in tensors.items()]
+    items += [(k, dtype, list(shape), math.prod(shape)) for k, (dtype, shape) in (huge or {}).items()]
+    for name, dtype, shape, nbytes in items:
+        entries[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = meta_text if meta_text is not None else json.dumps(meta)
+    header = json.dumps({"__metadata__": {"format": "pt", packing.META_KEY: text}, **entries}).encode()
+    header += b" " * (-len(header) % 8)
+    with open(path, "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header)
+        for t in tensors.values():
+            f.write(t.contiguous().view(torch.uint8).reshape(-1).numpy().tobytes())
+        f.truncate(f.tell() + offset - sum(t.numel() * t.element_size() for t in tensors.values()))
+    return path
+
+
+class Unpickled:
+    """Touches `marker` when unpickled: the payload of a pickle that a loader must never open."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        from pathlib import Path
+
+        return Path.touch, (Path(self.marker),)
+
+
+def with_yaml(**changes):
+    """A metadata change: the architecture yaml with `changes` (a callable value gets the yaml)."""
+    def change(t, m, tmp):
+        for k, v in changes.items():
+            m["yaml"][k] = v(m["yaml"], tmp) if callable(v) else v
+    return change
+
+
+def code_activation(yaml, tmp):
+    return f"__import__('os').system('touch {tmp / 'pwned_activation'}')"
+
+
+def loader_layer(yaml, tmp):
+    """backbone[0] becomes Ultralytics' checkpoint loader with the path of a booby-trapped pickle (quoted, as
+    parse_model literal_evals string arguments)."""
+    torch.save({"model": Unpickled(tmp / "pwned_pickle")}, tmp / "trap.pt")
+    return [[-1, 1, "torch_safe_load", [repr(str(tmp / "trap.pt"))]], *yaml["backbone"][1:]]
+
+
+NOT_C2PSA = "model.2.cv1.conv"  # a real conv of yolo11n, outside C2PSA
+CRAFTED = {  # name -> (change to (tensors, metadata, tmp folder), message)
+    "activation with code": (with_yaml(activation=code_activation), r"'activation' is \"__import__\('os'\)"),
+    "layer named torch_safe_load": (with_yaml(backbone=loader_layer), r"'backbone'\[0\]\[2\] is 'torch_safe_load'"),
+    "nc = 10^7": (lambda t, m, tmp: m.update(nc=10**7, yaml={**m["yaml"], "nc": 10**7}), "nc is 10000000"),
+    "nc = 0": (lambda t, m, tmp: m.update(nc=0, yaml={**m["yaml"], "nc": 0}), r"integer in 1\.\.10000"),
+    "nc as float": (lambda t, m, tmp: m.update(nc=80.0), r"nc is 80\.0"),
+    "names fewer than nc": (lambda t, m, tmp: m["names"].pop("79"), r"'names' must map '0'\.\.'79'"),
+    "unknown scale": (with_yaml(scale="q"), "scale 'q' is not a YOLO11 scale"),
+    "scale as a list": (with_yaml(scale=["n"]), r"scale \['n'\] is not a YOLO11 scale"),
+    "wider scale": (with_yaml(scales=lambda y, tmp: {**y["scales"], "n": [0.5, 0.25, 10**6]}),
+                    r"'scales' is .*Ultralytics' has"),
+    "extra yaml key": (with_yaml(depth_multiple=100.0), r"'depth_multiple' is 100\.0, Ultralytics' has absent"),
+    "bool for int in a layer": (with_yaml(backbone=lambda y, tmp: [[-1, True, *y["backbone"][0][2:]],
+                                                                   *y["backbone"][1:]]),
+                                r"'backbone'\[0\]\[1\] is True, Ultralytics' has 1"),
+    "4 input channels": (with_yaml(channels=4), "YOLO11 takes 3 input channels"),
+    "other model class": (lambda t, m, tmp: m.update(model_class="SegmentationModel"), "is not supported"),
+    "unknown metadata field": (lambda t, m, tmp: m.update(hook="x"), r"unknown fields \['hook'\]"),
+    "stride of the wrong model": (lambda t, m, tmp: m.update(stride=[4.0, 8.0, 16.0]), "does not match"),
+    "stride 10^200": (lambda t, m, tmp: m.update(stride=[10**200]), "not a short list of positive numbers"),
+    "stride 10^400": (lambda t, m, tmp: m.update(stride=[10**400, float("nan")]), "not a short list of positive"),
+    "norm_eps NaN": (lambda t, m, tmp: m.update(modules={"model.10.m.0.attn.qkv.conv": {
+        **RECORD, "norm_eps": float("nan")}}), "norm_eps is nan"),
+    "BitLinear outside C2PSA": (lambda t, m, tmp: m.update(modules={NOT_C2PSA: RECORD}),
+                                f"'{NOT_C2PSA}', which is not a C2PSA conv"),
+    "BitLinear act_bits true": (lambda t, m, tmp: m.update(modules={"model.10.m.0.attn.qkv.conv": {
+        **RECORD, "act_bits": True}}), "act_bits is True"),
+    "BitLinear per_token string": (lambda t, m, tmp: m.update(modules={"model.10.m.0.attn.qkv.conv": {
+        **RECORD, "per_token": "no"}}), "per_token is 'no'"),
+    "BitLinear extra field": (lambda t, m, tmp: m.update(modules={"model.10.m.0.attn.qkv.conv": {
+        **RECORD, "cls": "os.system"}}), "bad settings"),
+    "NaN weight": (lambda t, m, tmp: t.update({"model.23.dfl.conv.weight": torch.full_like(
+        t["model.23.dfl.conv.weight"], float("nan"))}), "NaN or Inf"),
+}
+
+
+def crafted_file(packed80, tmp_path, case):
+    tensors, meta = packing.read_packed(packed80)
+    CRAFTED[case][0](tensors, meta, tmp_path)
+    return write_raw(tmp_path / f"{case.replace(' ', '_')}.tq.safetensors", tensors, meta)
+
+
+def assert_nothing_ran(tmp_path):
+    assert not list(tmp_path.glob("pwned*")), "code from the file ran"
+
+
+@pytest.mark.parametrize("case", list(CRAFTED))
+def test_crafted_file_is_one_pack_error_and_runs_nothing(packed80, tmp_path, case):
+    path = crafted_file(packed80, tmp_path, case)
+    for load in (packing.read_packed, packing.load_packed):
+        with pytest.raises(packing.PackError, match=CRAFTED[case][1]) as e:
+            load(path)
+        assert str(e.value).startswith(f"{path}: ") and "\n" not in str(e.value)
+    tensors, meta = packing.read_packed(packed80)
+    CRAFTED[case][0](tensors, meta, tmp_path)
+    with pytest.raises(packing.PackError, match=CRAFTED[case][1]):  # the in-memory path checks the same
+        packing.model_from_packed(tensors, meta)
+    assert_nothing_ran(tmp_path)
+    assert (tmp_path / "trap.pt").exists() == (case == "layer named torch_safe_load")
+
+
+TRAPS = """
+import sys
+from pathlib import Path
+from ultralytics.nn.tasks import parse_model
+from yolo_tq.formats.packed import reference_yaml
+from test_packing import code_activation, loader_layer
+tmp, found = Path(sys.argv[1]), []
+for key, payload in (("backbone", loader_layer), ("activation", code_activation)):
+    yaml = reference_yaml("n")
+    yaml[key] = payload(yaml, tmp)
+    try:
+        parse_model(yaml, ch=3, verbose=False)
+    except Exception:
+        pass  # the code has run by then
+    found.append(sorted(p.name for p in tmp.glob("pwned*")))
+print(found)
+"""
+
+
+def test_the_traps_are_real(tmp_path):
+    """The two payloads do run when handed to Ultralytics' own yaml parser and checkpoint loader (in another
+    process: the activation is process-wide state), so the loader is safe because it never hands them over."""
+    r = subprocess.run([sys.executable, "-c", TRAPS, str(tmp_path)], capture_output=True, text=True,
+                       cwd=REPO / "tests", env={**os.environ, "YOLO_OFFLINE": "1"}, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "[['pwned_pickle'], ['pwned_activation', 'pwned_pickle']]"
+
+
+def test_header_shapes_beyond_any_buffer_are_one_line(packed80, tmp_path):
+    tensors, meta = packing.read_packed(packed80)
+    path = write_raw(tmp_path / "x.tq.safetensors", tensors, meta)
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    for shape in ([10**200], [2**40, 2**40]):
+        header[CODES]["shape"] = shape
+        text = json.dumps(header).encode()
+        path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n:])
+        with pytest.raises(packing.PackError, match="not a readable packed file") as e:
+            packing.load_packed(path)
+        assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("text", ['{"format": "yolo-tq-packed", "nc": ' + "9" * 5000 + "}", "[" * 100_000,
+                                  '{"format": "yolo-tq-packed"', "null"],
+                         ids=["5000-digit int", "deep nesting", "cut short", "null"])
+def test_metadata_json_that_python_refuses_is_one_line(packed80, tmp_path, text):
+    tensors, meta = packing.read_packed(packed80)
+    path = write_raw(tmp_path / "j.tq.safetensors", tensors, meta, meta_text=text)
+    with pytest.raises(packing.PackError, match="not valid JSON|does not describe") as e:
+        packing.load_packed(path)
+    assert "\n" not in str(e.value)
+
+
+FAST_FAIL = """
+import json, resource, sys, time
+from yolo_tq.formats import packed
+packed.reference_yaml("n")  # imports Ultralytics
+from ultralytics.nn.tasks import DetectionModel
+DetectionModel(packed.reference_yaml("n"), verbose=False)  # warm
+out = {}
+for path in sys.argv[1:]:
+    rss, t = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter()
+    try:
+        packed.load_packed(path)
+        msg = "loaded"
+    except packed.PackError as e:
+        msg = str(e)
+    out[path] = [time.perf_counter() - t, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss) / 1024, msg]
+print(json.dumps(out))
+"""
+
+
+def test_huge_nc_and_huge_tensor_fail_fast_without_allocating(packed80, tmp_path):
+    """nc = 10^7 (4.5 GB before this check) and a 1 GiB code tensor the header declares (a sparse file:
+    safetensors accepts it, reading it would allocate 1 GiB) are refused in well under 2 s, RSS growing little."""
+    nc_file = crafted_file(packed80, tmp_path, "nc = 10^7")
+    tensors, meta = packing.read_packed(packed80)
+    tensors.pop(CODES)
+    big = write_raw(tmp_path / "big.tq.safetensors", tensors, meta, huge={CODES: ("U8", [2**30])})
+    assert big.stat().st_size > 2**30 and big.stat().st_blocks * 512 < 2**24  # sparse on disk
+    r = subprocess.run([sys.executable, "-c", FAST_FAIL, str(nc_file), str(big)], capture_output=True, text=True,
+                       cwd=REPO, env={**os.environ, "YOLO_OFFLINE": "1"}, timeout=300)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    (t_nc, rss_nc, msg_nc), (t_big, rss_big, msg_big) = res[str(nc_file)], res[str(big)]
+    assert "nc is 10000000" in msg_nc and t_nc < 2.0 and rss_nc < 100, res
+    assert f"'{CODES}' has shape [1073741824], the model built from the yaml needs" in msg_big, res
+    assert t_big < 2.0 and rss_big < 300, res
+
+
+CLI_CASES = ["activation with code", "layer named torch_safe_load", "nc = 10^7", "unknown scale",
+             "BitLinear outside C2PSA"]
+
+
+@pytest.mark.parametrize("case", CLI_CASES)
+def test_crafted_file_through_the_clis(cli, yolo_tq, packed80, tmp_path, case):
+    path, out = crafted_file(packed80, tmp_path, case), tmp_path / "out.pt"
+    for r in (cli("--unpack", path, "--unpacked-pt", out), yolo_tq("pack", "--unpack", path, "--out", out)):
+        assert r.returncode == 2, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and str(path) in lines[0], r.stderr
+        assert "Traceback" not in r.stderr + r.stdout
+    assert not out.exists()
+    assert_nothing_ran(tmp_path)
+
+
+def test_packer_refuses_what_the_loader_refuses(model80):
+    import copy
+
+    model = copy.deepcopy(model80)
+    model.yaml = {**model.yaml, "activation": "nn.ReLU()"}
+    with pytest.raises(packing.PackError, match="only builds Ultralytics YOLO11.*'activation'"):
+        packing.pack_state(model)
+    model.yaml = {k: v for k, v in model80.yaml.items()}
+    model.names = {0: "only one"}
+    with pytest.raises(packing.PackError, match="'names' must map"):
+        packing.pack_bytes(model)
 
 
 # -------------------------------------------------------------------------------------------- on ../shared data

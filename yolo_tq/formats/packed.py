@@ -25,13 +25,20 @@ conv would stop being {-Wn, 0, +Wp}. Each BN is restored as weight=scale, bias=s
 running_var=1-eps, which computes the same function in eval mode. The file is an inference artifact: fine-tune
 from the .pt, not from an unpacked model.
 
-The loader rebuilds an ordinary Ultralytics model from the yaml, takes every tensor it needs by name (checking its
-dtype and the shape the rebuilt model needs) and refuses a file holding tensors the model has no place for.
+A packed file is data, never code. The loader (read_packed, load_packed) builds only what it knows: the stored
+yaml must equal, key by key as JSON, Ultralytics' own yolo11{n,s,m,l,x}.yaml (bar nc, yaml_file and 3 input
+channels), and the model is built from that reference yaml, never from the file's, so no stored string is ever
+eval'ed or looked up as a Python name. Before anything is allocated: nc must be an integer in 1..10000 with names
+'0'..'nc-1'; every field of the metadata has a fixed type (unknown fields are refused); BitLinear records may only
+name the C2PSA convs of the built model, with act_bits in 2..16 and booleans as booleans; then every tensor's dtype
+and shape is read from the safetensors header and compared with what the built model needs (missing, extra,
+other dtype or shape: refused) before any tensor is read. Decoded weights must be finite. Every refusal is one
+PackError line. Packing runs the same checks, so it never writes a file the loader refuses.
 """
 
 from __future__ import annotations
 
-import copy
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -55,6 +62,14 @@ SUPPORTED_MODEL_CLASSES = ("DetectionModel",)
 _POW3 = torch.tensor([3**i for i in range(TRITS_PER_BYTE)], dtype=torch.int16)
 KIND_SUFFIXES = {"ternary": (".codes", ".scales"), "int8": (".int8", ".scale"), "bn": (".bn_scale", ".bn_shift")}
 RESERVED_SUFFIXES = tuple(s for pair in KIND_SUFFIXES.values() for s in pair)
+# what a file may describe (the loader builds nothing else; see check_metadata)
+KNOWN_SCALES = ("n", "s", "m", "l", "x")  # Ultralytics' yolo11{scale}.yaml
+MAX_NC, MAX_NAME = 10_000, 256  # classes, characters of a class name
+YAML_UNCOMPARED = ("nc", "yaml_file", "channels", "ch")  # nc is bounded, channels must be 3, yaml_file is unused
+METADATA_KEYS = ("format", "format_version", "model_class", "task", "yaml", "nc", "names", "stride",
+                 "rest_precision", "ternary_layers", "codes", "modules", "source")
+RECORD_FIELDS = ("kind", "source_class", "act_bits", "per_token", "restore_token_stats", "norm_eps")
+BITLINEAR_CLASSES = ("BitLinear_TTQ", "BitLinear_Standard", "PackedBitLinear")
 
 
 class PackError(CheckpointError):
@@ -191,6 +206,14 @@ def check_packable(model: nn.Module) -> None:
         raise PackError(f"cannot pack a {name}: supported model classes are {', '.join(SUPPORTED_MODEL_CLASSES)}")
     if not isinstance(getattr(model, "yaml", None), dict):
         raise PackError("the model has no architecture yaml (model.yaml); it cannot be rebuilt from a packed file")
+    try:
+        yaml = json.loads(json.dumps(model.yaml))
+    except (TypeError, ValueError) as e:
+        raise PackError(f"the model's architecture yaml is not JSON-serialisable: {e}") from e
+    try:
+        known_architecture(yaml)
+    except PackError as e:
+        raise PackError(f"cannot pack this model (the loader only builds Ultralytics YOLO11 detectors): {e}") from e
     odd = [f"{p} ({type(m).__name__})" for p, m in model.named_modules() if is_quantized(m) and not is_bitlinear(m)]
     if odd:
         raise PackError(f"the model still holds quantized training modules: {', '.join(odd[:3])}"
@@ -306,6 +329,7 @@ def pack_bytes(model: nn.Module, rest: str = "int8", source: str | None = None, 
         text = json.dumps(meta, separators=(",", ":"))
     except TypeError as e:
         raise PackError(f"the model's metadata (yaml, names) is not JSON-serialisable: {e}") from e
+    check_metadata(json.loads(text))  # never write a file the loader refuses
     return save(tensors, metadata={"format": "pt", META_KEY: text})
 
 
@@ -320,16 +344,152 @@ def write_verified(model: nn.Module, path: str | Path, rest: str = "int8", data:
     """Write the packed file of `model` (`data`: its bytes, if already packed), read it back and check the round
     trip (verify_round_trip); PackError if it fails. Returns the check."""
     path = atomic_write_bytes(path, pack_bytes(model, rest, source, require_ternary) if data is None else data)
-    tensors, meta = read_packed(path)
-    check = verify_round_trip(model, model_from_packed(tensors, meta, str(path)), tensors)
+    tensors, _, skeleton = _open_packed(path)
+    check = verify_round_trip(model, _fill(skeleton, tensors, str(path)), tensors)
     if not check["ok"]:
         raise PackError(f"{path}: round trip failed: {check}")
     return check
 
 
+# ------------------------------------------------------------------------------------------- metadata checks
+_ABSENT = object()
+
+
+def _short(value, limit: int = 70) -> str:
+    """repr of an untrusted value, on one line and shortened."""
+    text = repr(value) if value is not _ABSENT else "absent"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _same(a, b) -> bool:
+    """Equal as JSON (so true is not 1 and 1.0 is not 1)."""
+    if a is _ABSENT or b is _ABSENT:
+        return a is b
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def _first_difference(got, want, where: str, depth: int = 0) -> str:
+    """Where `got` (from a file) first differs from `want` (Ultralytics'), lists entry by entry, both shortened."""
+    if depth < 4 and isinstance(got, list) and isinstance(want, list) and len(got) == len(want):
+        i = next(i for i, (a, b) in enumerate(zip(got, want)) if not _same(a, b))
+        return _first_difference(got[i], want[i], f"{where}[{i}]", depth + 1)
+    return f"{where} is {_short(got)}, Ultralytics' has {_short(want)}"
+
+
+@functools.lru_cache(maxsize=None)
+def _reference_yaml_text(scale: str) -> str:
+    from ultralytics.nn.tasks import yaml_model_load
+
+    return json.dumps(yaml_model_load(f"yolo11{scale}.yaml"))
+
+
+def reference_yaml(scale: str) -> dict:
+    """Ultralytics' own YOLO11 detection yaml of `scale` (its yaml loading), as the file's JSON would hold it."""
+    return json.loads(_reference_yaml_text(scale))
+
+
+def known_architecture(yaml) -> dict:
+    """The Ultralytics YOLO11 yaml that an architecture yaml (from a file) equals; PackError naming the first
+    difference. Compared as JSON: every key but nc (bounded separately), yaml_file (a name, never used) and the
+    input channels (must be 3). The model is then built from the reference, never from the file's yaml."""
+    if not isinstance(yaml, dict):
+        raise PackError("metadata 'yaml' is not a mapping")
+    scale = yaml.get("scale")
+    if not isinstance(scale, str) or scale not in KNOWN_SCALES:
+        raise PackError(f"architecture scale {_short(scale)} is not a YOLO11 scale ({', '.join(KNOWN_SCALES)}): "
+                        f"only Ultralytics YOLO11 detection architectures are loaded")
+    ref = reference_yaml(scale)
+    for key in ("channels", "ch"):
+        if yaml.get(key, 3) != 3:
+            raise PackError(f"architecture yaml: {key} is {_short(yaml.get(key))}, YOLO11 takes 3 input channels")
+    for key in sorted((set(yaml) | set(ref)) - set(YAML_UNCOMPARED)):
+        got, want = yaml.get(key, _ABSENT), ref.get(key, _ABSENT)
+        if not _same(got, want):
+            raise PackError(f"architecture yaml is not Ultralytics' yolo11{scale}.yaml: "
+                            f"{_first_difference(got, want, repr(key))}")
+    return ref
+
+
+def _check_nc_names(meta: dict) -> int:
+    """nc (an int in 1..MAX_NC, the yaml's too) and names ('0'..'nc-1' -> str); returns nc."""
+    nc = meta.get("nc")
+    if type(nc) is not int or not 1 <= nc <= MAX_NC:
+        raise PackError(f"metadata nc is {_short(nc)}: the number of classes must be an integer in 1..{MAX_NC}")
+    if meta["yaml"].get("nc", nc) != nc:
+        raise PackError(f"metadata nc {nc} and the yaml's nc {_short(meta['yaml'].get('nc'))} differ")
+    names = meta.get("names")
+    if not isinstance(names, dict) or len(names) != nc or \
+            any(not isinstance(names.get(str(i)), str) or len(names[str(i)]) > MAX_NAME for i in range(nc)):
+        raise PackError(f"metadata 'names' must map '0'..'{nc - 1}' to class names of at most {MAX_NAME} "
+                        f"characters (nc = {nc})")
+    return nc
+
+
+def _check_info(meta: dict) -> None:
+    """The informational fields: stride, rest precision, ternary layers, source."""
+    stride = meta.get("stride")
+    if stride is not None and not (isinstance(stride, list) and len(stride) <= 8 and all(
+            type(s) in (int, float) and 0 < s <= 1024 for s in stride)):  # comparisons: no overflow, NaN fails
+        raise PackError(f"metadata stride {_short(stride)} is not a short list of positive numbers")
+    if meta.get("rest_precision") not in REST_PRECISIONS:
+        raise PackError(f"metadata rest_precision {_short(meta.get('rest_precision'))} is not one of "
+                        f"{', '.join(REST_PRECISIONS)}")
+    layers = meta.get("ternary_layers")
+    if not isinstance(layers, list) or any(type(i) is not int or not 0 <= i < 1000 for i in layers):
+        raise PackError(f"metadata ternary_layers {_short(layers)} is not a list of layer indices")
+    if not isinstance(meta.get("source"), (str, type(None))) or len(meta.get("source") or "") > 4096:
+        raise PackError("metadata 'source' must be a file name")
+    codes = meta.get("codes", {})
+    if not isinstance(codes, dict) or any(not isinstance(v, str) or len(v) > 200 for v in codes.values()):
+        raise PackError("metadata 'codes' must map kinds to short descriptions")
+
+
+def check_metadata(meta) -> dict:
+    """Validate a packed file's metadata without building anything; returns the reference yaml (with nc) that
+    the model is built from. PackError names the first field that is wrong."""
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise PackError(f"metadata does not describe a {FORMAT_NAME} file")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise PackError(f"format version {_short(meta.get('format_version'))} is not supported "
+                        f"(this code reads version {FORMAT_VERSION})")
+    unknown = sorted(set(meta) - set(METADATA_KEYS))
+    if unknown:
+        raise PackError(f"metadata holds unknown fields {_short(unknown)}")
+    if meta.get("model_class") not in SUPPORTED_MODEL_CLASSES or meta.get("task") != "detect":
+        raise PackError(f"packed model class {_short(meta.get('model_class'))} (task {_short(meta.get('task'))}) "
+                        f"is not supported ({', '.join(SUPPORTED_MODEL_CLASSES)}, detect)")
+    ref = known_architecture(meta.get("yaml"))
+    ref["nc"] = _check_nc_names(meta)
+    _check_info(meta)
+    records = meta.get("modules", {})
+    if not isinstance(records, dict):
+        raise PackError("metadata 'modules' must map module paths to their settings")
+    for path, rec in records.items():
+        PackedBitLinearConfig.from_record(path, rec)
+    return ref
+
+
 # ------------------------------------------------------------------------------------------------------ loading
-def read_packed(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, metadata) of a packed file; safetensors only, nothing is unpickled."""
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _parse_metadata(header: dict | None) -> dict:
+    if not header or META_KEY not in header:
+        raise PackError(f"a safetensors file but not a packed YOLO-TQ model (no '{META_KEY}' metadata)")
+    try:
+        meta = json.loads(header[META_KEY])
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, ints beyond Python's digit limit, deep nesting
+        raise PackError(f"metadata is not valid JSON: {_short(str(e), 200)}") from e
+    check_metadata(meta)
+    return meta
+
+
+def _open_packed(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, nn.Module]:
+    """(tensors, metadata, the model the metadata describes with its BitLinear layers, random weights). Order: the
+    metadata is checked, the model built from the known yaml, every tensor's dtype and shape compared, from the
+    safetensors header, with what that model needs; only then is any tensor read. Nothing is unpickled."""
     from safetensors import safe_open
 
     p = Path(path)
@@ -337,21 +497,28 @@ def read_packed(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise FileNotFoundError(f"packed file not found: {p}")
     try:
         with safe_open(str(p), framework="pt") as f:
-            header = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            meta = _parse_metadata(f.metadata())
+            model = skeleton_model(meta)
+            found = {}
+            for name in f.keys():
+                piece = f.get_slice(name)
+                dtype = piece.get_dtype()
+                found[name] = (_SAFETENSORS_DTYPES.get(dtype, dtype), tuple(piece.get_shape()))
+            check_layout(expected_layout(model, set(found)), found)
+            tensors = {name: f.get_tensor(name) for name in found}
+        _check_finite(tensors)
+    except PackError as e:
+        raise PackError(f"{p}: {e}") from e
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for corrupt files
-        raise PackError(f"{p} is not a readable packed file (corrupt or truncated?): {type(e).__name__}: {e}") from e
-    if META_KEY not in header:
-        raise PackError(f"{p} is a safetensors file but not a packed YOLO-TQ model (no '{META_KEY}' metadata)")
-    try:
-        meta = json.loads(header[META_KEY])
-    except json.JSONDecodeError as e:
-        raise PackError(f"{p}: metadata is not valid JSON: {e}") from e
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
-        raise PackError(f"{p}: metadata does not describe a {FORMAT_NAME} file")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise PackError(f"{p}: format version {meta.get('format_version')} is not supported "
-                        f"(this code reads version {FORMAT_VERSION})")
+        raise PackError(f"{p} is not a readable packed file (corrupt or truncated?): {type(e).__name__}: "
+                        f"{_short(str(e), 300)}") from e
+    return tensors, meta, model
+
+
+def read_packed(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, metadata) of a packed file, every tensor checked against the model the metadata describes
+    before it is read (see _open_packed)."""
+    tensors, meta, _ = _open_packed(path)
     return tensors, meta
 
 
@@ -365,81 +532,112 @@ def entry_kinds(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
     return kinds
 
 
-class _Entries:
-    """The file's tensors, taken by name with their dtype and shape checked; anything never taken is an error."""
+Layout = dict  # entry name -> (allowed dtypes, shape) expected, or (dtype, shape) found
 
-    def __init__(self, tensors: dict[str, torch.Tensor]):
-        self.tensors, self.taken = tensors, set()
 
-    def __contains__(self, name: str) -> bool:
-        return name in self.tensors
+def stored_entries(key: str, target: torch.Tensor, names: set[str]) -> Layout:
+    """The entries that hold state key `key` (the model's tensor `target`), with their dtypes and shapes; which
+    kind (ternary, INT8, as is) follows from the names the file holds."""
+    if f"{key}.codes" in names:
+        return {f"{key}.codes": ((torch.uint8,), (packed_trit_bytes(target.numel()),)),
+                f"{key}.scales": ((torch.float32,), (2,))}
+    if f"{key}.int8" in names and target.dim() >= 2:
+        return {f"{key}.int8": ((torch.int8,), tuple(target.shape)),
+                f"{key}.scale": ((torch.float16, torch.float32), tuple(target.shape[:1]))}
+    return {key: ((torch.float16,) if target.is_floating_point() else (target.dtype,), tuple(target.shape))}
 
-    def take(self, name: str, dtypes: tuple[torch.dtype, ...], shape) -> torch.Tensor:
-        t = self.tensors.get(name)
-        if t is None:
+
+def _batchnorms(model: nn.Module) -> dict[str, nn.Module]:
+    return {p: m for p, m in model.named_modules() if p and _is_bn(m)}
+
+
+def _stored_key(key: str) -> str:
+    """A PackedBitLinear's `latent_weight` is stored as its `weight`."""
+    return key[:-len("latent_weight")] + "weight" if key.endswith(".latent_weight") else key
+
+
+def expected_layout(model: nn.Module, names: set[str]) -> Layout:
+    """Every entry a file must hold for `model` (built from the metadata): name -> (dtypes, shape)."""
+    bns = _batchnorms(model)
+    out = {f"{p}.{s}": ((torch.float16,), tuple(bn.running_mean.shape)) for p, bn in bns.items()
+           for s in ("bn_scale", "bn_shift")}
+    for key, target in model.state_dict().items():
+        if _owner(key, bns) is None:
+            out.update(stored_entries(_stored_key(key), target, names))
+    return out
+
+
+def check_layout(expected: Layout, found: Layout) -> None:
+    """PackError for the first entry missing, of another dtype or shape, or that the model has no place for."""
+    for name, (dtypes, shape) in expected.items():
+        if name not in found:
             raise PackError(f"tensor '{name}' is missing from the file")
-        if t.dtype not in dtypes:
-            raise PackError(f"tensor '{name}' is {t.dtype}, the format stores it as "
-                            f"{' or '.join(map(str, dtypes))}")
-        if tuple(t.shape) != tuple(shape):
-            raise PackError(f"tensor '{name}' has shape {list(t.shape)}, the model built from the yaml needs "
+        dtype, got = found[name]
+        if dtype not in dtypes:
+            raise PackError(f"tensor '{name}' is {dtype}, the format stores it as {' or '.join(map(str, dtypes))}")
+        if tuple(got) != tuple(shape):
+            raise PackError(f"tensor '{name}' has shape {_short(list(got))}, the model built from the yaml needs "
                             f"{list(shape)}")
-        self.taken.add(name)
-        return t
-
-    def check_all_taken(self) -> None:
-        extra = sorted(set(self.tensors) - self.taken)
-        if extra:
-            raise PackError(f"the file holds tensors the model built from its yaml has no place for: {extra[:3]}")
+    extra = sorted(set(found) - set(expected))
+    if extra:
+        raise PackError(f"the file holds tensors the model built from its yaml has no place for: {_short(extra[:3])}")
 
 
-def decode_tensor(entries: _Entries, key: str, target: torch.Tensor) -> torch.Tensor:
-    """The tensor stored for state key `key`, decoded to the dtype and shape of `target` (float32 for floats)."""
-    if f"{key}.codes" in entries:
-        n = target.numel()
-        wp, wn = entries.take(f"{key}.scales", (torch.float32,), (2,)).tolist()
+def decode_tensor(tensors: dict[str, torch.Tensor], key: str, target: torch.Tensor) -> torch.Tensor:
+    """The tensor stored for state key `key`, decoded to the dtype and shape of `target` (float32 for floats);
+    the layout has been checked (check_layout)."""
+    if f"{key}.codes" in tensors:
+        wp, wn = tensors[f"{key}.scales"].tolist()
         if wp < 0 or wn < 0 or not math.isfinite(wp) or not math.isfinite(wn):
             raise PackError(f"{key}: ternary scales must be finite and >= 0 (got {wp}, {wn})")
-        codes = unpack_trits(entries.take(f"{key}.codes", (torch.uint8,), (packed_trit_bytes(n),)), n)
+        codes = unpack_trits(tensors[f"{key}.codes"], target.numel())
         return decode_ternary(codes, wp, wn, target.shape)
-    if f"{key}.int8" in entries and target.dim() >= 2:
-        q = entries.take(f"{key}.int8", (torch.int8,), target.shape)
-        return dequantize_int8(q, entries.take(f"{key}.scale", (torch.float16, torch.float32), target.shape[:1]))
-    if target.is_floating_point():
-        return entries.take(key, (torch.float16,), target.shape).float()
-    return entries.take(key, (target.dtype,), target.shape)
+    if f"{key}.int8" in tensors and target.dim() >= 2:
+        return dequantize_int8(tensors[f"{key}.int8"], tensors[f"{key}.scale"])
+    return tensors[key].float() if target.is_floating_point() else tensors[key]
 
 
 def decode_state(tensors: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict of `model` (built from the metadata, BitLinear layers installed) decoded from the file's
-    tensors. A PackedBitLinear's `latent_weight` is stored as its `weight`; BatchNorm as its affine pair."""
-    entries, state = _Entries(tensors), {}
-    bns = {p: m for p, m in model.named_modules() if p and _is_bn(m)}
+    tensors, after checking their names, dtypes and shapes; BatchNorm comes from its affine pair. PackError if a
+    decoded tensor holds NaN or Inf."""
+    check_layout(expected_layout(model, set(tensors)), {k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()})
+    bns, state = _batchnorms(model), {}
     for path, bn in bns.items():
-        scale, shift = (entries.take(f"{path}.{s}", (torch.float16,), bn.running_mean.shape)
-                        for s in ("bn_scale", "bn_shift"))
-        state.update((f"{path}.{a}", t) for a, t in bn_from_affine(scale, shift, bn.eps).items())
+        pair = (tensors[f"{path}.bn_scale"], tensors[f"{path}.bn_shift"])
+        state.update((f"{path}.{a}", t) for a, t in bn_from_affine(*pair, bn.eps).items())
     for key, target in model.state_dict().items():
         if _owner(key, bns) is None:
-            stored = key[:-len("latent_weight")] + "weight" if key.endswith(".latent_weight") else key
-            state[key] = decode_tensor(entries, stored, target)
-    entries.check_all_taken()
+            state[key] = decode_tensor(tensors, _stored_key(key), target)
+    _check_finite(state, "decodes to")
     return state
 
 
-def build_model(meta: dict) -> nn.Module:
-    """An ordinary Ultralytics model built from the metadata's architecture yaml (random weights)."""
-    from ultralytics.nn import tasks
+def _check_finite(tensors: dict[str, torch.Tensor], what: str = "holds") -> None:
+    bad = next((k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if bad:
+        raise PackError(f"tensor '{bad}' {what} NaN or Inf values (corrupt file)")
 
-    cls = meta.get("model_class")
-    if cls not in SUPPORTED_MODEL_CLASSES:
-        raise PackError(f"packed model class {cls!r} is not supported ({', '.join(SUPPORTED_MODEL_CLASSES)})")
-    if not isinstance(meta.get("yaml"), dict):
-        raise PackError("metadata has no architecture yaml")
-    try:
-        model = getattr(tasks, cls)(copy.deepcopy(meta["yaml"]), nc=meta.get("nc"), verbose=False)
-    except Exception as e:  # noqa: BLE001
-        raise PackError(f"cannot build the model from the metadata's yaml: {type(e).__name__}: {e}") from e
+
+def build_model(meta: dict) -> nn.Module:
+    """The Ultralytics model the metadata describes (random weights), built from Ultralytics' own YOLO11 yaml
+    that the metadata's yaml equals (check_metadata), never from the file's yaml; its stride must match."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    ref = check_metadata(meta)
+    model = DetectionModel(ref, nc=ref["nc"], verbose=False)
+    stride = meta.get("stride")
+    if stride is not None and [float(s) for s in stride] != model.stride.tolist():
+        raise PackError(f"metadata stride {_short(stride)} does not match the architecture's "
+                        f"{model.stride.tolist()}")
+    model.names = {int(k): v for k, v in meta["names"].items()}
+    return model
+
+
+def skeleton_model(meta: dict) -> nn.Module:
+    """build_model with the metadata's BitLinear layers installed: the model the file's tensors must fit."""
+    model = build_model(meta)
+    install_packed_modules(model, meta.get("modules", {}))
     return model
 
 
@@ -451,15 +649,25 @@ class PackedBitLinearConfig:
     norm_eps: float
 
     @classmethod
-    def from_record(cls, path: str, rec) -> "PackedBitLinearConfig":
-        if not isinstance(rec, dict) or rec.get("kind") != "bitlinear":
-            raise PackError(f"metadata module '{path}': only BitLinear replacements of a conv are supported")
-        try:
-            spec = QuantSpec("bitlinear_ttq", act_bits=int(rec["act_bits"]), act_per_token=bool(rec["per_token"]),
-                             restore_token_stats=bool(rec["restore_token_stats"]))
-            return cls(spec, float(rec["norm_eps"]))
-        except (KeyError, TypeError, ValueError) as e:  # SpecError is a ValueError
-            raise PackError(f"metadata module '{path}' has bad settings {rec!r}: {e}") from e
+    def from_record(cls, path, rec) -> "PackedBitLinearConfig":
+        """The config of a metadata record; PackError unless every field has its exact type and a sane value."""
+        if not isinstance(path, str) or not isinstance(rec, dict) or set(rec) != set(RECORD_FIELDS) \
+                or rec["kind"] != "bitlinear" or rec["source_class"] not in BITLINEAR_CLASSES:
+            raise PackError(f"metadata module {_short(path)}: bad settings {_short(rec, 200)}; a record holds "
+                            f"{', '.join(RECORD_FIELDS)}, kind 'bitlinear', source_class one of "
+                            f"{', '.join(BITLINEAR_CLASSES)}")
+        problems = [f for f, ok in (
+            ("act_bits", type(rec["act_bits"]) is int and 2 <= rec["act_bits"] <= 16),
+            ("per_token", type(rec["per_token"]) is bool),
+            ("restore_token_stats", type(rec["restore_token_stats"]) is bool),
+            ("norm_eps", type(rec["norm_eps"]) in (int, float) and 0 < rec["norm_eps"] < 1)) if not ok]
+        if problems:
+            raise PackError(f"metadata module {_short(path)} has bad settings: {problems[0]} is "
+                            f"{_short(rec[problems[0]])} (act_bits: an integer in 2..16, per_token and "
+                            f"restore_token_stats: true/false, norm_eps: a number in (0, 1))")
+        spec = QuantSpec("bitlinear_ttq", act_bits=rec["act_bits"], act_per_token=rec["per_token"],
+                         restore_token_stats=rec["restore_token_stats"])
+        return cls(spec, float(rec["norm_eps"]))
 
 
 def _build_packed_bitlinear(conv: nn.Module, config: PackedBitLinearConfig) -> PackedBitLinear:
@@ -475,42 +683,44 @@ register_builder(PackedBitLinearConfig, _build_packed_bitlinear)
 
 def install_packed_modules(model: nn.Module, records: dict) -> list[str]:
     """Put a PackedBitLinear (through quantize_) at every path the metadata's `modules` names, in place of the
-    plain conv the yaml built there. Returns the paths."""
+    plain conv the yaml built there. Only the convs of the model's C2PSA blocks can be named. Returns the paths."""
+    from ..quant.apply import c2psa_convs
+
     if not isinstance(records, dict):
         raise PackError("metadata 'modules' must map module paths to their settings")
+    allowed = c2psa_convs(model)
     by_config: dict[PackedBitLinearConfig, list[str]] = {}
     for path, rec in records.items():
-        by_config.setdefault(PackedBitLinearConfig.from_record(path, rec), []).append(path)
-    done = [p for config, paths in by_config.items() for p in quantize_(model, config, paths_filter(paths))]
-    missing = sorted(set(records) - set(done))
-    if missing:
-        raise PackError(f"metadata names module '{missing[0]}', which the model built from the yaml lacks")
-    return done
+        config = PackedBitLinearConfig.from_record(path, rec)
+        if path not in allowed:
+            raise PackError(f"metadata names module {_short(path)}, which is not a C2PSA conv of the model built "
+                            f"from the yaml (BitLinear layers are only loaded there)")
+        by_config.setdefault(config, []).append(path)
+    return [p for config, paths in by_config.items() for p in quantize_(model, config, paths_filter(paths))]
 
 
 def load_packed(path: str | Path) -> nn.Module:
     """Rebuild an ordinary Ultralytics model (float32, eval mode) from a packed file."""
-    tensors, meta = read_packed(path)
-    return model_from_packed(tensors, meta, source=str(path))
+    tensors, meta, model = _open_packed(path)
+    return _fill(model, tensors, str(path))
 
 
 def model_from_packed(tensors: dict[str, torch.Tensor], meta: dict, source: str = "packed file") -> nn.Module:
-    """The model a packed file describes (float32, eval mode); PackError for anything inconsistent."""
-    model = build_model(meta)
-    install_packed_modules(model, meta.get("modules") or {})
+    """The model a packed file's (tensors, metadata) describe (float32, eval mode); PackError for anything wrong."""
+    try:
+        model = skeleton_model(meta)
+    except PackError as e:
+        raise PackError(f"{source}: {e}") from e
+    return _fill(model, tensors, source)
+
+
+def _fill(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> nn.Module:
+    """`model` (a skeleton_model) with the decoded weights, float32, eval mode."""
     try:
         state = decode_state(tensors, model)
     except PackError as e:
         raise PackError(f"{source}: {e}") from e
     model.load_state_dict(state, strict=False)
-    try:
-        model.names = {int(k): str(v) for k, v in (meta.get("names") or {}).items()}
-        if meta.get("stride"):
-            model.stride = torch.tensor(meta["stride"], dtype=torch.float32).reshape(-1)
-            if hasattr(model.model[-1], "stride"):
-                model.model[-1].stride = model.stride
-    except (TypeError, ValueError, AttributeError) as e:
-        raise PackError(f"{source}: metadata 'names' or 'stride' is malformed: {e}") from e
     return model.float().eval()
 
 
