@@ -55,6 +55,8 @@ def variants(stage: int) -> dict[str, list[str]]:
         "layer by layer, early first (over 6 epochs)": ["train.ternary_ramp=layer_early_first",
                                                         "train.ternary_ramp_epochs=6"],
         "multi-scale training (imgsz x0.5..x1.5)": ["train.ultralytics.multi_scale=0.5"],
+        "freeze the ternary pattern in the last 3 epochs": ["train.ternary_freeze_epochs=3"],
+        "threshold 0.5 for this stage (fewer zeros)": [f"{s}.threshold=0.5"],
     }
 
 

@@ -92,3 +92,21 @@ def test_ramped_training_sets_shares_and_ends_ternary(tmp_path, tiny_fp_checkpoi
     exported, _ = load_model(stage_outputs(cfg, cfg.stages[0])["ternary"])
     assert sum(ternary_values(m.weight) is not None for m in exported.modules() if isinstance(m, nn.Conv2d)) \
         == len(convs)
+
+
+def test_freeze_stops_the_latent_weights_in_the_last_epochs(tmp_path, tiny_fp_checkpoint, tiny_data):
+    cfg_path = ramp_config(tmp_path, tiny_fp_checkpoint, tiny_data, 1)
+    cfg = load_config(cfg_path, dotlist=["train.ternary_ramp=none", "train.ternary_ramp_epochs=0",
+                                         "train.ternary_freeze_epochs=1"])
+    trainable, latents = [], {}
+
+    def record(trainer):
+        trainable.append({lat.requires_grad for lat in trainer.stage_latents})
+        if trainer.epoch == 1:
+            latents.update({i: lat.detach().clone() for i, lat in enumerate(trainer.stage_latents)})
+
+    def after(trainer):
+        if trainer.epoch == 1:  # the frozen epoch changed no latent weight
+            assert all(torch.equal(latents[i], lat) for i, lat in enumerate(trainer.stage_latents))
+    train_stage(cfg, 1, callbacks={"on_train_epoch_start": record, "on_train_epoch_end": after})
+    assert trainable == [{True}, {False}] and latents

@@ -1,12 +1,16 @@
 """Ternarising a stage's new layers gradually instead of all at once (a config switch; off by default).
 
 Modes (`train.ternary_ramp`), over the first `ternary_ramp_epochs` epochs of a stage; from then on every layer is
-fully ternary, so the checkpoints that count (best.pt, the ternary export) always are:
+fully ternary, so the checkpoints that count (best.pt, the ternary export) always are.
 - `magnitude`: incremental ternarisation after INQ (Zhou et al. 2017, arXiv:1702.03044): in every new layer the share
   `start + (1 - start)·epoch/ramp_epochs` of the weights with the largest |w| is ternary, the rest trains in full
   precision and compensates.
 - `layer_deep_first` / `layer_early_first`: the new layers become ternary one after the other (evenly spread over the
   ramp); the others train in full precision until their turn.
+`train.ternary_freeze_epochs` (independent of the ramp): in a stage's last N epochs the new layers' latent weights stop
+training, so their ternary pattern is fixed while the scales, BatchNorm and full-precision layers settle around it
+(weights that flip back and forth across the threshold late in training hurt; after Nagel et al. 2022,
+arXiv:2203.11086, which freezes oscillating weights).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ class RampPlan:
     mode: str = "none"
     epochs: int = 0
     start: float = 0.5
+    freeze_epochs: int = 0  # last epochs in which the new layers' ternary pattern is frozen (only scales, FP train)
 
     def __post_init__(self):
         if self.mode not in RAMP_MODES:
@@ -30,10 +35,17 @@ class RampPlan:
             raise ValueError(f"ternary_ramp '{self.mode}' needs ternary_ramp_epochs >= 1")
         if not 0.0 <= self.start <= 1.0:
             raise ValueError(f"ternary_ramp_start must be in [0, 1], got {self.start}")
+        if self.freeze_epochs < 0:
+            raise ValueError(f"ternary_freeze_epochs must be >= 0, got {self.freeze_epochs}")
 
     @property
     def active(self) -> bool:
         return self.mode != "none"
+
+    @property
+    def acts(self) -> bool:
+        """Whether the trainer has anything to do per epoch (a ramp or a final freeze)."""
+        return self.active or self.freeze_epochs > 0
 
 
 def ramp_shares(plan: RampPlan, epoch: int, n_layers: int) -> list[float]:

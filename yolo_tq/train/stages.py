@@ -96,7 +96,8 @@ def train_plan(cfg: ProjectConfig, index: int, start: str) -> TrainPlan:
                       None if t.get("latent_lr") is None else float(t["latent_lr"]),
                       None if t.get("latent_weight_decay") is None else float(t["latent_weight_decay"]))
     try:
-        ramp = RampPlan(t["ternary_ramp"], int(t["ternary_ramp_epochs"]), float(t["ternary_ramp_start"]))
+        ramp = RampPlan(t["ternary_ramp"], int(t["ternary_ramp_epochs"]), float(t["ternary_ramp_start"]),
+                        int(t["ternary_freeze_epochs"]))
     except ValueError as e:
         raise ConfigError(f"stage '{stage.name}': {e}") from e
     if ramp.active and ramp.epochs >= int(t["epochs"]):

@@ -66,7 +66,8 @@ class TrainPlan:
 
 def find_ramp_layers(trainer) -> None:
     """Once, before training: the TTQ weight quantizers of this stage's layers, grouped by yaml layer (early to
-    deep), in the model and in its EMA copy (the EMA is what gets validated and saved)."""
+    deep), in the model and in its EMA copy (the EMA is what gets validated and saved); and their latent weights in
+    the model (frozen in the last ternary_freeze_epochs)."""
     from ..quant.apply import select_convs
     from ..quant.layers import TTQConv2d
 
@@ -78,16 +79,23 @@ def find_ramp_layers(trainer) -> None:
             if isinstance(m, TTQConv2d):
                 groups.setdefault(int(path.split(".")[1]), []).append(m.quantizer)
     trainer.ramp_groups = [groups[i] for i in sorted(groups)]
+    net = unwrap_model(trainer.model)
+    trainer.stage_latents = [net.get_submodule(p).latent_weight for p in select_convs(net, s.layers, s.include_1x1,
+                             s.detect_head) if isinstance(net.get_submodule(p), TTQConv2d)]
     LOGGER.info(f"ternary ramp '{trainer.plan.ramp.mode}' over {trainer.plan.ramp.epochs} epochs: "
                 f"{len(trainer.ramp_groups)} layers")
 
 
 def set_ramp_shares(trainer) -> None:
     """At each epoch start: the share of ternary weights of every ramped layer (train.ramp.ramp_shares)."""
-    shares = ramp_shares(trainer.plan.ramp, trainer.epoch, len(trainer.ramp_groups))
+    plan = trainer.plan.ramp
+    shares = ramp_shares(plan, trainer.epoch, len(trainer.ramp_groups))
     for share, quantizers in zip(shares, trainer.ramp_groups):
         for q in quantizers:
             q.share = share
+    frozen = plan.freeze_epochs > 0 and trainer.epoch >= trainer.epochs - plan.freeze_epochs
+    for latent in trainer.stage_latents:
+        latent.requires_grad_(not frozen)
 
 
 def attach_distillation(trainer) -> None:
@@ -157,7 +165,7 @@ class TTQTrainer(DetectionTrainer):
         setattr(self.args, PLAN_KEY, self.plan.to_dict())  # saved in args.yaml, checkpoints and the DDP state file
         if self.plan.distill is not None:
             self.add_callback("on_pretrain_routine_end", attach_distillation)
-        if self.plan.ramp.active:
+        if self.plan.ramp.acts:
             self.add_callback("on_pretrain_routine_end", find_ramp_layers)
             self.add_callback("on_train_epoch_start", set_ramp_shares)
 
