@@ -127,6 +127,20 @@ def test_safe_load_refuses_code_and_runs_nothing(tmp_path, monkeypatch, how):
         assert {"os.system": f"{os.system.__module__}.system", "exec": "builtins.exec"}[how] in msg
 
 
+@pytest.mark.parametrize("script", ["test.py", "validate.py"])
+def test_safe_load_flag_refuses_code_through_the_commands(tmp_path, monkeypatch, script, tiny_data):
+    from conftest import assert_one_line_error, run_here
+
+    monkeypatch.delenv("YOLO_TQ_SAFE_LOAD", raising=False)
+    marker = tmp_path / "pwned"
+    torch.save({"model": Payload(os.system, f"touch {shlex.quote(str(marker))}"), "train_args": {}}, tmp_path / "e.pt")
+    extra = ["--data", str(tiny_data), "--imgsz", "64"] if script == "validate.py" else []
+    r = run_here(script, str(tmp_path / "e.pt"), *extra, "--safe-load", cwd=tmp_path)
+    assert_one_line_error(r, "refused by safe loading")
+    assert not marker.exists()
+    monkeypatch.delenv("YOLO_TQ_SAFE_LOAD", raising=False)  # the flag set it for this process
+
+
 # --- NaN / Inf ----------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("where", ["model.0.conv.weight", "model.0.bn.running_var"])

@@ -136,12 +136,19 @@ def command_parser(name: str, prog: str | None = None) -> argparse.ArgumentParse
     module = command_module(name)
     p = Parser(prog=prog, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(p)
+    p.add_argument("--safe-load", action="store_true",
+                   help="open .pt files with torch.load(weights_only=True) and an allowlist of torch.nn, Ultralytics "
+                        "and yolo_tq classes; anything else is refused (also: YOLO_TQ_SAFE_LOAD=1)")
     return p
 
 
 def script(name: str, argv: list[str] | None = None, prog: str | None = None) -> None:
     """Parse the flags of command `name` and run it (one-line errors, exit status). Entry of the root scripts."""
     args = command_parser(name, prog).parse_args(argv)
+    if args.safe_load:
+        from .io import set_safe_load
+
+        set_safe_load(True)
     run_cli(lambda: command_module(name).run(args))
 
 

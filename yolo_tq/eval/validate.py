@@ -6,7 +6,7 @@ import tempfile
 from pathlib import Path
 
 from ..config import check_dataset, check_device, dataset_errors
-from ..io import CheckpointError, load_model
+from ..io import CheckpointError, load_model, safe_loading
 
 
 def validate(checkpoint: str | Path, data: str, imgsz: int = 640, batch: int = 16, device: str | None = None,
@@ -18,7 +18,8 @@ def validate(checkpoint: str | Path, data: str, imgsz: int = 640, batch: int = 1
     check_dataset(data, (split,))
     check_device(device)
     try:
-        model = YOLO(str(checkpoint))
+        with safe_loading():  # in safe mode Ultralytics' own load is weights_only too
+            model = YOLO(str(checkpoint))
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"cannot load {checkpoint} with Ultralytics: {e}") from e
     kwargs = dict(data=data, imgsz=imgsz, batch=batch, split=split, plots=plots, verbose=verbose)
