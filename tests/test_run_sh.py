@@ -35,9 +35,17 @@ def test_pipeline_writes_every_artefact(pipeline):
         assert (run_dir / name).is_file() and (run_dir / name).stat().st_size > 0, name
     res = run_dir / "results"
     for s in STEPS:
-        assert (res / f"val_{s}.json").is_file() and (res / f"compression_{s}.json").is_file()
-        assert (res / f"{s}.tq.safetensors").is_file()
-    assert (res / "compare_bitlinear.json").is_file() and (res / "latency.json").is_file()
+        val = json.loads((res / f"val_{s}.json").read_text())
+        assert 0 <= val["mAP50-95"] <= val["mAP50"] <= 1 and val["imgsz"] == 64
+        comp = json.loads((res / f"compression_{s}.json").read_text())
+        packed = res / f"{s}.tq.safetensors"
+        assert comp["packed"]["bytes"] == packed.stat().st_size and comp["packed"]["round_trip"]["ok"]
+        assert comp["quantized"]["counts"]["ternary_params"] > 0
+        assert packed.read_bytes()[8:9] == b"{"  # a safetensors header (JSON) after its 8-byte length
+    compare = json.loads((res / "compare_bitlinear.json").read_text())
+    assert [r["model"] for r in compare["rows"]] == ["baseline", "BitLinear_TTQ", "standard BitLinear"]
+    latency = json.loads((res / "latency.json").read_text())
+    assert latency["rows"] and {r["target"] for r in latency["rows"]} >= {"torch-cpu"}
     summary = json.loads((run_dir / "summary.json").read_text())
     assert [r["step"] for r in summary["rows"]] == ["fp", *STEPS]
     table = [line for line in (run_dir / "summary.md").read_text().splitlines()
