@@ -110,3 +110,15 @@ def test_freeze_stops_the_latent_weights_in_the_last_epochs(tmp_path, tiny_fp_ch
             assert all(torch.equal(latents[i], lat) for i, lat in enumerate(trainer.stage_latents))
     train_stage(cfg, 1, callbacks={"on_train_epoch_start": record, "on_train_epoch_end": after})
     assert trainable == [{True}, {False}] and latents
+
+
+def test_bn_frozen_stats_keeps_running_statistics(tmp_path, tiny_fp_checkpoint, tiny_data):
+    cfg = load_config(ramp_config(tmp_path, tiny_fp_checkpoint, tiny_data, 1),
+                      dotlist=["train.ternary_ramp=none", "train.bn_frozen_stats=true"])
+    before, _ = load_model(tiny_fp_checkpoint)
+    result = train_stage(cfg, 1)
+    after, _ = load_model(result["last"])
+    bns = [(p, m) for p, m in before.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bns and all(torch.equal(m.running_mean, after.get_submodule(p).running_mean) and
+                       torch.equal(m.running_var, after.get_submodule(p).running_var) for p, m in bns)
+    assert any(not torch.equal(m.weight, after.get_submodule(p).weight) for p, m in bns)  # the affine trained

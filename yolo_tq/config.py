@@ -75,6 +75,7 @@ class TrainConfig:
     ternary_ramp_epochs: int = 0  # epochs until the stage's new layers are fully ternary (must be < epochs)
     ternary_ramp_start: float = 0.5  # magnitude ramp: share of ternary weights at the first epoch
     ternary_freeze_epochs: int = 0  # last epochs with the new layers' ternary pattern frozen (yolo_tq/train/ramp.py)
+    bn_frozen_stats: bool = False  # BatchNorm running statistics stay as loaded (BN in eval mode while training)
     device: Optional[str] = None
     workers: int = 8
     seed: int = 0

@@ -103,7 +103,7 @@ def train_plan(cfg: ProjectConfig, index: int, start: str) -> TrainPlan:
     if ramp.active and ramp.epochs >= int(t["epochs"]):
         raise ConfigError(f"stage '{stage.name}': ternary_ramp_epochs ({ramp.epochs}) must be below the stage's "
                           f"epochs ({t['epochs']}), so that its last epochs train the fully ternary model")
-    return TrainPlan(stage_plan(cfg, stage), optim, distill_plan(cfg, start), ramp)
+    return TrainPlan(stage_plan(cfg, stage), optim, distill_plan(cfg, start), ramp, bool(t["bn_frozen_stats"]))
 
 
 def trainer_overrides(cfg: ProjectConfig, index: int, start: str) -> dict:

@@ -12,6 +12,8 @@ import contextlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch.nn as nn
+
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils import DEFAULT_CFG, LOGGER, RANK
 from ultralytics.utils.torch_utils import unwrap_model
@@ -53,15 +55,18 @@ class TrainPlan:
     optim: OptimPlan
     distill: DistillPlan | None = None
     ramp: RampPlan = RampPlan()
+    bn_frozen: bool = False  # BatchNorm keeps its running statistics (eval mode) while everything else trains
 
     def to_dict(self) -> dict:
         return {"stage": self.stage.to_dict(), "optim": asdict(self.optim),
-                "distill": None if self.distill is None else asdict(self.distill), "ramp": asdict(self.ramp)}
+                "distill": None if self.distill is None else asdict(self.distill), "ramp": asdict(self.ramp),
+                "bn_frozen": self.bn_frozen}
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainPlan":
         return cls(StagePlan.from_dict(d["stage"]), OptimPlan(**d["optim"]),
-                   None if d.get("distill") is None else DistillPlan(**d["distill"]), RampPlan(**d.get("ramp", {})))
+                   None if d.get("distill") is None else DistillPlan(**d["distill"]), RampPlan(**d.get("ramp", {})),
+                   bool(d.get("bn_frozen", False)))
 
 
 def find_ramp_layers(trainer) -> None:
@@ -213,6 +218,15 @@ class TTQTrainer(DetectionTrainer):
                                        "param_group": "ttq_scales"})
             LOGGER.info(f"optimizer: + {len(scales)} ternary scales (lr={o.scale_lr}, decay={o.scale_weight_decay})")
         return optimizer
+
+    def _model_train(self):
+        """Ultralytics' train mode; with `train.bn_frozen_stats`, every BatchNorm then normalises with (and keeps)
+        the running statistics it started from, as detectors are often fine-tuned (its affine still trains)."""
+        super()._model_train()
+        if self.plan.bn_frozen:
+            for m in self.model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
 
     def validate(self):
         """Ultralytics' validation; an epoch whose new layers are not yet fully ternary never becomes best.pt."""
