@@ -131,14 +131,13 @@ def test_safe_load_refuses_code_and_runs_nothing(tmp_path, monkeypatch, how):
 def test_safe_load_flag_refuses_code_through_the_commands(tmp_path, monkeypatch, script, tiny_data):
     from conftest import assert_one_line_error, run_here
 
-    monkeypatch.delenv("YOLO_TQ_SAFE_LOAD", raising=False)
+    monkeypatch.setenv("YOLO_TQ_SAFE_LOAD", "0")  # off before; --safe-load turns it on; teardown removes it again
     marker = tmp_path / "pwned"
     torch.save({"model": Payload(os.system, f"touch {shlex.quote(str(marker))}"), "train_args": {}}, tmp_path / "e.pt")
     extra = ["--data", str(tiny_data), "--imgsz", "64"] if script == "validate.py" else []
     r = run_here(script, str(tmp_path / "e.pt"), *extra, "--safe-load", cwd=tmp_path)
     assert_one_line_error(r, "refused by safe loading")
-    assert not marker.exists()
-    monkeypatch.delenv("YOLO_TQ_SAFE_LOAD", raising=False)  # the flag set it for this process
+    assert not marker.exists() and os.environ["YOLO_TQ_SAFE_LOAD"] == "1"  # the flag set it for this process
 
 
 # --- NaN / Inf ----------------------------------------------------------------------------------------------------

@@ -90,6 +90,8 @@ def allow_checkpoint_globals(path: str | Path) -> None:
         needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except ValueError:  # not a torch.save archive: torch.load(weights_only=True) refuses or reads it, nothing to add
         return
+    except RuntimeError as e:  # a damaged archive (truncated, no central directory)
+        raise CheckpointError(f"cannot read checkpoint {path}: truncated or damaged ({_reason(e)})") from e
     allowed = safe_globals()
     refused = sorted(set(needed) - set(allowed))
     if refused:
