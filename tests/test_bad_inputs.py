@@ -128,6 +128,7 @@ CASES = [
     Case("ternary-ramp-unknown", (*TRAIN, "--set", "train.ternary_ramp=sideways"), ("sideways",)),
     Case("model-size-z", (*TRAIN, "--model-size", "z"), ("--model-size", "'z'")),
     Case("device-not-a-device", (*TRAIN, "--device", "gpu0"), ("device 'gpu0' is not available",)),
+    Case("data-name-offline", (*TRAIN, "--data", "coco128.yaml"), ("coco128.yaml", "--data", "DATA=")),
     Case("data-without-val", (*TRAIN, "--data", "{tmp}/d.yaml"), ("'val:' key missing",),
          {"d.yaml": "path: {data_root}\ntrain: images/train\nnames: {0: c0, 1: c1}\n"}),
     Case("data-val-folder-missing", (*TRAIN, "--data", "{tmp}/d.yaml"), ("images not found",),

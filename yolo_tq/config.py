@@ -375,7 +375,9 @@ def check_dataset(data: str, splits: tuple[str, ...] = ("val",)) -> dict:
         for split in splits:
             info = check_det_dataset(data, split=split)
     except Exception as e:  # noqa: BLE001 - anything wrong with the data yaml or its folders means the same to the user
-        raise ConfigError(f"data {data}: {first_line(e)}") from e
+        hint = "" if local or "download" not in str(e).lower() else (
+            " Offline, pass a local data yaml: --data /path/data.yaml (run.sh: DATA=/path/data.yaml).")
+        raise ConfigError(f"data {data}: {first_line(e)}{hint}") from e
     return info
 
 
