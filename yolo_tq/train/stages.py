@@ -186,6 +186,6 @@ def post_training_model(cfg: ProjectConfig, stage_indices, start: str | nn.Modul
 
 def post_training_ternary(cfg: ProjectConfig, stage_indices, start: str, out: str | Path) -> Path:
     """post_training_model, then its stock ternary export saved to `out` (loads with ultralytics.YOLO)."""
-    model = post_training_model(cfg, stage_indices, start)
-    train_args = load_model(start)[1].get("train_args")
-    return save_stock_checkpoint(export_ternary(model), out, train_args=train_args)
+    model, ckpt = load_model(start)  # read once: the model, and the train_args the export keeps
+    post_training_model(cfg, stage_indices, model)
+    return save_stock_checkpoint(export_ternary(model), out, train_args=ckpt.get("train_args"))

@@ -76,17 +76,15 @@ def find_ramp_layers(trainer) -> None:
     from ..quant.apply import select_convs
     from ..quant.layers import TTQConv2d
 
-    s = trainer.plan.stage
+    s, model = trainer.plan.stage, unwrap_model(trainer.model)
+    paths = [p for p in select_convs(model, s.layers, s.include_1x1, s.detect_head)
+             if isinstance(model.get_submodule(p), TTQConv2d)]
+    nets = [model] + ([trainer.ema.ema] if trainer.ema else [])
     groups: dict[int, list] = {}
-    for net in (unwrap_model(trainer.model), trainer.ema.ema if trainer.ema else None):
-        for path in select_convs(net, s.layers, s.include_1x1, s.detect_head) if net is not None else ():
-            m = net.get_submodule(path)
-            if isinstance(m, TTQConv2d):
-                groups.setdefault(int(path.split(".")[1]), []).append(m.quantizer)
+    for path in paths:
+        groups.setdefault(int(path.split(".")[1]), []).extend(net.get_submodule(path).quantizer for net in nets)
     trainer.ramp_groups = [groups[i] for i in sorted(groups)]
-    net = unwrap_model(trainer.model)
-    trainer.stage_latents = [net.get_submodule(p).latent_weight for p in select_convs(net, s.layers, s.include_1x1,
-                             s.detect_head) if isinstance(net.get_submodule(p), TTQConv2d)]
+    trainer.stage_latents = [model.get_submodule(p).latent_weight for p in paths]
     LOGGER.info(f"ternary ramp '{trainer.plan.ramp.mode}' over {trainer.plan.ramp.epochs} epochs: "
                 f"{len(trainer.ramp_groups)} layers")
 
