@@ -21,6 +21,7 @@ from ultralytics.utils.torch_utils import unwrap_model
 from ..io import AtomicPath, atomic_write_bytes, load_model, safe_loading, save_stock_checkpoint
 from ..quant.apply import StagePlan, export_ternary, install_like, install_stage, quantized_modules, scale_parameters
 from .ramp import RampPlan, ramp_shares
+from .state import find_state_layers, with_training_state
 
 PLAN_KEY = "ttq"
 TERNARY_EXPORT_NAME = "ternary.pt"
@@ -56,17 +57,19 @@ class TrainPlan:
     distill: DistillPlan | None = None
     ramp: RampPlan = RampPlan()
     bn_frozen: bool = False  # BatchNorm keeps its running statistics (eval mode) while everything else trains
+    trainable: str = "all"  # all | stage: only this stage's quantized layers train (train.trainable)
+    fitness: str = "default"  # default | map50: mAP50 picks best.pt and drives early stopping (train.fitness)
 
     def to_dict(self) -> dict:
         return {"stage": self.stage.to_dict(), "optim": asdict(self.optim),
                 "distill": None if self.distill is None else asdict(self.distill), "ramp": asdict(self.ramp),
-                "bn_frozen": self.bn_frozen}
+                "bn_frozen": self.bn_frozen, "trainable": self.trainable, "fitness": self.fitness}
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainPlan":
         return cls(StagePlan.from_dict(d["stage"]), OptimPlan(**d["optim"]),
                    None if d.get("distill") is None else DistillPlan(**d["distill"]), RampPlan(**d.get("ramp", {})),
-                   bool(d.get("bn_frozen", False)))
+                   bool(d.get("bn_frozen", False)), d.get("trainable", "all"), d.get("fitness", "default"))
 
 
 def find_ramp_layers(trainer) -> None:
@@ -99,6 +102,25 @@ def set_ramp_shares(trainer) -> None:
     frozen = plan.freeze_epochs > 0 and trainer.epoch >= trainer.epochs - plan.freeze_epochs
     for latent in trainer.stage_latents:
         latent.requires_grad_(not frozen)
+
+
+def freeze_to_stage(model: nn.Module, stage: StagePlan) -> set[int]:
+    """`train.trainable: stage`: every parameter stops training except the latent weights, biases and learned scales
+    of the quantized layers this stage names (its TTQ convs; with a C2PSA step, its BitLinear layers, whose LayerNorm
+    stays as installed, as the original's did). BatchNorm statistics still follow the data (train mode), as in the
+    original. Returns the ids of the frozen parameters."""
+    from ..quant.apply import c2psa_convs, is_quantized, select_convs
+
+    paths = list(select_convs(model, stage.layers, stage.include_1x1, stage.detect_head))
+    paths += list(c2psa_convs(model)) if stage.c2psa is not None else []
+    layers = [m for m in map(model.get_submodule, paths) if is_quantized(m)]
+    train = {id(p) for m in layers for p in (m.latent_weight, m.bias, *m.scale_parameters()) if p is not None}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in train)
+    frozen = {id(p) for p in model.parameters()} - train
+    LOGGER.info(f"trainable: stage: {len(train)} parameters of {len(layers)} quantized layers train, {len(frozen)} "
+                f"frozen")
+    return frozen
 
 
 def attach_distillation(trainer) -> None:
@@ -171,6 +193,7 @@ class TTQTrainer(DetectionTrainer):
         if self.plan.ramp.acts:
             self.add_callback("on_pretrain_routine_end", find_ramp_layers)
             self.add_callback("on_train_epoch_start", set_ramp_shares)
+        self.add_callback("on_pretrain_routine_end", find_state_layers)  # training state in the metrics (train.state)
 
     def train(self):
         with safe_loading():
@@ -202,7 +225,9 @@ class TTQTrainer(DetectionTrainer):
         net, o = unwrap_model(model), self.plan.optim
         scales = scale_parameters(net)
         latents = [m.latent_weight for m in quantized_modules(net).values()] if o.latent_lr is not None else []
-        ids = {id(p) for p in scales + latents}
+        frozen = freeze_to_stage(net, self.plan.stage) if self.plan.trainable == "stage" else set()
+        scales, latents = [p for p in scales if id(p) not in frozen], [p for p in latents if id(p) not in frozen]
+        ids = {id(p) for p in scales + latents} | frozen
         for group in optimizer.param_groups:
             group["params"] = [p for p in group["params"] if id(p) not in ids]
         if latents:
@@ -226,10 +251,19 @@ class TTQTrainer(DetectionTrainer):
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
 
+    def save_metrics(self, metrics):
+        """Ultralytics' results.csv row with this epoch's training state (train.state) as its last columns; the
+        loggers read it from self.metrics in on_fit_epoch_end, which follows (with or without validation)."""
+        super().save_metrics(with_training_state(self, metrics))
+
     def validate(self):
-        """Ultralytics' validation; an epoch whose new layers are not yet fully ternary never becomes best.pt."""
+        """Ultralytics' validation; with `train.fitness: map50` the fitness (best.pt, early stopping) is mAP50; an
+        epoch whose new layers are not yet fully ternary never becomes best.pt."""
         best = self.best_fitness
         metrics, fitness = super().validate()
+        if metrics is not None and self.plan.fitness == "map50":
+            fitness = float(metrics["metrics/mAP50(B)"])
+            self.best_fitness = fitness if best is None or best < fitness else best
         if self.plan.ramp.active and self.epoch < self.plan.ramp.epochs:
             self.best_fitness = best
         return metrics, fitness
