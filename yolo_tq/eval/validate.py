@@ -10,8 +10,10 @@ from ..io import CheckpointError, load_model, safe_loading
 
 
 def validate(checkpoint: str | Path, data: str, imgsz: int = 640, batch: int = 16, device: str | None = None,
-             split: str = "val", plots: bool = False, verbose: bool = False, project: str | None = None) -> dict:
-    """mAP50, mAP50-95, precision and recall of a checkpoint on `data` (Ultralytics DetectionValidator)."""
+             split: str = "val", plots: bool = False, verbose: bool = False, project: str | None = None,
+             per_class: bool = False) -> dict:
+    """mAP50, mAP75, mAP50-95, precision and recall of a checkpoint on `data` (Ultralytics DetectionValidator);
+    with `per_class`, also "per_class": one row per class that has labels in the split (class_rows)."""
     from ultralytics import YOLO
 
     load_model(checkpoint)  # one clear error for a missing or unreadable file
@@ -30,5 +32,46 @@ def validate(checkpoint: str | Path, data: str, imgsz: int = 640, batch: int = 1
             kwargs["project"] = project or tmp
         m = model.val(**kwargs)
     p, r, map50, map5095 = m.box.mean_results()
-    return {"checkpoint": str(checkpoint), "data": data, "imgsz": imgsz, "batch": batch, "split": split,
-            "precision": float(p), "recall": float(r), "mAP50": float(map50), "mAP50-95": float(map5095)}
+    out = {"checkpoint": str(checkpoint), "data": data, "imgsz": imgsz, "batch": batch, "split": split,
+           "precision": float(p), "recall": float(r), "mAP50": float(map50), "mAP75": float(m.box.map75),
+           "mAP50-95": float(map5095)}
+    return {**out, "per_class": class_rows(m)} if per_class else out
+
+
+def class_rows(metrics) -> list[dict]:
+    """Per-class rows of Ultralytics' DetMetrics: class index, name, labelled instances, mAP50 (box.ap50) and
+    mAP50-95 (box.maps), for each class of box.ap_class_index (the classes with labels in the split)."""
+    box = metrics.box
+    return [{"class": int(c), "name": metrics.names.get(int(c), str(c)), "instances": int(metrics.nt_per_class[c]),
+             "mAP50": float(box.ap50[i]), "mAP50-95": float(box.maps[c])} for i, c in enumerate(box.ap_class_index)]
+
+
+PAIR_METRICS = ("mAP50", "mAP75", "mAP50-95", "precision", "recall")
+
+
+def validate_pair(baseline: str | Path, checkpoint: str | Path, data: str, imgsz: int = 640, batch: int = 16,
+                  device: str | None = None, split: str = "val", per_class: bool = False) -> dict:
+    """The original validate.py's --fp32 mode: the baseline and the checkpoint validated with the same settings;
+    {"baseline": …, "checkpoint": …, "difference": checkpoint − baseline per metric}, with "per_class" rows of
+    both side by side under `per_class`. Both files are read before the first validation."""
+    for path in (baseline, checkpoint):
+        load_model(path)
+    base, ckpt = (validate(path, data, imgsz, batch, device, split, per_class=per_class)
+                  for path in (baseline, checkpoint))
+    out = {"baseline": base, "checkpoint": ckpt, "difference": {k: ckpt[k] - base[k] for k in PAIR_METRICS}}
+    if per_class:
+        out["per_class"] = pair_class_rows(base["per_class"], ckpt["per_class"])
+    return out
+
+
+def pair_class_rows(base_rows: list[dict], ckpt_rows: list[dict]) -> list[dict]:
+    """class_rows of two validations on the same split side by side (the same classes: those with labels)."""
+    theirs = {row["class"]: row for row in ckpt_rows}
+    rows = []
+    for b in base_rows:
+        c = theirs[b["class"]]
+        rows.append({"class": b["class"], "name": b["name"], "instances": b["instances"],
+                     "baseline mAP50": b["mAP50"], "checkpoint mAP50": c["mAP50"],
+                     "difference mAP50": c["mAP50"] - b["mAP50"], "baseline mAP50-95": b["mAP50-95"],
+                     "checkpoint mAP50-95": c["mAP50-95"], "difference mAP50-95": c["mAP50-95"] - b["mAP50-95"]})
+    return rows

@@ -26,6 +26,26 @@ def stage_outputs(cfg: ProjectConfig, stage) -> dict:
             "ternary": d / TERNARY_EXPORT_NAME}
 
 
+PROGRESSIVE_CONFIG = "configs/stage1_progressive.yaml"
+# The original code's stage folders (its configs' logging.save_dir, best.pt directly inside): stage 3's is '..._final'
+ORIGINAL_STAGE_FOLDERS = {"stage1_progressive": 1, "stage1_progressive_middle": 2, "stage1_progressive_final": 3}
+
+
+def original_stage_output(path: str | Path, checkpoint_dir: str | Path) -> tuple[int, Path] | None:
+    """For a path in the original code's layout, <dir>/yolo11<size>/<ORIGINAL_STAGE_FOLDERS key>/{best,last}.pt: the
+    stage number and our output of that stage of PROGRESSIVE_CONFIG under `checkpoint_dir`. None for other paths."""
+    import re
+
+    from ..config import load_config
+
+    p = Path(path)
+    size, number = re.fullmatch(r"yolo11([nslmx])", p.parent.parent.name), ORIGINAL_STAGE_FOLDERS.get(p.parent.name)
+    if size is None or number is None or p.name not in ("best.pt", "last.pt"):
+        return None
+    cfg = load_config(PROGRESSIVE_CONFIG, {"checkpoint_dir": str(checkpoint_dir), "model_size": size.group(1)})
+    return number, stage_outputs(cfg, cfg.stages[number - 1])[p.stem]
+
+
 def _local_path_required(value: str) -> bool:
     """A value that names a local file (has a folder part), as opposed to a bare name Ultralytics resolves."""
     return os.sep in value or value.startswith(".")
@@ -103,7 +123,8 @@ def train_plan(cfg: ProjectConfig, index: int, start: str) -> TrainPlan:
     if ramp.active and ramp.epochs >= int(t["epochs"]):
         raise ConfigError(f"stage '{stage.name}': ternary_ramp_epochs ({ramp.epochs}) must be below the stage's "
                           f"epochs ({t['epochs']}), so that its last epochs train the fully ternary model")
-    return TrainPlan(stage_plan(cfg, stage), optim, distill_plan(cfg, start), ramp, bool(t["bn_frozen_stats"]))
+    return TrainPlan(stage_plan(cfg, stage), optim, distill_plan(cfg, start), ramp, bool(t["bn_frozen_stats"]),
+                     str(t["trainable"]), str(t["fitness"]))
 
 
 def trainer_overrides(cfg: ProjectConfig, index: int, start: str) -> dict:
