@@ -52,11 +52,14 @@ def check_targets(result) -> dict:
         return None if a is None or b is None else a / b
 
     def same_target(t):
-        """The A/B (interleaved) mean ratio where it was measured, else the ratio of the separate runs."""
-        c = next((c for c in result.comparisons if c.quantized == t and c.baseline == t), None)
-        if c and (c.interleaved_ratios or {}).get("mean_ms") is not None:
-            return c.interleaved_ratios["mean_ms"], "interleaved A/B"
-        return div(lat("quantized", t), lat("baseline", t)), "separate runs"
+        """The interleaved A/B paired median ratio where its A/A check accepted it, else the mean ratio of the
+        separate runs (saying why)."""
+        i = next((i for i in result.interleaved if i.target == t), None)
+        if i is not None and i.status == "ok":
+            med, lo, hi = i.ratio()
+            return med, f"interleaved A/B paired median [{lo:.3f}, {hi:.3f}], A/A {i.aa_ratio()[0]:.3f}"
+        why = f"interleaved {i.status}: {i.reason}" if i is not None else "no interleaved pass"
+        return div(lat("quantized", t), lat("baseline", t)), f"separate runs ({why})"
 
     def map_delta(model):
         """mAP50-95 of the model's OpenVINO INT8 export minus that of the model in PyTorch (same val settings)."""

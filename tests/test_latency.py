@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from dataclasses import asdict, replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from yolo_tq.deploy.agreement import (FP32_BOX_TOL_PX, AgreementError, compare_o
 from yolo_tq.deploy.bench import BenchError, BenchOptions, format_table, reference_outputs, run_benchmark
 from yolo_tq.deploy.export import export_artifact, prepare_checkpoint
 from yolo_tq.deploy.memory import peak_rss_mb, reset_peak_rss
-from yolo_tq.deploy.results import (SCHEMA, ABResult, Memory, Skip, TargetRow, WorkerSpec, load_arrays,
+from yolo_tq.deploy.results import (SCHEMA, ABResult, Interleaved, Memory, Skip, TargetRow, WorkerSpec, load_arrays,
                                     save_arrays)
 from yolo_tq.deploy.stats import latency_stats, ratio, ratios
 from yolo_tq.deploy.timing import PerfCounterClock, time_runs
@@ -92,6 +93,119 @@ def test_ratios():
     assert r == {"mean_ms": 0.5, "file_mb": 1.0}
 
 
+def test_cycle_ratios_cancel_a_position_bias():
+    """Whoever runs second pays 2 ms (another session's threads still busy): per-iteration ratios alternate
+    between 1.2 and 0.83 and their median lands on either mode; per rotation cycle the bias cancels."""
+    from yolo_tq.deploy.stats import cycle_ratios
+
+    ref = [10.0, 12.0, 10.0, 12.0, 10.0]  # the baseline runs first in iterations 0, 2, 4
+    test = [12.0, 10.0, 12.0, 10.0, 12.0]
+    assert np.median(np.asarray(test) / np.asarray(ref)) == pytest.approx(1.2)
+    assert cycle_ratios(test, ref, 2).tolist() == [1.0, 1.0]  # the unfinished last cycle is left out
+    assert cycle_ratios([2.0, 4.0], [1.0, 1.0], 3).tolist() == [2.0, 4.0]  # no full cycle: per iteration
+    assert cycle_ratios([3.0, 3.0, 3.0], [1.0, 2.0, 3.0], 3).tolist() == [1.5]
+    with pytest.raises(ValueError):
+        cycle_ratios([1.0], [1.0, 2.0], 2)
+
+
+def test_median_interval_and_aa_band():
+    from yolo_tq.deploy.stats import median_interval, within_band
+
+    assert median_interval([1.02] * 7) == pytest.approx((1.02, 1.02, 1.02))
+    values = [0.9, 0.95, 1.0, 1.0, 1.05, 1.1, 1.3]
+    med, lo, hi = median_interval(values)
+    assert med == 1.0 and 0.9 <= lo <= med <= hi <= 1.3 and lo < hi
+    assert median_interval(values) == (med, lo, hi)  # seeded: a result file can be recomputed exactly
+    assert within_band(1.0) and within_band(1.03) and within_band(0.97) and within_band(1.0304)  # reads 1.030
+    assert not within_band(1.031) and not within_band(0.9) and not within_band(None)
+
+
+def test_interleaved_pass_rotates_every_model_through_every_position():
+    from yolo_tq.deploy.worker import _alternate
+
+    calls = []
+
+    class Fake:
+        def __init__(self, i):
+            self.i = i
+
+        def run(self):
+            calls.append(self.i)
+
+    samples = _alternate([Fake(0), Fake(1), Fake(2)], [PerfCounterClock() for _ in range(3)], 3)
+    assert calls == [0, 1, 2, 1, 2, 0, 2, 0, 1] and [len(x) for x in samples] == [3, 3, 3]
+
+
+def _pass(kind, ratio, status="ok"):
+    other = "baseline-copy" if kind == "A/A" else "quantized"
+    if status != "ok":
+        return ABResult("onnxruntime-cpu", status, "worker exited 1: boom", kind=kind)
+    lat = latency_stats([0.01, 0.011])
+    return ABResult("onnxruntime-cpu", "ok", clock="perf_counter", kind=kind, stats={"baseline": lat, other: lat},
+                    paired_median_ratio={"baseline": 1.0, other: ratio},
+                    ratio_interval={"baseline": [1.0, 1.0], other: [ratio - 0.01, ratio + 0.01]})
+
+
+@pytest.mark.parametrize("aa, ab_status, status, reason", [
+    (1.02, "ok", "ok", ""),
+    (0.962, "ok", "refused", "A/A check read 0.962 [0.952, 0.972], outside 1.00 ± 0.03"),
+    (1.01, "failed", "failed", "A/B pass failed: worker exited 1: boom")])
+def test_ab_ratio_counts_only_after_the_aa_check(monkeypatch, aa, ab_status, status, reason):
+    """The A/A pass times the baseline against a second copy of its own export; the A/B ratio is accepted only
+    when the A/A reads 1.00 ± 0.03, else it is refused with the A/A figure as the reason."""
+    from yolo_tq.deploy import bench
+
+    seen = []
+
+    def fake_pass(t, models, kind, o, work):
+        seen.append((kind, [m for m, _ in models], [a for _, a in models]))
+        return _pass(kind, aa) if kind == "A/A" else _pass(kind, 0.95, ab_status)
+
+    monkeypatch.setattr(bench, "_time_pass", fake_pass)
+    head = dict(target="onnxruntime-cpu", family="onnxruntime", device="cpu", precision="fp32", status="failed",
+                reason="x")
+    pair = [TargetRow(model="baseline", artifact="b.onnx", **head), TargetRow(model="quantized", artifact="q.onnx",
+                                                                              **head)]
+    lines = []
+    i = bench._interleave(backends.target("onnxruntime-cpu"), pair, BenchOptions(baseline="b"), REPO, lines.append)
+    assert seen == [("A/A", ["baseline", "baseline-copy"], ["b.onnx", "b.onnx"]),
+                    ("A/B", ["baseline", "quantized"], ["b.onnx", "q.onnx"])]
+    assert i.status == status and i.reason.startswith(reason) and len(lines) == 1
+    assert i.ratio() == ((0.95, 0.94, 0.96) if status == "ok" else None)
+    assert Interleaved.from_dict(json.loads(json.dumps(asdict(i)))) == i
+    if status == "ok":
+        assert bench.interleaved_ratios(i)["aa_paired_median"] == aa
+
+
+def test_device_default_follows_cuda(monkeypatch):
+    """No --device: the GPU when PyTorch sees one (then the CUDA targets), else the CPU, as Ultralytics picks;
+    the README's command (no --device, --export-fp16 --export-int8) then times the CUDA targets on a GPU."""
+    from yolo_tq.commands import latency as cmd
+    from yolo_tq.deploy.bench import _plan, normalize_device
+
+    p = __import__("argparse").ArgumentParser()
+    cmd.add_arguments(p)
+    a = p.parse_args(["--baseline", "yolo11n.pt", "--quantized", "t.pt", "--export-fp16", "--export-int8",
+                      "--num-runs", "30"])
+    assert a.device is None
+    monkeypatch.setattr(backends, "_importable", lambda m: m != "tensorrt")
+    for seen, want in ((True, "cuda"), (False, "cpu")):
+        monkeypatch.setattr(backends, "cuda_available", lambda seen=seen: seen)
+        assert normalize_device(a.device) == want and normalize_device("cpu") == "cpu"
+        assert normalize_device("0") == "cuda"
+        runnable, skipped = _plan(BenchOptions(baseline="b", export_fp16=True, export_int8=True, device=want),
+                                  lambda line: None)
+        devices = {t.device for t in runnable}
+        assert devices == {want}
+    monkeypatch.setattr(backends, "cuda_available", lambda: True)
+    runnable, skipped = _plan(BenchOptions(baseline="b", export_fp16=True, export_int8=True, device="cuda"),
+                              lambda line: None)
+    assert {"torch-cuda", "torch-cuda-fp16"} <= {t.name for t in runnable}  # onnxruntime-cuda: onnxruntime-gpu
+    assert {s.target: s.reason for s in skipped}["tensorrt-int8"].startswith("INT8 calibration needs images")
+    with pytest.raises(BenchError):
+        normalize_device("1")
+
+
 def test_time_runs_counts_warmup_and_samples():
     calls = []
 
@@ -148,6 +262,12 @@ def test_detection_matching_and_verdicts():
     assert not verdict("fp32", {**diffs, "max_abs_box": 1.0}, 1.0).passed
     assert verdict("int8", {**diffs, "max_abs_box": 100.0}, 0.95).passed  # int8 is judged by detections
     assert not verdict("int8", diffs, 0.5).passed
+    # a model that rounds its activations (BitLinear): FP32 exports flip codes at .5 boundaries, judged by detections
+    flipped = {"max_abs_box": 1.45, "max_abs_score": 2e-3}
+    assert not verdict("fp32", flipped, 1.0).passed
+    v = verdict("fp32", flipped, 1.0, activation_rounding=True)
+    assert v.passed and v.criterion.startswith("fp32 with rounded activations")
+    assert not verdict("fp32", diffs, 0.5, activation_rounding=True).passed  # a lost detection still fails
 
 
 def test_detection_agreement_ignores_score_jitter_at_the_threshold():
@@ -189,6 +309,7 @@ def test_prepare_checkpoint_kinds(tmp_path, tiny_fp_checkpoint, ternary_checkpoi
     assert fp.checkpoint.is_symlink() and fp.checkpoint.resolve() == tiny_fp_checkpoint.resolve()
     tern = prepare_checkpoint(ternary_checkpoint, tmp_path / "b", "quantized")
     assert tern.kind == "ternary" and tern.summary["ternary_convs"] > 20
+    assert not fp.summary["activation_rounding"] and not tern.summary["activation_rounding"]
     # after Conv+BN fusion the ternary convs stay ternary per output channel
     assert tern.summary["deploy"]["ternary_convs"] == tern.summary["ternary_convs"]
     ttq = prepare_checkpoint(ttq_training_checkpoint, tmp_path / "c", "quantized")
@@ -228,10 +349,20 @@ def test_bitlinear_checkpoint_exports_and_agrees(tmp_path, inputs_and_dir):
     assert install_stage(model, c2psa_plan("bitlinear_ttq"))
     pm = prepare_checkpoint(save_stock_checkpoint(model, tmp_path / "bitlinear.pt"), tmp_path, "quantized")
     assert pm.kind == "ttq-training" and pm.summary["quantized_modules_kept"] == ["BitLinear_TTQ"]
-    save_arrays(tmp_path / "refs.npz", reference_outputs(pm.checkpoint, xs))
+    assert pm.summary["activation_rounding"]
+    refs = reference_outputs(pm.checkpoint, xs)
+    save_arrays(tmp_path / "refs.npz", refs)
     path, _ = export_artifact(pm, "onnx", tmp_path, IMGSZ, 1)
-    row = measure_target(_spec("onnxruntime-cpu", path, d, tmp_path / "refs.npz", runs=2))
-    assert row.status == "ok" and row.agreement.passed, row.reason
+    spec = replace(_spec("onnxruntime-cpu", path, d, tmp_path / "refs.npz", runs=2), activation_rounding=True)
+    row = measure_target(spec)
+    assert row.status == "ok" and row.agreement.passed and row.agreement.criterion.startswith("fp32 with rounded")
+    # one flipped activation code moves boxes by ~1 px (1.45 px on the pipeline's model); judged by detections
+    # such an export is timed, while a model without rounding is held to the FP32 tolerance
+    refs[0][:, :4] += 1.45
+    save_arrays(tmp_path / "moved.npz", refs)
+    moved = replace(spec, refs=str(tmp_path / "moved.npz"))
+    assert measure_target(moved).status == "ok"
+    assert measure_target(replace(moved, activation_rounding=False)).status == "refused"
 
 
 def test_disagreeing_export_is_refused_not_timed(tmp_path, tiny_fp_checkpoint, inputs_and_dir):
@@ -278,7 +409,7 @@ def test_run_benchmark_result(tmp_path, tiny_fp_checkpoint, ternary_checkpoint, 
     lines = []
     opts = BenchOptions(baseline=str(tiny_fp_checkpoint), quantized=str(ternary_checkpoint), num_runs=3, warmup=1,
                         imgsz=IMGSZ, data=str(tiny_data), export_int8=True, backends=("torch", "onnxruntime", "openvino"),
-                        workdir=str(tmp_path / "w"), isolate=False, check_images=2)
+                        workdir=str(tmp_path / "w"), isolate=False, check_images=2, device="cpu")
     r = run_benchmark(opts, log=lines.append)
     assert [(x.model, x.target, x.status) for x in r.rows] == [
         ("baseline", "torch-cpu", "ok"), ("quantized", "torch-cpu", "ok"),
@@ -291,19 +422,30 @@ def test_run_benchmark_result(tmp_path, tiny_fp_checkpoint, ternary_checkpoint, 
     assert sum(line.startswith("skip ") for line in lines) == len(skipped)
     assert {(c.quantized, c.baseline) for c in r.comparisons} == {("torch-cpu", "torch-cpu"),
                                                                   ("onnxruntime-cpu", "onnxruntime-cpu")}
-    assert [(a.target, a.status) for a in r.interleaved] == [("torch-cpu", "ok"), ("onnxruntime-cpu", "ok")]
-    assert all(s.runs == 3 for a in r.interleaved for s in a.stats.values())
-    assert r.interleaved[0].paired_median_ratio["baseline"] == 1.0
-    assert set(r.comparisons[0].interleaved_ratios) >= {"mean_ms", "paired_median"}
+    # each target: the A/A check, then the A/B pass; 3 runs of a tiny model on a busy CPU may or may not pass the A/A
+    assert [i.target for i in r.interleaved] == ["torch-cpu", "onnxruntime-cpu"]
+    for i in r.interleaved:
+        assert (i.aa.kind, i.aa.status, i.ab.kind, i.ab.status) == ("A/A", "ok", "A/B", "ok")
+        assert set(i.aa.stats) == {"baseline", "baseline-copy"} and set(i.ab.stats) == {"baseline", "quantized"}
+        assert all(s.runs == 3 for p in (i.aa, i.ab) for s in p.stats.values())
+        assert i.ab.paired_median_ratio["baseline"] == 1.0 and i.ab.ratio_interval["baseline"] == [1.0, 1.0]
+        med, lo, hi = i.aa_ratio()
+        assert lo <= med <= hi and (i.status == "ok") == (abs(med - 1) <= 0.03)
+        c = next(c for c in r.comparisons if c.quantized == i.target)
+        assert (c.interleaved_ratios is not None) == (i.status == "ok")
+        if i.status == "ok":
+            assert c.interleaved_ratios["paired_median"] == i.ratio()[0] and c.interleaved_ratios["aa_paired_median"] == med
+        else:
+            assert i.status == "refused" and i.reason.startswith(f"A/A check read {med:.3f}")
     c = r.comparisons[0].ratios
     assert c["file_mb"] == pytest.approx(1.0, rel=0.05) and c["file_gz_mb"] < 1.0  # same size dense, compresses better
     assert r.models["quantized"].kind == "ternary" and r.environment.loadavg_after
     d = json.loads(json.dumps(asdict(r)))  # what --json writes rebuilds the same typed records
     assert d["schema"] == SCHEMA and d["options"]["num_runs"] == 3
     assert [TargetRow.from_dict(x) for x in d["rows"]] == r.rows
-    assert [ABResult.from_dict(a) for a in d["interleaved"]] == r.interleaved
+    assert [Interleaved.from_dict(a) for a in d["interleaved"]] == r.interleaved
     table = format_table(r)
-    assert "onnxruntime-cpu / onnxruntime-cpu" in table and "skip tensorrt-int8:" in table and "A/B" in table
+    assert "onnxruntime-cpu / onnxruntime-cpu" in table and "skip tensorrt-int8:" in table and "A/A copy" in table
     with pytest.raises(BenchError):
         run_benchmark(BenchOptions(baseline=str(tiny_fp_checkpoint), imgsz=50), log=lines.append)
 
@@ -356,7 +498,7 @@ def test_cli_end_to_end_isolated(tmp_path, tiny_fp_checkpoint):
     on screen, JSON written."""
     out = tmp_path / "lat.json"
     p = subprocess.run([sys.executable, "latency_benchmark.py", "--baseline", str(tiny_fp_checkpoint),
-                        "--backends", "onnxruntime", "--num-runs", "3", "--warmup", "1",
+                        "--backends", "onnxruntime", "--device", "cpu", "--num-runs", "3", "--warmup", "1",
                         "--imgsz", str(IMGSZ), "--workdir", str(tmp_path / "w"), "--json", str(out)],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
@@ -392,3 +534,47 @@ def test_openvino_fp32_and_int8(tmp_path, ternary_checkpoint, tiny_data, inputs_
     assert row.status == "ok", row.reason
     assert row.agreement.passed and row.agreement.criterion.startswith("int8") and row.latency.runs == 5
     assert row.agreement.max_abs_score < 0.01  # this untrained model detects nothing: compare its raw scores too
+
+
+# ------------------------------------------------------------------------------------- the pipeline's INT8 reference
+def test_int8_reference_without_deploy_extras(tmp_path, tiny_fp_checkpoint, tiny_data, monkeypatch):
+    from yolo_tq.deploy import reference
+
+    monkeypatch.setattr(backends, "_importable", lambda m, real=backends._importable: m != "openvino" and real(m))
+    out = tmp_path / "int8_reference.json"
+    assert reference.main(["--weights", str(tiny_fp_checkpoint), "--data", str(tiny_data), "--imgsz", str(IMGSZ),
+                           "--workdir", str(tmp_path / "w"), "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["status"] == "skipped" and r["reason"].startswith("OpenVINO is not installed") and "[deploy]" in r["reason"]
+    assert not (tmp_path / "w").exists()  # nothing exported
+
+
+def test_int8_reference_measures_ultralytics_export(tmp_path, tiny_fp_checkpoint, tiny_data, monkeypatch):
+    """With the extras: Ultralytics' OpenVINO INT8 export (the exporter replaced here), its size on disk as
+    measured, and its mAP and the FP model's from the validator run the same way."""
+    from yolo_tq.deploy import bench, export, reference
+    from yolo_tq.deploy.results import Accuracy
+
+    calls = []
+
+    def fake_export(pm, key, workdir, imgsz, batch, data=None, calib_split="train", *rest, **kw):
+        calls.append((key, imgsz, batch, data, calib_split, pm.role))
+        folder = workdir / "baseline_int8_openvino_model"
+        folder.mkdir(parents=True)
+        (folder / "baseline.xml").write_bytes(b"x" * 1000)
+        (folder / "baseline.bin").write_bytes(b"w" * 2_345_678)
+        return folder, 12.5
+
+    def fake_val(path, data, imgsz, batch, device, project):
+        calls.append(("val", Path(path).name, batch, device))
+        m = 0.301 if "openvino" in str(path) else 0.322
+        return Accuracy(map50=m + 0.1, map50_95=m, precision=0.5, recall=0.4)
+
+    monkeypatch.setattr(reference, "unavailable", lambda data: None)
+    monkeypatch.setattr(export, "export_artifact", fake_export)
+    monkeypatch.setattr(bench, "validate_artifact", fake_val)
+    r = reference.int8_reference(str(tiny_fp_checkpoint), str(tiny_data), IMGSZ, tmp_path / "w", log=lambda s: None)
+    assert calls[0] == ("openvino-int8", IMGSZ, 1, str(tiny_data), "train", "baseline")
+    assert calls[1:] == [("val", "baseline_int8_openvino_model", 1, "cpu"), ("val", "baseline.pt", 1, "cpu")]
+    assert r["status"] == "ok" and r["bytes"] == 2_346_678 and r["mAP50-95"] == 0.301
+    assert r["fp_same_validation"]["mAP50-95"] == 0.322 and r["export_s"] == 12.5

@@ -2,11 +2,17 @@
 export reproduces the PyTorch model, and time them (mean / median / p95 latency, throughput, peak memory, file size,
 quantized/baseline ratios). Targets that cannot run here are skipped with one line saying why.
 
+Ratios: per target, baseline and quantized are timed in alternation in one process (A/B) after an A/A check that
+times the baseline against a second copy of itself the same way. The A/B ratio is the paired median over rotation
+cycles with its 95% bootstrap interval, and counts only where the A/A reads 1.00 ± --aa-tolerance; elsewhere it
+is reported as refused, with the A/A figure. Ratios of the separate per-model runs are shown too.
+
   python latency_benchmark.py --baseline yolo11n.pt --quantized checkpoints/yolo11n/stage3/ternary.pt \\
       --export-int8 --data coco128.yaml --num-runs 50 --json latency.json
   python latency_benchmark.py --baseline yolo11n.pt --quantized ternary.pt --device 0 --export-fp16 --export-int8 \\
       --data coco128.yaml
 
+--device: like Ultralytics, the GPU when PyTorch sees one (CUDA targets), else the CPU.
 CPU targets (--device cpu): torch-cpu, onnxruntime-cpu, openvino-fp32, openvino-bf16 (--export-fp16),
 openvino-int8 (--export-int8). CUDA targets (--device 0): torch-cuda, torch-cuda-fp16 (--export-fp16),
 onnxruntime-cuda, tensorrt-fp16 (--export-fp16), tensorrt-int8 (--export-int8). INT8 needs --data for calibration.
@@ -19,6 +25,7 @@ import os
 
 from ..deploy.agreement import REDUCED_MIN_AGREEMENT
 from ..deploy.backends import FAMILIES
+from ..deploy.stats import AA_TOLERANCE
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,7 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=10, help="untimed runs first (default 10)")
     p.add_argument("--imgsz", type=int, default=640)
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--device", default="cpu", help="cpu (CPU targets) or 0 (CUDA targets)")
+    p.add_argument("--device", default=None,
+                   help="cpu (CPU targets) or 0 (CUDA targets); default: 0 when PyTorch sees a CUDA GPU, else cpu")
     p.add_argument("--backends", default=",".join(FAMILIES), help=f"comma list of {', '.join(FAMILIES)} (default all)")
     p.add_argument("--data", help="data yaml: INT8 calibration images (train split) and agreement-check images (val)")
     p.add_argument("--calib-split", default="train", help="split of --data used for INT8 calibration (default train)")
@@ -46,7 +54,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--check-images", type=int, default=8, help="images for the agreement check (default 8)")
     p.add_argument("--no-isolate", action="store_true", help="measure in this process (peak RSS then not per target)")
     p.add_argument("--no-interleave", action="store_true",
-                   help="skip the A/B pass that times baseline and quantized in alternation in one process")
+                   help="skip the A/A check and the A/B pass (baseline and quantized in alternation in one "
+                        "process)")
+    p.add_argument("--aa-tolerance", type=float, default=AA_TOLERANCE,
+                   help=f"a target's A/B ratio counts only when its A/A check reads 1.00 ± this (default "
+                        f"{AA_TOLERANCE})")
     p.add_argument("--workdir", help="where exports go (default: a new temporary folder)")
     p.add_argument("--json", help="write the results to this JSON file")
     p.add_argument("--verbose", action="store_true", help="show the exporters' output")
@@ -61,7 +73,8 @@ def run(a: argparse.Namespace) -> int:
         baseline=a.baseline, quantized=a.quantized, export_fp16=a.export_fp16, export_int8=a.export_int8,
         num_runs=a.num_runs, warmup=a.warmup, imgsz=a.imgsz, batch=a.batch, device=a.device,
         backends=tuple(b.strip() for b in a.backends.split(",") if b.strip()), data=a.data, workdir=a.workdir,
-        isolate=not a.no_isolate, interleave=not a.no_interleave, check_images=a.check_images,
+        isolate=not a.no_isolate, interleave=not a.no_interleave, aa_tolerance=a.aa_tolerance,
+        check_images=a.check_images,
         min_agreement=a.min_agreement, calib_split=a.calib_split, calib_fraction=a.calib_fraction, measure_map=a.map,
         openvino_int8_hint=None if a.openvino_int8_hint == "default" else a.openvino_int8_hint, verbose=a.verbose)
     result = run_benchmark(opts)

@@ -22,11 +22,12 @@ from .backends import (FAMILIES, TARGETS, Target, cpu_int8_features, make_runner
                        versions)
 from .export import ExportError, captured_output, export_artifact, prepare_checkpoint
 from .memory import compressed_size_mb, file_size_mb
-from .results import (ABResult, ABSpec, Accuracy, BenchResult, Comparison, Environment, ModelInfo, Skip, TargetRow,
-                      WorkerSpec, save_arrays, save_record)
-from .stats import ratios
+from .results import (ABResult, ABSpec, Accuracy, BenchResult, Comparison, Environment, Interleaved, ModelInfo, Skip,
+                      TargetRow, WorkerSpec, save_arrays, save_record)
+from .stats import AA_TOLERANCE, CI_LEVEL, ratios, within_band
 
 LATENCY_FIGURES = ("mean_ms", "median_ms", "p95_ms", "throughput_ips")
+CI_TEXT = f"{CI_LEVEL:.0%} bootstrap interval"
 
 
 class BenchError(ConfigError):
@@ -43,7 +44,7 @@ class BenchOptions:
     warmup: int = 10
     imgsz: int = 640
     batch: int = 1
-    device: str = "cpu"
+    device: str | None = None  # None: CUDA when PyTorch sees a GPU, else CPU (normalize_device)
     backends: tuple[str, ...] = FAMILIES
     data: str | None = None
     workdir: str | None = None
@@ -53,12 +54,18 @@ class BenchOptions:
     calib_split: str = "train"
     calib_fraction: float = 1.0
     openvino_int8_hint: str | None = None  # None: OpenVINO's default for this CPU (what Ultralytics' val uses)
-    interleave: bool = True  # also time baseline and quantized in alternation in one process (A/B ratios)
+    interleave: bool = True  # also time baseline and quantized in alternation in one process (A/A, then A/B)
+    aa_tolerance: float = AA_TOLERANCE  # a target's A/B ratio counts only when its A/A reads 1.00 ± this
     measure_map: bool = False
     verbose: bool = False
 
 
-def normalize_device(device: str) -> str:
+def normalize_device(device: str | None) -> str:
+    """"cpu" or "cuda". None (not given) picks as Ultralytics does: the GPU when PyTorch sees one, else the CPU."""
+    if device is None or str(device).strip() == "":
+        from . import backends
+
+        return "cuda" if backends.cuda_available() else "cpu"
     d = str(device).strip().lower()
     if d == "cpu":
         return "cpu"
@@ -70,6 +77,8 @@ def normalize_device(device: str) -> str:
 def check_options(o: BenchOptions) -> None:
     if o.num_runs < 1 or o.warmup < 0:
         raise BenchError("--num-runs must be >= 1 and --warmup >= 0")
+    if not 0 < o.aa_tolerance < 1:
+        raise BenchError(f"--aa-tolerance must be in (0, 1), got {o.aa_tolerance}")
     if o.imgsz < 32 or o.imgsz % 32:
         raise BenchError(f"--imgsz must be a multiple of 32 (>= 32), got {o.imgsz}")
     if o.batch < 1:
@@ -105,7 +114,7 @@ def _run_worker(spec: WorkerSpec | ABSpec, folder: Path, isolate: bool) -> Targe
     if not isolate:
         return measure(spec)
     ab = isinstance(spec, ABSpec)
-    stem = spec.target + (".ab" if ab else "")
+    stem = spec.target + ({"A/A": ".aa", "A/B": ".ab"}[spec.kind] if ab else "")
     spec_path, out_path = folder / f"{stem}.spec.json", folder / f"{stem}.result.json"
     save_record(spec, spec_path)
     out_path.unlink(missing_ok=True)
@@ -116,7 +125,8 @@ def _run_worker(spec: WorkerSpec | ABSpec, folder: Path, isolate: bool) -> Targe
     if p.returncode != 0 or not out_path.is_file():
         tail = p.stdout.strip().splitlines()
         reason = f"worker exited {p.returncode}: {tail[-1] if tail else 'no output'}"
-        return ABResult(spec.target, "failed", reason) if ab else failed_row(target(spec.target), spec.model, reason)
+        return ABResult(spec.target, "failed", reason, kind=spec.kind) if ab else \
+            failed_row(target(spec.target), spec.model, reason)
     d = json.loads(out_path.read_text())
     return ABResult.from_dict(d) if ab else TargetRow.from_dict(d)
 
@@ -188,19 +198,25 @@ def measure_maps(rows: list[TargetRow], o: BenchOptions, work: Path, log) -> lis
     return out
 
 
-def comparisons(rows: list[TargetRow], interleaved: list[ABResult] = ()) -> list[Comparison]:
+def interleaved_ratios(i: Interleaved) -> dict:
+    """The accepted A/B figures of a target: latency ratios of the A/B pass's stats, the paired median ratio with
+    its interval, and the A/A figure it was accepted on."""
+    s, (med, lo, hi), (aa, aa_lo, aa_hi) = i.ab, i.ratio(), i.aa_ratio()
+    return {**ratios(asdict(s.stats["quantized"]), asdict(s.stats["baseline"]), LATENCY_FIGURES),
+            "paired_median": med, "paired_median_lo": lo, "paired_median_hi": hi, "aa_paired_median": aa,
+            "aa_lo": aa_lo, "aa_hi": aa_hi}
+
+
+def comparisons(rows: list[TargetRow], interleaved: list[Interleaved] = ()) -> list[Comparison]:
     """Quantized vs baseline on the same target; and every quantized INT8 row vs each baseline row on its device
     (INT8 deployment of the ternary model against the FP32 baseline and against the baseline's own INT8 export).
-    `ratios` come from the separate per-model runs; for the same target, `interleaved_ratios` from the A/B run."""
+    `ratios` come from the separate per-model runs; for the same target, `interleaved_ratios` from the A/B pass
+    where its A/A check accepted it."""
     ok = {(r.model, r.target): r for r in rows if r.status == "ok"}
     ab = {a.target: a for a in interleaved if a.status == "ok"}
 
     def pair(q: TargetRow, b: TargetRow, kind: str) -> Comparison:
-        inter = None
-        if q.target == b.target and q.target in ab:
-            s = ab[q.target]
-            inter = {**ratios(asdict(s.stats["quantized"]), asdict(s.stats["baseline"]), LATENCY_FIGURES),
-                     "paired_median": s.paired_median_ratio["quantized"]}
+        inter = interleaved_ratios(ab[q.target]) if q.target == b.target and q.target in ab else None
         dmap = q.accuracy.map50_95 - b.accuracy.map50_95 if q.accuracy and b.accuracy else None
         return Comparison(kind, q.target, b.target, ratios(q.figures(), b.figures()), inter, dmap)
 
@@ -268,39 +284,62 @@ def _prepare(o: BenchOptions, models: dict, runnable: list[Target], inputs: list
     return infos, artifacts
 
 
-def _time_model(t: Target, role: str, art, o: BenchOptions, work: Path, log) -> TargetRow:
-    """One model on one target (or the row of its failed export)."""
+def _time_model(t: Target, role: str, art, o: BenchOptions, work: Path, log, rounding: bool = False) -> TargetRow:
+    """One model on one target (or the row of its failed export); `rounding`: the model rounds activations."""
     if isinstance(art, ExportError):
         row = failed_row(t, role, str(art))
     else:
         path, export_s = art
         spec = WorkerSpec(target=t.name, model=role, artifact=str(path), inputs=str(work / "inputs.npz"),
                           refs=str(work / role / "refs.npz"), batch=o.batch, num_runs=o.num_runs, warmup=o.warmup,
-                          min_agreement=o.min_agreement, openvino_int8_hint=o.openvino_int8_hint)
+                          min_agreement=o.min_agreement, openvino_int8_hint=o.openvino_int8_hint,
+                          activation_rounding=rounding)
         row = replace(_run_worker(spec, work / role, o.isolate), artifact=str(path), export_s=export_s,
                       file_mb=file_size_mb(path), file_gz_mb=compressed_size_mb(path))
     log(_row_line(row))
     return row
 
 
-def _time_ab(t: Target, pair: list[TargetRow], o: BenchOptions, work: Path, log) -> ABResult:
-    """Baseline and quantized timed in alternation in one process (A/B)."""
-    spec = ABSpec(target=t.name, models=tuple((r.model, r.artifact) for r in pair), inputs=str(work / "inputs.npz"),
-                  batch=o.batch, num_runs=o.num_runs, warmup=o.warmup, openvino_int8_hint=o.openvino_int8_hint)
-    ab = _run_worker(spec, work, o.isolate)
-    if ab.status == "ok":
-        q, b = ab.stats["quantized"], ab.stats["baseline"]
-        log(f"{'A/B':<9} {t.name:<17} baseline {b.mean_ms:.2f} ms, quantized {q.mean_ms:.2f} ms (mean ratio "
-            f"{q.mean_ms / b.mean_ms:.3f}, paired median ratio {ab.paired_median_ratio['quantized']:.3f})")
+def _ratio_text(r: tuple[float, float, float] | None) -> str:
+    return "-" if r is None else f"{r[0]:.3f} [{r[1]:.3f}, {r[2]:.3f}]"
+
+
+def _time_pass(t: Target, models: list[tuple[str, str]], kind: str, o: BenchOptions, work: Path) -> ABResult:
+    spec = ABSpec(target=t.name, models=tuple(models), inputs=str(work / "inputs.npz"), batch=o.batch,
+                  num_runs=o.num_runs, warmup=o.warmup, openvino_int8_hint=o.openvino_int8_hint, kind=kind)
+    return _run_worker(spec, work, o.isolate)
+
+
+def _interleave(t: Target, pair: list[TargetRow], o: BenchOptions, work: Path, log) -> Interleaved:
+    """The A/A check (the baseline's export against a second, independently loaded copy of itself), then the A/B
+    pass (baseline and quantized), both interleaved alike in a fresh process. The A/B ratio counts only when the
+    A/A reads 1.00 ± o.aa_tolerance."""
+    base, quant = pair
+    aa = _time_pass(t, [("baseline", base.artifact), ("baseline-copy", base.artifact)], "A/A", o, work)
+    ab = _time_pass(t, [("baseline", base.artifact), ("quantized", quant.artifact)], "A/B", o, work)
+    failed = [f"{p.kind} pass failed: {p.reason}" for p in (aa, ab) if p.status != "ok"]
+    aa_r = aa.ratio("baseline-copy")
+    if failed:
+        i = Interleaved(t.name, "failed", "; ".join(failed), aa, ab)
+    elif not within_band(aa_r[0], o.aa_tolerance):
+        i = Interleaved(t.name, "refused", f"A/A check read {_ratio_text(aa_r)}, outside 1.00 ± {o.aa_tolerance:g}: "
+                                           "this target's timing is biased here", aa, ab)
     else:
-        log(f"{'A/B':<9} {t.name:<17} failed: {ab.reason}")
-    return ab
+        i = Interleaved(t.name, "ok", "", aa, ab)
+    tail = "" if i.status == "ok" else f"; {i.status}: {i.reason}"
+    log(f"{'A/A, A/B':<9} {t.name:<17} A/A {_ratio_text(aa_r)}, A/B quantized/baseline "
+        f"{_ratio_text(ab.ratio('quantized'))} (paired median [{CI_TEXT}]){tail}")
+    return i
 
 
 def run_benchmark(o: BenchOptions, log=print) -> BenchResult:
     """Run everything the options ask for: exports, agreement checks, timing target by target (baseline and
-    quantized back to back, then A/B), optionally mAP; returns the typed result."""
+    quantized back to back, then the A/A check and the A/B pass), optionally mAP; returns the typed result."""
+    picked = o.device is None or not str(o.device).strip()
     o = replace(o, device=normalize_device(o.device))
+    if picked:
+        log(f"device: {o.device} (no --device given: " + ("PyTorch sees a CUDA GPU; --device cpu times the CPU "
+            "targets)" if o.device == "cuda" else "PyTorch sees no CUDA GPU)"))
     check_options(o)
     work = (Path(o.workdir) if o.workdir else Path(tempfile.mkdtemp(prefix="yolo_tq_latency_"))).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -312,10 +351,11 @@ def run_benchmark(o: BenchOptions, log=print) -> BenchResult:
     infos, artifacts = _prepare(o, models, runnable, inputs, work, log)
     rows, interleaved = [], []
     for t in runnable:  # slow drifts in machine load bias the ratios least with both models back to back
-        pair = [_time_model(t, role, artifacts[role, t.artifact], o, work, log) for role in models]
+        pair = [_time_model(t, role, artifacts[role, t.artifact], o, work, log,
+                            infos[role].summary.get("activation_rounding", False)) for role in models]
         rows += pair
         if o.interleave and len(pair) == 2 and all(r.status == "ok" for r in pair):
-            interleaved.append(_time_ab(t, pair, o, work, log))
+            interleaved.append(_interleave(t, pair, o, work, log))
     after_timing = list(os.getloadavg())  # before our own validation load
     if o.measure_map:
         rows = measure_maps(rows, o, work, log)
@@ -340,12 +380,7 @@ def _row_cells(row: TargetRow) -> str:
             f"{_fmt(row.file_gz_mb, '6.2f'):>6} {_fmt(g(row.accuracy, 'map50_95'), '6.4f'):>6}")
 
 
-def _ratio_cells(c: Comparison, interleaved: bool) -> str:
-    if interleaved:
-        q = c.interleaved_ratios
-        return (f"{c.quantized:<36} {_fmt(q.get('mean_ms'), '6.3f'):>6} {_fmt(q.get('median_ms'), '6.3f'):>6} "
-                f"{_fmt(q.get('p95_ms'), '6.3f'):>6} {_fmt(q.get('throughput_ips'), '6.3f'):>6} "
-                f"{_fmt(q.get('paired_median'), '6.3f'):>6}")
+def _ratio_cells(c: Comparison) -> str:
     q = c.ratios
     return (f"{c.quantized + ' / ' + c.baseline:<36} {_fmt(q.get('mean_ms'), '6.3f'):>6} "
             f"{_fmt(q.get('median_ms'), '6.3f'):>6} {_fmt(q.get('p95_ms'), '6.3f'):>6} "
@@ -354,17 +389,26 @@ def _ratio_cells(c: Comparison, interleaved: bool) -> str:
             f"{_fmt(c.delta_map50_95, '+7.4f'):>7}")
 
 
+def _interleaved_cells(i: Interleaved) -> str:
+    ab = i.ab.ratio("quantized") if i.ab is not None else None
+    return (f"{i.target:<17} {_ratio_text(i.aa_ratio()):<22} {_ratio_text(ab):<22} "
+            + (i.status if i.status == "ok" else f"{i.status}: {i.reason}"))
+
+
 def format_table(r: BenchResult) -> str:
-    """The on-screen table: one line per (model, target), then the quantized/baseline ratios, then the skips."""
+    """The on-screen table: one line per (model, target); the interleaved ratios (A/A check, A/B); the ratios of
+    the separate runs; then every refused or failed row and every skipped target with its reason."""
     cols = f"{'model':<9} {'target':<17} {'prec':<5} {'status':<8} {'max|Δ|':>8} {'agree':>5} {'mean ms':>8} " \
            f"{'median':>8} {'p95':>8} {'img/s':>7} {'mem MB':>7} {'file MB':>7} {'gz MB':>6} {'mAP':>6}"
     lines = [cols, "-" * len(cols), *map(_row_cells, r.rows)]
-    ab = [c for c in r.comparisons if c.interleaved_ratios]
-    heads = (f"{'quantized / baseline, A/B interleaved':<36} {'mean':>6} {'median':>6} {'p95':>6} {'img/s':>6} "
-             f"{'paired':>6}",
-             f"{'quantized / baseline, separate runs':<36} {'mean':>6} {'median':>6} {'p95':>6} {'img/s':>6} "
-             f"{'mem':>6} {'file':>6} {'gz':>6} {'ΔmAP':>7}")
-    for head, items, interleaved in ((heads[0], ab, True), (heads[1], r.comparisons, False)):
-        if items:
-            lines += ["", head, "-" * len(head), *(_ratio_cells(c, interleaved) for c in items)]
-    return "\n".join(lines + [skip_line(target(s.target), s.reason) for s in r.skipped])
+    if r.interleaved:
+        head = f"{'interleaved':<17} {'A/A copy / baseline':<22} {'A/B quantized / base':<22} status"
+        lines += ["", f"paired median ratio [{CI_TEXT}]; the A/B counts only where the A/A reads 1.00 ± "
+                      f"{r.options.get('aa_tolerance', AA_TOLERANCE):g}", head, "-" * len(head),
+                  *map(_interleaved_cells, r.interleaved)]
+    if r.comparisons:
+        head = (f"{'quantized / baseline, separate runs':<36} {'mean':>6} {'median':>6} {'p95':>6} {'img/s':>6} "
+                f"{'mem':>6} {'file':>6} {'gz':>6} {'ΔmAP':>7}")
+        lines += ["", head, "-" * len(head), *map(_ratio_cells, r.comparisons)]
+    notes = [f"{x.status} {x.model} {x.target}: {x.reason}" for x in r.rows if x.status != "ok"]
+    return "\n".join(lines + [""] + notes + [skip_line(target(s.target), s.reason) for s in r.skipped])

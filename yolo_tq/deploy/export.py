@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..io import CheckpointError, atomic_write_bytes, load_model, save_stock_checkpoint
 from ..quant.apply import export_ternary, quantized_modules
+from ..quant.layers import BitConv2d
 
 # artifact key -> Ultralytics export arguments (None: the checkpoint itself)
 ARTIFACTS: dict[str, dict | None] = {
@@ -56,7 +57,8 @@ def _link(src: Path, dst: Path) -> Path:
 def prepare_checkpoint(path: str | Path, workdir: Path, role: str) -> PreparedModel:
     """Read a checkpoint and make the stock model the exporter takes. A training checkpoint holding quantized
     modules (TTQConv2d, BitLinear) is exported first (quant.apply.export_ternary: TTQ layers become plain
-    convs holding their three values)."""
+    convs holding their three values). summary["activation_rounding"]: BitLinear layers (8-bit activations) remain,
+    so its exports are judged by detection agreement (agreement module docstring)."""
     from ..eval.layers import conv_rows, totals
     from .weights import deploy_weight_summary, single_thread
 
@@ -78,8 +80,10 @@ def prepare_checkpoint(path: str | Path, workdir: Path, role: str) -> PreparedMo
         deploy = deploy_weight_summary(model)
     if kind == "fp" and tot["ternary_convs"]:
         kind = "ternary"
-    leftover = sorted({type(m).__name__ for m in quantized_modules(model).values()})
-    summary = {"quantized_modules_in_checkpoint": len(q), "quantized_modules_kept": leftover, **tot, "deploy": deploy}
+    kept = quantized_modules(model).values()
+    summary = {"quantized_modules_in_checkpoint": len(q),
+               "quantized_modules_kept": sorted({type(m).__name__ for m in kept}),
+               "activation_rounding": any(isinstance(m, BitConv2d) for m in kept), **tot, "deploy": deploy}
     return PreparedModel(role, src, dst, kind, summary)
 
 

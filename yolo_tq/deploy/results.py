@@ -14,7 +14,8 @@ from ..io import atomic_write_bytes, write_json
 from .agreement import Agreement
 from .stats import Latency
 
-SCHEMA = "yolo-tq/latency/2"  # 2: rows hold typed parts (agreement, latency, memory, accuracy) instead of flat keys
+SCHEMA = "yolo-tq/latency/3"  # 2: rows hold typed parts (agreement, latency, memory, accuracy) instead of flat keys;
+# 3: per target an A/A check and the A/B pass (`interleaved`: Interleaved), ratios per rotation cycle with an interval
 STATUSES = ("ok", "refused", "failed")
 
 
@@ -56,13 +57,16 @@ class WorkerSpec(TimingSpec):
     artifact: str
     refs: str
     min_agreement: float
+    activation_rounding: bool = False  # the model rounds activations (BitLinear): judged by detections
 
 
 @dataclass(frozen=True)
 class ABSpec(TimingSpec):
-    """Time `target` on several models in alternation in one process: `models` are (model, artifact) pairs."""
+    """Time `target` on several models in alternation in one process: `models` are (model, artifact) pairs, the
+    first the reference of the ratios. `kind`: "A/A" (the baseline against a second copy of itself) or "A/B"."""
 
     models: tuple
+    kind: str = "A/B"
 
 
 # ------------------------------------------------------------------------------------------------------- rows
@@ -147,8 +151,9 @@ class TargetRow:
 
 @dataclass(frozen=True)
 class ABResult:
-    """The A/B pass on one target: latency per model, and per model the median over iterations of its time / the
-    first model's."""
+    """One interleaved pass (A/A or A/B) on one target: latency per model, and per model the paired median ratio
+    (median over rotation cycles of its time / the first model's, stats.cycle_ratios) with its bootstrap interval
+    (stats.median_interval: [lower, upper] at stats.CI_LEVEL)."""
 
     target: str
     status: str
@@ -156,17 +161,57 @@ class ABResult:
     clock: str = ""
     stats: dict = field(default_factory=dict)  # model -> Latency
     paired_median_ratio: dict = field(default_factory=dict)  # model -> float
+    ratio_interval: dict = field(default_factory=dict)  # model -> [lower, upper]
+    kind: str = "A/B"
 
     def __post_init__(self):
         _need(self.status in ("ok", "failed"), self, "status must be ok or failed")
         ok = self.status == "ok"
         _need(ok != bool(self.reason), self, "a reason is given exactly when the status is not ok")
-        _need(not ok or (self.stats and set(self.stats) == set(self.paired_median_ratio) and self.clock), self,
-              "an ok A/B result has latency and a paired ratio for every model, and its clock")
+        _need(self.kind in ("A/A", "A/B"), self, "kind must be A/A or A/B")
+        _need(not ok or (self.stats and set(self.stats) == set(self.paired_median_ratio) == set(self.ratio_interval)
+                         and self.clock), self,
+              "an ok pass has latency, a paired ratio and its interval for every model, and its clock")
 
     @classmethod
     def from_dict(cls, d: dict) -> "ABResult":
         return cls(**{**d, "stats": {m: Latency(**s) for m, s in d["stats"].items()}})
+
+    def ratio(self, model: str) -> tuple[float, float, float] | None:
+        """(paired median, lower, upper) of `model` against the first model, or None."""
+        if self.status != "ok" or model not in self.paired_median_ratio:
+            return None
+        return (self.paired_median_ratio[model], *self.ratio_interval[model])
+
+
+@dataclass(frozen=True)
+class Interleaved:
+    """A target's interleaved timing: the A/A check, then the A/B pass. ok: the A/A read 1.00 ± the tolerance, so
+    the A/B ratio counts; refused: it did not (`reason` quotes it; the A/B figures are kept but do not count);
+    failed: a pass could not run."""
+
+    target: str
+    status: str
+    reason: str = ""
+    aa: ABResult | None = None
+    ab: ABResult | None = None
+
+    def __post_init__(self):
+        _need(self.status in STATUSES, self, f"status must be one of {', '.join(STATUSES)}")
+        _need((self.status == "ok") != bool(self.reason), self, "a reason is given exactly when not ok")
+        _need(self.status != "ok" or (self.aa is not None and self.aa.status == "ok" and self.ab is not None
+                                      and self.ab.status == "ok"), self, "an ok target has both passes ok")
+
+    def ratio(self) -> tuple[float, float, float] | None:
+        """The accepted A/B ratio (quantized / baseline: paired median, lower, upper), None unless ok."""
+        return self.ab.ratio("quantized") if self.status == "ok" else None
+
+    def aa_ratio(self) -> tuple[float, float, float] | None:
+        return self.aa.ratio("baseline-copy") if self.aa is not None else None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Interleaved":
+        return cls(**{**d, **{k: ABResult.from_dict(d[k]) for k in ("aa", "ab") if d.get(k)}})
 
 
 # ----------------------------------------------------------------------------------------------------- result
@@ -230,7 +275,7 @@ class BenchResult:
     models: dict  # baseline | quantized -> ModelInfo
     skipped: list  # Skip
     rows: list  # TargetRow
-    interleaved: list  # ABResult
+    interleaved: list  # Interleaved
     comparisons: list  # Comparison
     workdir: str
 

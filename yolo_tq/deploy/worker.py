@@ -2,7 +2,8 @@
 
 Run in-process (measure_target) or, so that peak RSS and GPU memory belong to this target alone and no other
 backend's threads or caches are around, in a fresh process per target. measure_interleaved times several models on
-one target in alternation (A/B), for ratios that a busy machine biases least:
+one target in alternation (an A/A check of the baseline against itself, then the A/B pass), for ratios that a
+busy machine biases least:
 
   python -m yolo_tq.deploy.worker SPEC.json RESULT.json
 """
@@ -70,7 +71,8 @@ def _measure(t: Target, spec: WorkerSpec, head: dict) -> TargetRow:
     t0 = time.perf_counter()
     runner = make_runner(t, Path(spec.artifact), spec.openvino_int8_hint)
     load_s = time.perf_counter() - t0
-    agreement = compare_outputs(refs, [runner.infer(x) for x in inputs], t.precision, spec.min_agreement)
+    agreement = compare_outputs(refs, [runner.infer(x) for x in inputs], t.precision, spec.min_agreement,
+                                spec.activation_rounding)
     common = dict(head, load_s=load_s, inference_precision=runner.inference_precision(), notes=runner.notes,
                   agreement=agreement)
     if not agreement.passed:
@@ -97,11 +99,25 @@ def measure_target(spec: WorkerSpec) -> TargetRow:
                          traceback=traceback.format_exc() if os.environ.get("YOLO_TQ_DEBUG") else "")
 
 
+def _alternate(runners: list, clocks: list, num_runs: int) -> list[list[float]]:
+    """`num_runs` iterations; each runs every model once, in an order that rotates by one per iteration, so over
+    a cycle of len(runners) iterations every model runs once in every position."""
+    samples: list[list[float]] = [[] for _ in runners]
+    order = list(range(len(runners)))
+    for _ in range(num_runs):
+        for i in order:
+            clocks[i].start()
+            runners[i].run()
+            samples[i].append(clocks[i].stop())
+        order = order[1:] + order[:1]
+    return samples
+
+
 def measure_interleaved(spec: ABSpec) -> ABResult:
-    """A/B timing of one target on several models (spec.models: (model, artifact) pairs) in one process: each
-    iteration runs every model once, in an order that rotates, so slow changes in machine load hit all alike.
-    Returns per-model latency stats and, per model, the median over iterations of its time / the first model's."""
-    from .stats import latency_stats
+    """An interleaved pass (A/A or A/B) of one target on several models (spec.models: (model, artifact) pairs) in
+    one process, so slow changes in machine load hit all alike. Returns per-model latency stats and, per model, the
+    paired median ratio to the first model over rotation cycles (stats.cycle_ratios) with its bootstrap interval."""
+    from .stats import cycle_ratios, latency_stats, median_interval
 
     t = target(spec.target)
     x = load_arrays(spec.inputs)[0]
@@ -113,20 +129,14 @@ def measure_interleaved(spec: ABSpec) -> ABResult:
             r.bind(x)
             for _ in range(spec.warmup):
                 r.run()
-        samples: list[list[float]] = [[] for _ in runners]
-        order = list(range(len(runners)))
-        for _ in range(spec.num_runs):
-            for i in order:
-                clocks[i].start()
-                runners[i].run()
-                samples[i].append(clocks[i].stop())
-            order = order[1:] + order[:1]
+        samples = _alternate(runners, clocks, spec.num_runs)
     except Exception as e:  # noqa: BLE001
-        return ABResult(target=t.name, status="failed", reason=one_line(e))
-    first = np.asarray(samples[0])
-    return ABResult(target=t.name, status="ok", clock=clocks[0].name,
+        return ABResult(target=t.name, status="failed", reason=one_line(e), kind=spec.kind)
+    paired = {n: median_interval(cycle_ratios(s, samples[0], len(runners))) for n, s in zip(names, samples)}
+    return ABResult(target=t.name, status="ok", clock=clocks[0].name, kind=spec.kind,
                     stats={n: latency_stats(s, spec.batch) for n, s in zip(names, samples)},
-                    paired_median_ratio={n: float(np.median(np.asarray(s) / first)) for n, s in zip(names, samples)})
+                    paired_median_ratio={n: m for n, (m, _, _) in paired.items()},
+                    ratio_interval={n: [lo, hi] for n, (_, lo, hi) in paired.items()})
 
 
 def measure(spec: WorkerSpec | ABSpec) -> TargetRow | ABResult:
