@@ -19,8 +19,8 @@ STEPS = [key for key, _ in PIPELINE_STEPS[1:]]  # the FP row is not a step of it
 
 
 def run_pipeline(run_dir: Path, weights: Path, data: Path):
-    env = {**os.environ, "WEIGHTS": str(weights), "DATA": str(data), "RUN_DIR": str(run_dir), "EPOCHS": "1", "C2PSA_EPOCHS": "1",
-           "IMGSZ": "64", "BATCH": "4", "LATENCY_RUNS": "3", "BACKENDS": "torch", "YOLO_OFFLINE": "1",
+    env = {**os.environ, "WEIGHTS": str(weights), "DATA": str(data), "RUN_DIR": str(run_dir), "EPOCHS": "1",
+           "C2PSA_EPOCHS": "1", "IMGSZ": "64", "BATCH": "4", "LATENCY_RUNS": "3", "BACKENDS": "torch", "YOLO_OFFLINE": "1",
            "DEVICE": "cpu"}  # the latency step's default is the GPU where there is one
     return subprocess.run(["bash", str(REPO / "run.sh"), "quick", "n"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=900)
