@@ -58,6 +58,7 @@ def variants(stage: int) -> dict[str, list[str]]:
         "freeze the ternary pattern in the last 3 epochs": ["train.ternary_freeze_epochs=3"],
         "threshold 0.5 for this stage (fewer zeros)": [f"{s}.threshold=0.5"],
         "frozen BatchNorm statistics (the FP model's)": ["train.bn_frozen_stats=true"],
+        "only this stage's layers train (the rest frozen)": ["train.trainable=stage"],
     }
 
 
