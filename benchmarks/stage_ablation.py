@@ -59,6 +59,9 @@ def variants(stage: int) -> dict[str, list[str]]:
         "threshold 0.5 for this stage (fewer zeros)": [f"{s}.threshold=0.5"],
         "frozen BatchNorm statistics (the FP model's)": ["train.bn_frozen_stats=true"],
         "only this stage's layers train (the rest frozen)": ["train.trainable=stage"],
+        "learned thresholds (t per layer, threshold lr 1e-3)": ["quantization.learn_threshold=true"],
+        "learned thresholds (t per layer, threshold lr 1e-2)": ["quantization.learn_threshold=true",
+                                                                "train.threshold_lr=0.01"],
     }
 
 

@@ -105,11 +105,27 @@ def test_spec_validates_and_round_trips():
     plan = STAGES[2]
     assert StagePlan.from_dict(plan.to_dict()) == plan
     for bad in ({"threshold": 5.0}, {"rule": "max", "threshold": 1.0}, {"kind": "int4"}, {"act_bits": 1},
-                {"scale_grad": "adam"}, {"kind": "bitlinear_ttq", "per_channel": True}):
+                {"scale_grad": "adam"}, {"kind": "bitlinear_ttq", "per_channel": True},
+                {"kind": "bitlinear_standard", "learn_threshold": True}):
         with pytest.raises(SpecError):
             QuantSpec(**bad)
     with pytest.raises(SpecError, match="unknown QuantSpec fields"):
         QuantSpec.from_dict({"threshold": 0.7, "thresh": 1})
+
+
+def test_learned_threshold_is_its_own_parameter():
+    """learn_threshold: t is a Parameter (same state-dict key as the buffer), outside the scales, that receives a
+    gradient; without it t is a buffer."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 16, 3, padding=1)
+    fixed, learned = TTQConv2d(conv, QuantSpec()), TTQConv2d(conv, QuantSpec(learn_threshold=True))
+    assert fixed.threshold_parameters() == [] and "quantizer.threshold_factor" in dict(fixed.named_buffers())
+    assert learned.threshold_parameters() == [learned.quantizer.threshold_factor]
+    assert learned.state_dict().keys() == fixed.state_dict().keys()
+    assert all(p is not learned.quantizer.threshold_factor for p in learned.scale_parameters())
+    assert torch.equal(learned.weight, fixed.weight)  # same start
+    learned(torch.randn(2, 8, 7, 7)).square().sum().backward()
+    assert learned.quantizer.threshold_factor.grad is not None
 
 
 def test_ttq_conv_forward_is_conv_with_ternary_weight():

@@ -8,6 +8,7 @@ from yolo_tq.quant.ternary import (
     absmax_quantize,
     absmean_ternarize,
     initial_scales,
+    threshold_grad,
     ternary_masks,
     ternary_threshold,
     ttq_scale_grads,
@@ -87,6 +88,30 @@ def test_per_channel_scale_grads_sum_per_channel():
     (out * torch.arange(1.0, 5.0).view(2, 2, 1, 1)).sum().backward()
     assert wp.grad.flatten().tolist() == [1.0, 3.0]
     assert wn.grad.flatten().tolist() == [-2.0, 0.0]
+
+
+def test_threshold_grad_is_the_windowed_central_difference():
+    """For a loss linear in w_t, threshold_grad equals (L(Δ+h) − L(Δ−h)) / 2h exactly (h = window·Δ)."""
+    w = torch.tensor([0.50, 0.55, 0.62, 0.30, -0.47, -0.56, -0.9, 0.0])
+    g = torch.tensor([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0])
+    wp, wn, delta, window = torch.tensor(2.0), torch.tensor(3.0), torch.tensor(0.5), 0.2  # h = 0.1
+    loss = lambda d: (TTQTernarize.apply(w, wp, wn, torch.tensor(d), "paper") * g).sum()
+    central = (loss(0.6) - loss(0.4)) / 0.2
+    # by hand: the window (0.4, 0.6) holds 0.50, 0.55 (+Wp -> 0: -2·(1+2)) and -0.47, -0.56 (-Wn -> 0: +3·(16+32))
+    assert central.item() == pytest.approx((-2 * 3 + 3 * 48) / 0.2)
+    assert threshold_grad(g, w, delta, wp, wn, window).item() == pytest.approx(central.item())
+
+
+def test_learned_threshold_gets_a_gradient_and_moves_delta():
+    w = W.clone()
+    factor = torch.tensor(0.6, requires_grad=True)  # Δ = 0.206, h = 0.0206: only -0.2 lies in a window
+    g = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    (ttq_ternarize(w, torch.tensor(2.0), torch.tensor(3.0), factor, "mean") * g).sum().backward()
+    delta = 0.6 * W.abs().mean()
+    by_hand = 3.0 * 2.0 / (2 * 0.1 * delta) * W.abs().mean()  # +Wn·g(-0.2) / 2h, times dΔ/dt = mean|w|
+    assert factor.grad.item() == pytest.approx(by_hand.item(), rel=1e-5) and factor.grad.item() > 0
+    fixed = torch.tensor(0.7)  # a plain (buffer) factor: no gradient path, results as before
+    assert not ttq_ternarize(w, torch.tensor(2.0), torch.tensor(3.0), fixed, "mean").requires_grad
 
 
 def test_absmean_ternarize_and_ste():

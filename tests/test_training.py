@@ -200,9 +200,11 @@ def test_ddp_relaunch_rebuilds_same_plan(tmp_path, tiny_fp_checkpoint, tiny_data
 
 
 def test_optimizer_groups_for_latents_and_scales(tmp_path, tiny_fp_checkpoint, tiny_data):
-    """latent_lr / latent_weight_decay / scale_lr each reach exactly their parameters, and nothing is in two groups."""
+    """latent_lr / latent_weight_decay / scale_lr / threshold_lr each reach exactly their parameters, and nothing is in
+    two groups."""
     cfg = load_config(write_config(tmp_path, tiny_fp_checkpoint, tiny_data, epochs=1), None,
-                      ["train.latent_lr=0.01", "train.latent_weight_decay=0.0", "train.scale_lr=0.003"])
+                      ["train.latent_lr=0.01", "train.latent_weight_decay=0.0", "train.scale_lr=0.003",
+                       "quantization.learn_threshold=true", "train.threshold_lr=0.02"])
 
     class Stop(Exception):
         pass
@@ -222,6 +224,10 @@ def test_optimizer_groups_for_latents_and_scales(tmp_path, tiny_fp_checkpoint, t
     assert latent["initial_lr"] == 0.01 and latent["weight_decay"] == 0.0 and scales["initial_lr"] == 0.003
     assert {id(p) for p in latent["params"]} == {id(m.latent_weight) for m in q.values()}
     assert {id(p) for p in scales["params"]} == {id(p) for m in q.values() for p in m.scale_parameters()}
+    thresholds = groups["ttq_thresholds"]
+    assert thresholds["initial_lr"] == 0.02 and thresholds["weight_decay"] == 0.0
+    assert {id(p) for p in thresholds["params"]} == {id(m.quantizer.threshold_factor) for m in q.values()}
+    assert not {id(p) for p in scales["params"]} & {id(p) for p in thresholds["params"]}
     ids = [id(p) for g in groups.values() for p in g["params"]]
     assert len(ids) == len(set(ids))  # no parameter in two groups
     assert {id(p) for p in model.parameters() if p.requires_grad} <= set(ids) <= {id(p) for p in model.parameters()}

@@ -80,6 +80,11 @@ def scale_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for m in quantized_modules(model).values() for p in m.scale_parameters()]
 
 
+def threshold_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The learned threshold factors (TTQ layers whose spec has learn_threshold)."""
+    return [p for m in quantized_modules(model).values() for p in m.threshold_parameters()]
+
+
 def paths_filter(paths: Iterable[str], skip_quantized: bool = True) -> FilterFn:
     """Selects the modules at `paths` (those already quantized are left alone unless skip_quantized=False)."""
     chosen = set(paths)

@@ -117,19 +117,25 @@ def channel_fold_scale(folded: torch.Tensor, weight: torch.Tensor, rtol: float |
 # ---------------------------------------------------------------------------------------------- weight quantizers
 class TTQWeight(nn.Module):
     """TTQ: {-Wn, 0, +Wp} with Δ = t·mean|w| (or t·max|w|) of the latent weight; Wp/Wn learned, initialised as the
-    mean |w| of the positive and negative sets. Buffer `threshold_factor` holds t."""
+    mean |w| of the positive and negative sets. `threshold_factor` holds t: a buffer, or a Parameter when the spec
+    learns it (kept ≥ 0 in the forward)."""
 
     def __init__(self, latent: torch.Tensor, spec: QuantSpec):
         super().__init__()
         self.rule, self.scale_grad = spec.rule, spec.scale_grad
         self.share = 1.0  # incremental ternarisation: share of the weights (largest |w| first) that are ternary
-        self.register_buffer("threshold_factor", torch.tensor(float(spec.threshold), device=latent.device))
+        factor = torch.tensor(float(spec.threshold), device=latent.device)
+        if spec.learn_threshold:
+            self.threshold_factor = nn.Parameter(factor)
+        else:
+            self.register_buffer("threshold_factor", factor)
         wp, wn = initial_scales(latent, ternary_threshold(latent, spec.threshold, spec.rule), spec.per_channel)
         self.wp, self.wn = nn.Parameter(wp), nn.Parameter(wn)
 
     def ternary(self, latent: torch.Tensor) -> torch.Tensor:
         """The fully ternary weight, whatever `share` is (what an export stores)."""
-        return ttq_ternarize(latent, self.wp, self.wn, self.threshold_factor, self.rule, self.scale_grad)
+        factor = self.threshold_factor.clamp_min(0) if self.threshold_factor.requires_grad else self.threshold_factor
+        return ttq_ternarize(latent, self.wp, self.wn, factor, self.rule, self.scale_grad)
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         return partial_ternarize(latent, self.ternary(latent), getattr(self, "share", 1.0))
@@ -196,7 +202,11 @@ class QuantConv2d(nn.Conv2d):
 
     def scale_parameters(self) -> list[nn.Parameter]:
         """The learned scales (Wp/Wn, Ap/An), which get their own optimizer group."""
-        return list(self.quantizer.parameters())
+        return [p for n, p in self.quantizer.named_parameters() if n != "threshold_factor"]
+
+    def threshold_parameters(self) -> list[nn.Parameter]:
+        """The learned threshold factor t (spec.learn_threshold), which gets its own optimizer group."""
+        return [p for n, p in self.quantizer.named_parameters() if n == "threshold_factor"]
 
 
 class TTQConv2d(QuantConv2d):

@@ -29,6 +29,7 @@ class QuantSpec:
     kind: ttq (TTQConv2d) | bitlinear_ttq (BitLinear_TTQ) | bitlinear_standard (BitLinear, absmean scale).
     threshold, rule: Δ = threshold·mean|w| (rule 'mean') or threshold·max|w| (rule 'max', the paper's).
     scale_grad: 'paper' (summed gradients of Wp/Wn) or 'normalized'. per_channel: Wp/Wn per output channel.
+    learn_threshold: the factor t of Δ is a learned parameter per layer, starting at `threshold` (beyond the paper).
     act_bits, act_per_token, restore_token_stats: the BitLinear activation path (bitlinear kinds only).
     """
 
@@ -40,6 +41,7 @@ class QuantSpec:
     act_bits: int = 8
     act_per_token: bool = True
     restore_token_stats: bool = True
+    learn_threshold: bool = False
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -54,6 +56,8 @@ class QuantSpec:
                             f"(beyond it almost every weight is zero)")
         if not 2 <= int(self.act_bits) <= 16:
             raise SpecError(f"act_bits must be in [2, 16], got {self.act_bits}")
+        if self.kind == "bitlinear_standard" and self.learn_threshold:
+            raise SpecError("learn_threshold is for the TTQ kinds only (standard BitLinear has no threshold)")
         if self.kind == "bitlinear_ttq" and self.per_channel:
             raise SpecError("per_channel scales are for kind 'ttq' only (BitLinear_TTQ has one Ap/An per layer)")
 

@@ -9,6 +9,8 @@ TTQ (Zhu et al. 2016, arXiv:1612.01064): a latent weight w is mapped to
 with learned positive scales Wp, Wn. Gradients (paper, eq. 7-8), with g = dL/dw_t:
     dL/dWp =  Σ_{w>Δ} g        dL/dWn = -Σ_{w<-Δ} g
     dL/dw  = Wp·g on {w>Δ},  g on {|w|<=Δ},  Wn·g on {w<-Δ}
+A learned threshold (beyond the paper) gets dL/dΔ from a window estimate (threshold_grad), since the step functions'
+derivative in Δ is zero almost everywhere.
 Wp/Wn may be scalars (one per layer, as in the paper) or per-output-channel tensors of shape (C_out, 1, 1, 1).
 """
 
@@ -20,10 +22,12 @@ import torch
 
 THRESHOLD_RULES = ("mean", "max")
 SCALE_GRAD_MODES = ("paper", "normalized")
+THRESHOLD_GRAD_WINDOW = 0.1  # half-width of threshold_grad's window, as a share of Δ
 
 
 def ternary_threshold(weight: torch.Tensor, factor: float, rule: str = "mean") -> torch.Tensor:
-    """Δ = factor · mean|w| (rule 'mean') or factor · max|w| (rule 'max', the paper's). No gradient flows through Δ."""
+    """Δ = factor · mean|w| (rule 'mean') or factor · max|w| (rule 'max', the paper's). No gradient flows from Δ to w;
+    a learned factor (a Parameter) gets one."""
     w = weight.detach().abs()
     if rule == "mean":
         return factor * w.mean()
@@ -76,22 +80,37 @@ def ttq_scale_grads(
     raise ValueError(f"unknown scale-gradient mode {mode!r}; valid modes: {', '.join(SCALE_GRAD_MODES)}")
 
 
+def threshold_grad(grad: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor, wp: torch.Tensor, wn: torch.Tensor,
+                   window: float = THRESHOLD_GRAD_WINDOW) -> torch.Tensor:
+    """dL/dΔ as the central difference, over ±h (h = window·Δ), of the loss linearised in w_t:
+    raising Δ by h turns the weights in (Δ, Δ+h] from +Wp to 0 and those in [−Δ−h, −Δ) from −Wn to 0, so
+        dL/dΔ ≈ (−Wp·Σ_{|w−Δ|<h} g + Wn·Σ_{|w+Δ|<h} g) / (2h)."""
+    h = (window * delta.detach()).clamp_min(1e-12)
+    near_pos = (weight - delta).abs() < h
+    near_neg = (weight + delta).abs() < h
+    return ((-wp * grad * near_pos).sum() + (wn * grad * near_neg).sum()) / (2 * h)
+
+
 class TTQTernarize(torch.autograd.Function):
-    """w_t = Wp·[w>Δ] − Wn·[w<−Δ], with the paper's backward (see module docstring)."""
+    """w_t = Wp·[w>Δ] − Wn·[w<−Δ], with the paper's backward (see module docstring); a Δ that requires a gradient
+    (learned threshold) gets threshold_grad's."""
 
     @staticmethod
     def forward(ctx, weight, wp, wn, delta, mode="paper"):
         pos, neg = ternary_masks(weight, delta)
-        ctx.save_for_backward(pos, neg, wp, wn)
+        ctx.save_for_backward(pos, neg, wp, wn, weight if ctx.needs_input_grad[3] else None, delta)
         ctx.mode = mode
         return wp * pos - wn * neg
 
     @staticmethod
     def backward(ctx, grad):
-        pos, neg, wp, wn = ctx.saved_tensors
+        pos, neg, wp, wn, weight, delta = ctx.saved_tensors
         grad_w = grad * torch.where(pos, wp, torch.where(neg, wn, torch.ones_like(wp)))
         grad_wp, grad_wn = ttq_scale_grads(grad, pos, neg, wp, wn, ctx.mode)
-        return grad_w, grad_wp, grad_wn, None, None
+        grad_delta = None
+        if ctx.needs_input_grad[3]:
+            grad_delta = threshold_grad(grad, weight, delta, wp.detach(), wn.detach()).reshape(delta.shape)
+        return grad_w, grad_wp, grad_wn, grad_delta, None
 
 
 def ttq_ternarize(

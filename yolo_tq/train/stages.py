@@ -114,7 +114,8 @@ def train_plan(cfg: ProjectConfig, index: int, start: str) -> TrainPlan:
     t = stage_train_args(cfg, stage)
     optim = OptimPlan(float(t["scale_lr"]), float(t["scale_weight_decay"]),
                       None if t.get("latent_lr") is None else float(t["latent_lr"]),
-                      None if t.get("latent_weight_decay") is None else float(t["latent_weight_decay"]))
+                      None if t.get("latent_weight_decay") is None else float(t["latent_weight_decay"]),
+                      float(t["threshold_lr"]))
     try:
         ramp = RampPlan(t["ternary_ramp"], int(t["ternary_ramp_epochs"]), float(t["ternary_ramp_start"]),
                         int(t["ternary_freeze_epochs"]))

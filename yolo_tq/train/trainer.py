@@ -19,7 +19,8 @@ from ultralytics.utils import DEFAULT_CFG, LOGGER, RANK
 from ultralytics.utils.torch_utils import unwrap_model
 
 from ..io import AtomicPath, atomic_write_bytes, load_model, safe_loading, save_stock_checkpoint
-from ..quant.apply import StagePlan, export_ternary, install_like, install_stage, quantized_modules, scale_parameters
+from ..quant.apply import (StagePlan, export_ternary, install_like, install_stage, quantized_modules, scale_parameters,
+                           threshold_parameters)
 from .ramp import RampPlan, ramp_shares
 from .state import find_state_layers, with_training_state
 
@@ -35,6 +36,7 @@ class OptimPlan:
     scale_weight_decay: float
     latent_lr: float | None = None
     latent_weight_decay: float | None = None  # None: Ultralytics' weight_decay
+    threshold_lr: float = 1e-3  # learned threshold factors (quantization.learn_threshold), no weight decay
 
 
 @dataclass(frozen=True)
@@ -223,23 +225,22 @@ class TTQTrainer(DetectionTrainer):
     def build_optimizer(self, model, name="auto", lr=0.001, momentum=0.9, decay=1e-5, iterations=1e5):
         optimizer = super().build_optimizer(model, name, lr, momentum, decay, iterations)
         net, o = unwrap_model(model), self.plan.optim
-        scales = scale_parameters(net)
         latents = [m.latent_weight for m in quantized_modules(net).values()] if o.latent_lr is not None else []
         frozen = freeze_to_stage(net, self.plan.stage) if self.plan.trainable == "stage" else set()
-        scales, latents = [p for p in scales if id(p) not in frozen], [p for p in latents if id(p) not in frozen]
-        ids = {id(p) for p in scales + latents} | frozen
+        groups = [  # (name, parameters, lr, weight decay), each taken out of Ultralytics' groups
+            ("ttq_latent", latents, o.latent_lr, decay if o.latent_weight_decay is None else o.latent_weight_decay),
+            ("ttq_scales", scale_parameters(net), o.scale_lr, o.scale_weight_decay),
+            ("ttq_thresholds", threshold_parameters(net), o.threshold_lr, 0.0)]
+        groups = [(g, [p for p in params if id(p) not in frozen], glr, gd) for g, params, glr, gd in groups]
+        ids = {id(p) for _, params, _, _ in groups for p in params} | frozen
         for group in optimizer.param_groups:
             group["params"] = [p for p in group["params"] if id(p) not in ids]
-        if latents:
-            latent_decay = decay if o.latent_weight_decay is None else o.latent_weight_decay
-            optimizer.add_param_group({"params": latents, "lr": o.latent_lr, "weight_decay": latent_decay,
-                                       "param_group": "ttq_latent"})
-            LOGGER.info(f"optimizer: + {len(latents)} latent weights of quantized layers (lr={o.latent_lr}, "
-                        f"decay={latent_decay})")
-        if scales:
-            optimizer.add_param_group({"params": scales, "lr": o.scale_lr, "weight_decay": o.scale_weight_decay,
-                                       "param_group": "ttq_scales"})
-            LOGGER.info(f"optimizer: + {len(scales)} ternary scales (lr={o.scale_lr}, decay={o.scale_weight_decay})")
+        for group_name, params, group_lr, group_decay in groups:
+            if params:
+                optimizer.add_param_group({"params": params, "lr": group_lr, "weight_decay": group_decay,
+                                           "param_group": group_name})
+                LOGGER.info(f"optimizer: + {len(params)} parameters in '{group_name}' (lr={group_lr}, "
+                            f"decay={group_decay})")
         return optimizer
 
     def _model_train(self):
