@@ -135,10 +135,20 @@ def row_start(a, recipe: str, row: Row, work: Path) -> str | None:
     return str(a.weights) if row.start == "fp" else None
 
 
+def finished(a, recipe: str, key: str, work: Path) -> bool:
+    """Whether the row's stage has its ternary export in the workdir."""
+    cfg = row_config(a, recipe, key, work)
+    row = ROWS[key]
+    return stage_outputs(cfg, cfg.stages[row.stage - 1 if row.stage else 0])["ternary"].is_file()
+
+
 def run_row(a, recipe: str, key: str, work: Path, val, meta: dict, done: set) -> None:
     """Train the row's stage unless it finished in an earlier run (--resume), then validate and record it (unless
     recorded before, or a prerequisite stage that --rows did not ask for)."""
     row, out = ROWS[key], Path(a.out)
+    if a.resume and key not in a.rows and key in PROGRESSIVE_KEYS and any(
+            finished(a, recipe, k, work) for k in PROGRESSIVE_KEYS[PROGRESSIVE_KEYS.index(key) + 1:]):
+        return  # a prerequisite whose next stage has finished: not needed again
     cfg = row_config(a, recipe, key, work)
     index = row.stage - 1 if row.stage else 0
     outputs = stage_outputs(cfg, cfg.stages[index])
