@@ -27,7 +27,7 @@ export YOLO_OFFLINE=${YOLO_OFFLINE:-}
 TRAIN=(--model-size "$SIZE" --checkpoint-dir "$CK")
 if [ "$PROFILE" = quick ]; then
   DATA=${DATA:-coco128.yaml}
-  IMGSZ=${IMGSZ:-320}; BATCH=${BATCH:-16}; EPOCHS=${EPOCHS:-8}; C2PSA_EPOCHS=${C2PSA_EPOCHS:-4}
+  IMGSZ=${IMGSZ:-320}; BATCH=${BATCH:-16}; EPOCHS=${EPOCHS:-10}; C2PSA_EPOCHS=${C2PSA_EPOCHS:-4}
   TRAIN+=(--imgsz "$IMGSZ" --batch "$BATCH" --epochs "$EPOCHS" --set "train.ultralytics.nbs=$BATCH" --set train.val=false)
   C2PSA_TRAIN=("${TRAIN[@]}" --epochs "$C2PSA_EPOCHS")
   LATENCY_RUNS=${LATENCY_RUNS:-30}
