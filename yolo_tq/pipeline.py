@@ -172,30 +172,44 @@ def markdown(summary: dict, profile: str, size: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+LABEL_OFFSETS = [(dx * k, dy * k) for k in (1, 2, 3, 4) for dx, dy in
+                 ((8, 0), (-8, 0), (0, 9), (0, -9), (8, 10), (8, -10), (-8, 10), (-8, -10))]
+
+
+def _label_fits(box, placed: list, markers: list, frame) -> bool:
+    """A label's text fits: inside the axes frame, clear of the other points' markers and of the labels placed so
+    far."""
+    inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+    return inside and not any(box.overlaps(b) for b in markers + placed)
+
+
 def place_labels(fig, ax, points: list[tuple[float, float, str]], fontsize: int = 8) -> list:
-    """Label each point (x, y, text) beside it, to the right in the left half of the axes and to the left in the
-    right half; a label that would overlap one placed before it (top to bottom) moves down below it, with a
-    leader line to its point. Returns the annotations."""
-    x0, x1 = ax.get_xlim()
-    notes = []
-    for x, y, text in points:
-        right = x <= (x0 + x1) / 2
-        notes.append(ax.annotate(text, (x, y), xytext=(8 if right else -8, 0), textcoords="offset points",
-                                 ha="left" if right else "right", va="center", fontsize=fontsize,
-                                 arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "0.5", "shrinkA": 0,
-                                             "shrinkB": 3}))
+    """Label each point (x, y, text) at the first offset of LABEL_OFFSETS (beside it, above or below it, then
+    further out, with a leader line) where its text stays inside the axes and clear of the labels placed so far (top
+    to bottom) and of the other points' markers. Returns the annotations."""
+    from matplotlib.text import Text
+    from matplotlib.transforms import Bbox
+
     fig.canvas.draw()
-    renderer = fig.canvas.get_renderer()
-    placed = []
-    for note in sorted(notes, key=lambda n: -n.xy[1]):
-        for _ in range(len(notes) + 1):
-            box = note.get_window_extent(renderer)
-            hit = next((p for p in placed if box.overlaps(p)), None)
-            if hit is None:
+    renderer, frame = fig.canvas.get_renderer(), ax.get_window_extent()
+    centres = [ax.transData.transform((x, y)) for x, y, _ in points]
+    markers = [Bbox.from_extents(cx - 6, cy - 6, cx + 6, cy + 6) for cx, cy in centres]
+    placed, notes = [], []
+    for i in sorted(range(len(points)), key=lambda i: -points[i][1]):
+        x, y, text = points[i]
+        note = ax.annotate(text, (x, y), xytext=LABEL_OFFSETS[0], textcoords="offset points", fontsize=fontsize,
+                           va="center", arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "0.5", "shrinkA": 0,
+                                                    "shrinkB": 4})
+        for dx, dy in LABEL_OFFSETS + [LABEL_OFFSETS[0]]:  # the last: nothing fits, beside the point
+            note.xyann = (dx, dy)
+            note.set_ha("left" if dx > 0 else "right" if dx < 0 else "center")
+            note.set_va("center" if dy == 0 else "bottom" if dy > 0 else "top")
+            note.update_positions(renderer)
+            box = Text.get_window_extent(note, renderer)  # the text alone, not its leader line
+            if _label_fits(box, placed, markers[:i] + markers[i + 1:], frame):
                 break
-            dx, dy = note.xyann
-            note.xyann = (dx, dy - (box.y1 - hit.y0 + 2) * 72 / fig.dpi)
-        placed.append(note.get_window_extent(renderer))
+        placed.append(box)
+        notes.append(note)
     return notes
 
 
