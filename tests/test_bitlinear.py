@@ -7,6 +7,7 @@ import copy
 import math
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -626,3 +627,13 @@ def test_train_c2psa_cli_errors(tmp_path, monkeypatch, capsys):
         """))
     code, _, err = run_script("train_c2psa", ["--config", str(cfg)], monkeypatch, capsys)
     assert code == 2 and "c2psa" in err
+
+
+def test_restore_token_stats_is_a_config_key():
+    """quantization.restore_token_stats reaches the C2PSA spec (on by default; off is the original's normalisation)."""
+    from yolo_tq.config import load_config, stage_plan
+
+    root = Path(__file__).resolve().parents[1]
+    for dotlist, expected in (([], True), (["quantization.restore_token_stats=false"], False)):
+        cfg = load_config(root / "configs" / "stage2_c2psa.yaml", None, dotlist)
+        assert stage_plan(cfg, cfg.stages[0]).c2psa.restore_token_stats is expected

@@ -53,6 +53,7 @@ class QuantizationConfig:
     per_channel: bool = QuantSpec.per_channel  # one Wp/Wn per output channel (beyond the paper)
     act_bits: int = QuantSpec.act_bits  # BitLinear activation bits (C2PSA stages)
     act_per_token: bool = QuantSpec.act_per_token  # BitLinear absmax per token (pixel) instead of per tensor
+    restore_token_stats: bool = QuantSpec.restore_token_stats  # BitLinear puts each token's LayerNorm mean/std back
     learn_threshold: bool = QuantSpec.learn_threshold  # t of Δ = t·mean|w| learned per layer (train.threshold_lr)
     bn_reestimate_images: int = 0  # post-training ternarisation: re-estimate BatchNorm statistics on this many
     # training images (val-style letterbox, no labels needed) after ternarising; 0 = keep the FP statistics
@@ -431,7 +432,8 @@ def stage_plan(cfg: ProjectConfig, stage: StageConfig) -> StagePlan:
     """The typed plan of one stage: its layers and the QuantSpecs of what they become."""
     q = cfg.quantization
     spec = QuantSpec("ttq", float(stage.threshold), q.threshold_rule, q.scale_grad, bool(q.per_channel),
-                     int(q.act_bits), bool(q.act_per_token), learn_threshold=bool(q.learn_threshold))
+                     int(q.act_bits), bool(q.act_per_token), bool(q.restore_token_stats),
+                     learn_threshold=bool(q.learn_threshold))
     c2psa = None if stage.c2psa is None else spec.replace(kind=stage.c2psa, per_channel=False)
     return StagePlan(stage.name, tuple(stage.layers), bool(stage.include_1x1), bool(stage.detect_head), spec, c2psa)
 
