@@ -203,6 +203,13 @@ class StagePlan:
                    QuantSpec.from_dict(d["spec"]), None if d.get("c2psa") is None else QuantSpec.from_dict(d["c2psa"]))
 
 
+def stage_paths(model: nn.Module, plan: StagePlan) -> list[str]:
+    """The paths of the convs a stage quantizes: its selected convs, and the convs inside C2PSA when it has a C2PSA
+    step."""
+    paths = list(select_convs(model, plan.layers, plan.include_1x1, plan.detect_head))
+    return paths + (list(c2psa_convs(model)) if plan.c2psa is not None else [])
+
+
 def install_stage(model: nn.Module, plan: StagePlan) -> list[str]:
     """Install what one stage adds (layers already quantized keep their latent weights and scales). Returns the
     paths installed now."""

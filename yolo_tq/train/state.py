@@ -31,7 +31,7 @@ import torch.nn as nn
 from ultralytics.utils import RANK
 from ultralytics.utils.torch_utils import unwrap_model
 
-from ..quant.apply import c2psa_convs, quantized_modules, select_convs
+from ..quant.apply import quantized_modules, stage_paths
 from ..quant.layers import AbsmeanWeight, TTQWeight
 from ..quant.ternary import absmean_ternarize, ternary_masks, ternary_threshold
 
@@ -106,9 +106,7 @@ def find_state_layers(trainer) -> None:
     if RANK not in {-1, 0}:
         return
     model, s = unwrap_model(trainer.model), trainer.plan.stage
-    current = set(select_convs(model, s.layers, s.include_1x1, s.detect_head))
-    if s.c2psa is not None:
-        current |= set(c2psa_convs(model))
+    current = set(stage_paths(model, s))
     groups: dict[str, list] = {g: [] for g in GROUPS}
     for path, m in quantized_modules(model).items():
         groups[GROUPS[0] if path in current else GROUPS[1]].append(m)

@@ -111,11 +111,9 @@ def freeze_to_stage(model: nn.Module, stage: StagePlan) -> set[int]:
     of the quantized layers this stage names (its TTQ convs; with a C2PSA step, its BitLinear layers, whose LayerNorm
     stays as installed, as the original's did). BatchNorm statistics still follow the data (train mode), as in the
     original. Returns the ids of the frozen parameters."""
-    from ..quant.apply import c2psa_convs, is_quantized, select_convs
+    from ..quant.apply import is_quantized, stage_paths
 
-    paths = list(select_convs(model, stage.layers, stage.include_1x1, stage.detect_head))
-    paths += list(c2psa_convs(model)) if stage.c2psa is not None else []
-    layers = [m for m in map(model.get_submodule, paths) if is_quantized(m)]
+    layers = [m for m in map(model.get_submodule, stage_paths(model, stage)) if is_quantized(m)]
     train = {id(p) for m in layers for p in (m.latent_weight, m.bias, *m.scale_parameters()) if p is not None}
     for p in model.parameters():
         p.requires_grad_(id(p) in train)
