@@ -20,15 +20,21 @@ def _status_kb(field: str) -> int | None:
     return None
 
 
-def reset_peak_rss() -> bool:
+def reset_peak_rss(tolerance_kb: int = 4096) -> bool:
     """Reset the kernel's peak-RSS mark (VmHWM) of this process to its current RSS (Linux: clear_refs 5).
-    Returns False where that is not possible, in which case peak_rss_mb() is the peak since process start."""
+    Returns True only when the mark then reads within `tolerance_kb` of the current RSS: some kernels (sandboxes)
+    accept the write and ignore it. On False, peak_rss_mb() is the peak since process start."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        return True
     except OSError:
         return False
+    return _peak_follows_rss(_status_kb("VmHWM"), _status_kb("VmRSS"), tolerance_kb)
+
+
+def _peak_follows_rss(peak_kb: int | None, rss_kb: int | None, tolerance_kb: int) -> bool:
+    """Whether a just-reset peak mark is the current RSS (a mark left at an earlier, larger peak means no reset)."""
+    return peak_kb is not None and rss_kb is not None and peak_kb <= rss_kb + tolerance_kb
 
 
 def current_rss_mb() -> float | None:
