@@ -62,6 +62,12 @@ def variants(stage: int) -> dict[str, list[str]]:
         "learned thresholds (t per layer, threshold lr 1e-3)": ["quantization.learn_threshold=true"],
         "learned thresholds (t per layer, threshold lr 1e-2)": ["quantization.learn_threshold=true",
                                                                 "train.threshold_lr=0.01"],
+        # augmented views: with 10 epochs, Ultralytics' close_mosaic 10 turns mosaic off for the whole run
+        "mosaic throughout (close_mosaic 0)": ["train.ultralytics.close_mosaic=0"],
+        "mosaic for all but the last 2 epochs (close_mosaic 2)": ["train.ultralytics.close_mosaic=2"],
+        "per-channel thresholds (this stage's layers)": ["quantization.threshold_per_channel=true"],
+        "per-channel thresholds and scales (this stage's layers)": ["quantization.threshold_per_channel=true",
+                                                                    "quantization.per_channel=true"],
     }
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import build_model, progressive_stage_plans
+from conftest import REPO, build_model, progressive_stage_plans
 from yolo_tq.quant.apply import (
     PlanError,
     StagePlan,
@@ -106,7 +106,8 @@ def test_spec_validates_and_round_trips():
     assert StagePlan.from_dict(plan.to_dict()) == plan
     for bad in ({"threshold": 5.0}, {"rule": "max", "threshold": 1.0}, {"kind": "int4"}, {"act_bits": 1},
                 {"scale_grad": "adam"}, {"kind": "bitlinear_ttq", "per_channel": True},
-                {"kind": "bitlinear_standard", "learn_threshold": True}):
+                {"kind": "bitlinear_standard", "learn_threshold": True},
+                {"kind": "bitlinear_ttq", "threshold_per_channel": True}):
         with pytest.raises(SpecError):
             QuantSpec(**bad)
     with pytest.raises(SpecError, match="unknown QuantSpec fields"):
@@ -126,6 +127,23 @@ def test_learned_threshold_is_its_own_parameter():
     assert torch.equal(learned.weight, fixed.weight)  # same start
     learned(torch.randn(2, 8, 7, 7)).square().sum().backward()
     assert learned.quantizer.threshold_factor.grad is not None
+
+
+def test_per_channel_threshold_layer_keeps_small_channels():
+    """threshold_per_channel: each output channel gets Δ = t·mean|w_c|, so a channel far smaller than the rest keeps
+    nonzero codes (the layer's Δ zeroes it); the config key reaches the layers' spec."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 4, 3, padding=1, bias=False)
+    with torch.no_grad():
+        conv.weight[0] *= 0.01
+    layer, channel = TTQConv2d(conv, QuantSpec()), TTQConv2d(conv, QuantSpec(threshold_per_channel=True))
+    assert torch.count_nonzero(layer.weight[0]) == 0 and torch.count_nonzero(channel.weight[0]) > 20
+    assert ternary_values(channel.weight) is not None
+    assert "per channel" in repr(channel.quantizer)
+    from yolo_tq.config import load_config, stage_plan
+
+    cfg = load_config(REPO / "configs" / "stage1_progressive.yaml", None, ["quantization.threshold_per_channel=true"])
+    assert all(stage_plan(cfg, s).spec.threshold_per_channel for s in cfg.stages)
 
 
 def test_ttq_conv_forward_is_conv_with_ternary_weight():

@@ -114,6 +114,35 @@ def test_learned_threshold_gets_a_gradient_and_moves_delta():
     assert not ttq_ternarize(w, torch.tensor(2.0), torch.tensor(3.0), fixed, "mean").requires_grad
 
 
+def test_per_channel_threshold_hand_worked():
+    # row 0: mean|w| = 1.15/3, Δ0 = 0.7·0.38333 = 0.26833 -> [+, 0, 0]; row 1: mean|w| = 0.91/3, Δ1 = 0.21233 ->
+    # [-, +, 0]. The per-layer Δ (0.24033) gives the same codes here; the rows below it do not.
+    delta = ternary_threshold(W, 0.7, "mean", per_channel=True)
+    assert delta.shape == (2, 1)
+    assert delta.flatten().tolist() == pytest.approx([0.7 * 1.15 / 3, 0.7 * 0.91 / 3])
+    small = torch.tensor([[0.9, -0.8, 0.7], [0.03, -0.02, 0.005]])  # row 1 is ~30x smaller than row 0
+    layer = ttq_ternarize(small, torch.tensor(1.0), torch.tensor(1.0), 0.7, "mean")
+    channel = ttq_ternarize(small, torch.tensor(1.0), torch.tensor(1.0), 0.7, "mean", per_channel_threshold=True)
+    assert torch.equal(layer[1], torch.zeros(3))  # the layer's Δ (0.287) zeroes the whole small channel
+    assert torch.equal(channel, torch.tensor([[1.0, -1.0, 1.0], [1.0, -1.0, 0.0]]))  # Δ1 = 0.7·0.055/3 = 0.0128
+    assert ternary_threshold(W, 0.5, "max", per_channel=True).flatten().tolist() == pytest.approx([0.45, 0.3])
+    wp, wn = initial_scales(small, ternary_threshold(small, 0.7, "mean", per_channel=True))
+    assert wp.shape == () and wp.item() == pytest.approx((0.9 + 0.7 + 0.03) / 3)  # one scale per layer still
+
+
+def test_per_channel_learned_threshold_gradient_is_the_sum_of_the_channels():
+    factor = torch.tensor(0.55, requires_grad=True)
+    g = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    (ttq_ternarize(W, torch.tensor(2.0), torch.tensor(3.0), factor, "mean", per_channel_threshold=True) * g
+     ).sum().backward()
+    m = W.abs().mean(dim=1)  # per-channel mean|w|: [0.38333, 0.30333]
+    delta = 0.55 * m  # [0.2108, 0.1668]; windows ±0.1·Δ: row 0 holds -0.2 (0.011 from -Δ0), row 1 nothing
+    by_hand = 3.0 * 2.0 / (2 * 0.1 * delta[0]) * m[0]  # +Wn·g(-0.2) / 2h0, times dΔ0/dt
+    assert factor.grad.item() == pytest.approx(by_hand.item(), rel=1e-5)
+    per_channel = threshold_grad(g, W, delta.view(2, 1), torch.tensor(2.0), torch.tensor(3.0))
+    assert per_channel.shape == (2, 1) and per_channel[1].item() == 0.0
+
+
 def test_absmean_ternarize_and_ste():
     w = torch.tensor([0.4, -0.1, 0.05, -0.9], requires_grad=True)  # β = 0.3625
     q = absmean_ternarize(w)

@@ -55,6 +55,7 @@ class QuantizationConfig:
     act_per_token: bool = QuantSpec.act_per_token  # BitLinear absmax per token (pixel) instead of per tensor
     restore_token_stats: bool = QuantSpec.restore_token_stats  # BitLinear puts each token's LayerNorm mean/std back
     learn_threshold: bool = QuantSpec.learn_threshold  # t of Δ = t·mean|w| learned per layer (train.threshold_lr)
+    threshold_per_channel: bool = QuantSpec.threshold_per_channel  # Δ = t·mean|w| per output channel (TTQ layers)
     bn_reestimate_images: int = 0  # post-training ternarisation: re-estimate BatchNorm statistics on this many
     # training images (val-style letterbox, no labels needed) after ternarising; 0 = keep the FP statistics
 
@@ -433,8 +434,9 @@ def stage_plan(cfg: ProjectConfig, stage: StageConfig) -> StagePlan:
     q = cfg.quantization
     spec = QuantSpec("ttq", float(stage.threshold), q.threshold_rule, q.scale_grad, bool(q.per_channel),
                      int(q.act_bits), bool(q.act_per_token), bool(q.restore_token_stats),
-                     learn_threshold=bool(q.learn_threshold))
-    c2psa = None if stage.c2psa is None else spec.replace(kind=stage.c2psa, per_channel=False)
+                     learn_threshold=bool(q.learn_threshold), threshold_per_channel=bool(q.threshold_per_channel))
+    c2psa = None if stage.c2psa is None else spec.replace(kind=stage.c2psa, per_channel=False,
+                                                          threshold_per_channel=False)
     return StagePlan(stage.name, tuple(stage.layers), bool(stage.include_1x1), bool(stage.detect_head), spec, c2psa)
 
 

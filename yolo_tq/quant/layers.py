@@ -39,8 +39,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .spec import QuantSpec, SpecError
-from .ternary import (absmax_quantize, absmean_ternarize, initial_scales, partial_ternarize, ternary_threshold,
-                      ttq_ternarize)
+from .ternary import (TTQTernarize, absmax_quantize, absmean_ternarize, initial_scales, partial_ternarize,
+                      ternary_threshold)
 
 
 # ------------------------------------------------------------------------------------------ BitLinear functions
@@ -123,25 +123,32 @@ class TTQWeight(nn.Module):
     def __init__(self, latent: torch.Tensor, spec: QuantSpec):
         super().__init__()
         self.rule, self.scale_grad = spec.rule, spec.scale_grad
+        self.threshold_per_channel = spec.threshold_per_channel
         self.share = 1.0  # incremental ternarisation: share of the weights (largest |w| first) that are ternary
         factor = torch.tensor(float(spec.threshold), device=latent.device)
         if spec.learn_threshold:
             self.threshold_factor = nn.Parameter(factor)
         else:
             self.register_buffer("threshold_factor", factor)
-        wp, wn = initial_scales(latent, ternary_threshold(latent, spec.threshold, spec.rule), spec.per_channel)
+        delta = ternary_threshold(latent, spec.threshold, spec.rule, spec.threshold_per_channel)
+        wp, wn = initial_scales(latent, delta, spec.per_channel)
         self.wp, self.wn = nn.Parameter(wp), nn.Parameter(wn)
+
+    def delta(self, latent: torch.Tensor) -> torch.Tensor:
+        """The threshold Δ of `latent` (a scalar, or one per output channel with spec.threshold_per_channel)."""
+        factor = self.threshold_factor.clamp_min(0) if self.threshold_factor.requires_grad else self.threshold_factor
+        return ternary_threshold(latent, factor, self.rule, getattr(self, "threshold_per_channel", False))
 
     def ternary(self, latent: torch.Tensor) -> torch.Tensor:
         """The fully ternary weight, whatever `share` is (what an export stores)."""
-        factor = self.threshold_factor.clamp_min(0) if self.threshold_factor.requires_grad else self.threshold_factor
-        return ttq_ternarize(latent, self.wp, self.wn, factor, self.rule, self.scale_grad)
+        return TTQTernarize.apply(latent, self.wp, self.wn, self.delta(latent), self.scale_grad)
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         return partial_ternarize(latent, self.ternary(latent), getattr(self, "share", 1.0))
 
     def extra_repr(self) -> str:
-        return f"threshold={float(self.threshold_factor):.3g}, rule={self.rule}, scale_grad={self.scale_grad}"
+        per = ", per channel" if getattr(self, "threshold_per_channel", False) else ""
+        return f"threshold={float(self.threshold_factor):.3g}{per}, rule={self.rule}, scale_grad={self.scale_grad}"
 
 
 class AbsmeanWeight(nn.Module):

@@ -30,6 +30,7 @@ class QuantSpec:
     threshold, rule: Δ = threshold·mean|w| (rule 'mean') or threshold·max|w| (rule 'max', the paper's).
     scale_grad: 'paper' (summed gradients of Wp/Wn) or 'normalized'. per_channel: Wp/Wn per output channel.
     learn_threshold: the factor t of Δ is a learned parameter per layer, starting at `threshold` (beyond the paper).
+    threshold_per_channel: Δ = t·mean|w| over each output channel instead of the whole layer (TTQ kind only).
     act_bits, act_per_token, restore_token_stats: the BitLinear activation path (bitlinear kinds only).
     """
 
@@ -42,6 +43,7 @@ class QuantSpec:
     act_per_token: bool = True
     restore_token_stats: bool = True
     learn_threshold: bool = False
+    threshold_per_channel: bool = False
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -58,6 +60,8 @@ class QuantSpec:
             raise SpecError(f"act_bits must be in [2, 16], got {self.act_bits}")
         if self.kind == "bitlinear_standard" and self.learn_threshold:
             raise SpecError("learn_threshold is for the TTQ kinds only (standard BitLinear has no threshold)")
+        if self.kind != "ttq" and self.threshold_per_channel:
+            raise SpecError("threshold_per_channel is for kind 'ttq' only (a BitLinear layer has one threshold)")
         if self.kind == "bitlinear_ttq" and self.per_channel:
             raise SpecError("per_channel scales are for kind 'ttq' only (BitLinear_TTQ has one Ap/An per layer)")
 

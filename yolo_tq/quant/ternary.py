@@ -25,14 +25,17 @@ SCALE_GRAD_MODES = ("paper", "normalized")
 THRESHOLD_GRAD_WINDOW = 0.1  # half-width of threshold_grad's window, as a share of Δ
 
 
-def ternary_threshold(weight: torch.Tensor, factor: float, rule: str = "mean") -> torch.Tensor:
-    """Δ = factor · mean|w| (rule 'mean') or factor · max|w| (rule 'max', the paper's). No gradient flows from Δ to w;
-    a learned factor (a Parameter) gets one."""
+def ternary_threshold(weight: torch.Tensor, factor: float, rule: str = "mean", per_channel: bool = False
+                      ) -> torch.Tensor:
+    """Δ = factor · mean|w| (rule 'mean') or factor · max|w| (rule 'max', the paper's), over the whole layer (a
+    scalar) or, with per_channel, over each output channel (shape (C_out, 1, ..., 1)). No gradient flows from Δ to
+    w; a learned factor (a Parameter) gets one."""
     w = weight.detach().abs()
+    dims = tuple(range(1, w.dim()))
     if rule == "mean":
-        return factor * w.mean()
+        return factor * (w.mean(dim=dims, keepdim=True) if per_channel else w.mean())
     if rule == "max":
-        return factor * w.max()
+        return factor * (w.amax(dim=dims, keepdim=True) if per_channel else w.max())
     raise ValueError(f"unknown threshold rule {rule!r}; valid rules: {', '.join(THRESHOLD_RULES)}")
 
 
@@ -57,6 +60,8 @@ def initial_scales(weight: torch.Tensor, delta: torch.Tensor, per_channel: bool 
     pos_sum, pos_n = _sum_to(w * pos, torch.Size(shape)), _sum_to(pos.to(w.dtype), torch.Size(shape))
     neg_sum, neg_n = _sum_to(-w * neg, torch.Size(shape)), _sum_to(neg.to(w.dtype), torch.Size(shape))
     fallback = torch.as_tensor(delta, dtype=w.dtype, device=w.device).clamp_min(1e-8)
+    if not per_channel:  # one scale per layer: a per-channel Δ falls back to its mean
+        fallback = fallback.mean()
     wp = torch.where(pos_n > 0, pos_sum / pos_n.clamp_min(1), fallback)
     wn = torch.where(neg_n > 0, neg_sum / neg_n.clamp_min(1), fallback)
     return wp, wn
@@ -84,11 +89,13 @@ def threshold_grad(grad: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor
                    window: float = THRESHOLD_GRAD_WINDOW) -> torch.Tensor:
     """dL/dΔ as the central difference, over ±h (h = window·Δ), of the loss linearised in w_t:
     raising Δ by h turns the weights in (Δ, Δ+h] from +Wp to 0 and those in [−Δ−h, −Δ) from −Wn to 0, so
-        dL/dΔ ≈ (−Wp·Σ_{|w−Δ|<h} g + Wn·Σ_{|w+Δ|<h} g) / (2h)."""
-    h = (window * delta.detach()).clamp_min(1e-12)
+        dL/dΔ ≈ (−Wp·Σ_{|w−Δ|<h} g + Wn·Σ_{|w+Δ|<h} g) / (2h),
+    summed over the layer for a scalar Δ, per output channel for a per-channel Δ (shape of `delta`)."""
+    delta = delta.detach()
+    h = (window * delta).clamp_min(1e-12)
     near_pos = (weight - delta).abs() < h
     near_neg = (weight + delta).abs() < h
-    return ((-wp * grad * near_pos).sum() + (wn * grad * near_neg).sum()) / (2 * h)
+    return _sum_to(-wp * grad * near_pos + wn * grad * near_neg, delta.shape) / (2 * h)
 
 
 class TTQTernarize(torch.autograd.Function):
@@ -114,10 +121,11 @@ class TTQTernarize(torch.autograd.Function):
 
 
 def ttq_ternarize(
-    weight: torch.Tensor, wp: torch.Tensor, wn: torch.Tensor, factor: float, rule: str = "mean", mode: str = "paper"
+    weight: torch.Tensor, wp: torch.Tensor, wn: torch.Tensor, factor: float, rule: str = "mean", mode: str = "paper",
+    per_channel_threshold: bool = False,
 ) -> torch.Tensor:
     """Ternary shadow of `weight` with learned scales: threshold from the latent weight, then TTQTernarize."""
-    delta = ternary_threshold(weight, factor, rule)
+    delta = ternary_threshold(weight, factor, rule, per_channel_threshold)
     return TTQTernarize.apply(weight, wp, wn, delta, mode)
 
 

@@ -33,7 +33,7 @@ from ultralytics.utils.torch_utils import unwrap_model
 
 from ..quant.apply import quantized_modules, stage_paths
 from ..quant.layers import AbsmeanWeight, TTQWeight
-from ..quant.ternary import absmean_ternarize, ternary_masks, ternary_threshold
+from ..quant.ternary import absmean_ternarize, ternary_masks
 
 PREFIX = "ttq"
 GROUPS = ("current", "earlier")
@@ -46,7 +46,7 @@ def ternary_codes(module: nn.Module) -> torch.Tensor:
     """int8 codes (−1, 0, +1) of a quantized layer's fully ternary weight (its quantizer is one of CODED)."""
     q, w = module.quantizer, module.latent_weight.detach()
     if isinstance(q, TTQWeight):
-        pos, neg = ternary_masks(w, ternary_threshold(w, q.threshold_factor, q.rule))
+        pos, neg = ternary_masks(w, q.delta(w).detach())
         return pos.to(torch.int8) - neg.to(torch.int8)
     if isinstance(q, AbsmeanWeight):
         return torch.sign(absmean_ternarize(w)).to(torch.int8)
