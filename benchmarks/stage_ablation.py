@@ -68,6 +68,8 @@ def variants(stage: int) -> dict[str, list[str]]:
         "per-channel thresholds (this stage's layers)": ["quantization.threshold_per_channel=true"],
         "per-channel thresholds and scales (this stage's layers)": ["quantization.threshold_per_channel=true",
                                                                     "quantization.per_channel=true"],
+        "feature reconstruction of the new layers first (100 steps)": ["distill.reconstruct_steps=100"],
+        "feature reconstruction of the new layers first (300 steps)": ["distill.reconstruct_steps=300"],
     }
 
 

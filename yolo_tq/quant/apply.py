@@ -173,11 +173,16 @@ def _has_submodule(module: nn.Module, path: str) -> bool:
         return False
 
 
+def layer_indices(model: nn.Module, paths) -> set[int]:
+    """The layer indices (model.model[i]) of module paths."""
+    prefix = _prefix(model)
+    heads = (path[len(prefix):].split(".", 1)[0] for path in paths if path.startswith(prefix))
+    return {int(h) for h in heads if h.isdigit()}
+
+
 def layers_holding_quantized(model: nn.Module) -> set[int]:
     """Layer indices (model.model[i]) that hold at least one quantized module."""
-    prefix = _prefix(model)
-    heads = (path[len(prefix):].split(".", 1)[0] for path in quantized_modules(model) if path.startswith(prefix))
-    return {int(h) for h in heads if h.isdigit()}
+    return layer_indices(model, quantized_modules(model))
 
 
 # ------------------------------------------------------------------------------------------------- stage plans

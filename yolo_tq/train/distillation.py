@@ -73,6 +73,10 @@ class DistillationCriterion:
             student.model[i].register_forward_hook(_FeatureTap(self._s_feats, i))
             teacher.model[i].register_forward_hook(_FeatureTap(self._t_feats, i))
 
+    def clear_features(self) -> None:
+        """Drop the stored layer outputs (a forward outside the loss, e.g. feature reconstruction, fills them)."""
+        self._s_feats.clear(), self._t_feats.clear()
+
     def __call__(self, preds, batch):
         loss, items = self.base(preds, batch)
         s = preds[1] if isinstance(preds, tuple) else preds
@@ -92,6 +96,6 @@ class DistillationCriterion:
         if wf and self.layers:
             kd = kd + wf * feature_distillation([self._s_feats[i] for i in self.layers],
                                                 [self._t_feats[i].detach() for i in self.layers])
-        self._s_feats.clear(), self._t_feats.clear()
+        self.clear_features()
         batch_size = s["scores"].shape[0]
         return torch.cat([loss, (kd * batch_size).reshape(1)]), {**items, "kd_loss": kd.detach()}

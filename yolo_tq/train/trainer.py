@@ -22,6 +22,7 @@ from ..io import AtomicPath, atomic_write_bytes, load_model, safe_loading, save_
 from ..quant.apply import (StagePlan, export_ternary, install_like, install_stage, quantized_modules, scale_parameters,
                            threshold_parameters)
 from .ramp import RampPlan, ramp_shares
+from .reconstruct import reconstruct_stage
 from .state import find_state_layers, with_training_state
 
 PLAN_KEY = "ttq"
@@ -48,6 +49,8 @@ class DistillPlan:
     box_weight: float = 1.0
     feature_weight: float = 0.0
     temperature: float = 1.0
+    reconstruct_steps: int = 0  # feature reconstruction of the stage's layers before training (train/reconstruct.py)
+    reconstruct_lr: float = 1e-3
 
 
 @dataclass(frozen=True)
@@ -190,6 +193,8 @@ class TTQTrainer(DetectionTrainer):
         setattr(self.args, PLAN_KEY, self.plan.to_dict())  # saved in args.yaml, checkpoints and the DDP state file
         if self.plan.distill is not None:
             self.add_callback("on_pretrain_routine_end", attach_distillation)
+            if self.plan.distill.reconstruct_steps and not self.args.resume:
+                self.add_callback("on_pretrain_routine_end", reconstruct_stage)
         if self.plan.ramp.acts:
             self.add_callback("on_pretrain_routine_end", find_ramp_layers)
             self.add_callback("on_train_epoch_start", set_ramp_shares)

@@ -1,0 +1,90 @@
+"""Feature reconstruction before a stage trains (distill.reconstruct_steps): routed partial forward, the local loss
+falls, only the stage's layers move, the EMA takes the result, the config key is checked."""
+
+import copy
+import textwrap
+
+import pytest
+import torch
+
+from conftest import build_model
+from yolo_tq.config import ConfigError, load_config
+from yolo_tq.quant.apply import StagePlan, install_stage
+from yolo_tq.quant.spec import QuantSpec
+from yolo_tq.train.reconstruct import forward_outputs, reconstruction_step
+from yolo_tq.train.stages import train_stage
+
+
+def test_forward_outputs_match_the_full_forward():
+    """Layers 2 (plain chain), 13 (after a Concat that reads layer 6) and 16: the outputs a full forward hands to
+    hooks on those layers."""
+    torch.manual_seed(0)
+    model = build_model().eval()
+    x = torch.randn(1, 3, 64, 64)
+    seen = {}
+    for i in (2, 13, 16):
+        model.model[i].register_forward_hook(lambda m, inp, out, i=i: seen.__setitem__(i, out))
+    with torch.no_grad():
+        model(x)
+        full = dict(seen)
+        got = forward_outputs(model, x, [2, 13, 16])
+    assert all(torch.equal(g, full[i]) for g, i in zip(got, (2, 13, 16)))
+
+
+def test_reconstruction_fits_the_stage_layers_to_the_teacher():
+    torch.manual_seed(0)
+    teacher = build_model().eval()
+    student = copy.deepcopy(teacher).train()
+    install_stage(student, StagePlan("s3", (2, 3, 4), spec=QuantSpec(threshold=0.7)))
+    layers = [2, 3, 4]
+    params = [p for i in layers for p in student.model[i].parameters()]
+    untouched = {n: p.detach().clone() for n, p in student.model[5:].named_parameters()}
+    before = [p.detach().clone() for p in params]
+    images = torch.rand(4, 3, 64, 64)
+    opt = torch.optim.Adam(params, lr=1e-3)
+    losses = [reconstruction_step(student, teacher, layers, images, opt) for _ in range(15)]
+    assert losses[0] > 0 and losses[-1] < 0.7 * losses[0]
+    assert any(not torch.equal(a, p) for a, p in zip(before, params))
+    assert all(torch.equal(untouched[n], p) for n, p in student.model[5:].named_parameters())
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def _config(tmp_path, weights, data, steps) -> str:
+    path = tmp_path / "rec.yaml"
+    path.write_text(textwrap.dedent(f"""
+        base: {{checkpoint_dir: {tmp_path / 'ckpt'}, weights: {weights}, data: {data}}}
+        train: {{epochs: 1, batch: 4, imgsz: 64, workers: 0, device: cpu, plots: false, warmup_epochs: 0,
+                 val: false, ultralytics: {{nbs: 4, mosaic: 0.0}}}}
+        distill: {{enabled: true, teacher: fp, feature_weight: 1.0, reconstruct_steps: {steps}}}
+        stages:
+          - {{name: s3, layers: [2, 3, 4], include_1x1: false, threshold: 0.7}}
+        """))
+    return str(path)
+
+
+def test_trainer_reconstructs_before_training_and_the_ema_follows(tmp_path, tiny_fp_checkpoint, tiny_data):
+    cfg = load_config(_config(tmp_path, tiny_fp_checkpoint, tiny_data, 4))
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def capture(trainer):
+        seen["rec"] = trainer.reconstruction
+        model, ema = trainer.model.state_dict(), trainer.ema.ema.state_dict()
+        seen["ema_equal"] = all(torch.equal(model[k].float(), ema[k].float()) for k in model)
+        raise Stop
+
+    with pytest.raises(Stop):
+        train_stage(cfg, 1, callbacks={"on_train_start": capture})
+    rec = seen["rec"]
+    assert rec["layers"] == [2, 3, 4] and rec["steps"] == 4 and rec["loss_first"] > 0
+    assert seen["ema_equal"]
+
+
+def test_reconstruction_needs_distillation(tmp_path, tiny_fp_checkpoint, tiny_data):
+    cfg = _config(tmp_path, tiny_fp_checkpoint, tiny_data, 4)
+    with pytest.raises(ConfigError, match="distill.enabled"):
+        load_config(cfg, None, ["distill.enabled=false"])
+    with pytest.raises(ConfigError, match="reconstruct_steps"):
+        load_config(cfg, None, ["distill.reconstruct_steps=-1"])
