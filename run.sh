@@ -9,6 +9,7 @@
 #   DATA=/abs/path/data.yaml   data yaml (default: coco128.yaml for quick, coco.yaml for full)
 #   RUN_DIR=runs/pipeline/...  where everything goes (default: runs/pipeline/<profile>_yolo11<size>)
 #   EPOCHS, C2PSA_EPOCHS, IMGSZ, BATCH, DEVICE   training overrides (quick sets its own, full uses the configs')
+#   RECONSTRUCT_STEPS          feature-reconstruction steps before each stage (default: the configs', 100)
 #   LATENCY_RUNS, BACKENDS     latency benchmark runs and backends
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -25,6 +26,7 @@ mkdir -p "$RUN_DIR/logs" "$RUN_DIR/.done" "$RUN_DIR/results"
 export YOLO_OFFLINE=${YOLO_OFFLINE:-}
 
 TRAIN=(--model-size "$SIZE" --checkpoint-dir "$CK")
+[ -n "${RECONSTRUCT_STEPS:-}" ] && TRAIN+=(--set "distill.reconstruct_steps=$RECONSTRUCT_STEPS")
 if [ "$PROFILE" = quick ]; then
   DATA=${DATA:-coco128.yaml}
   IMGSZ=${IMGSZ:-320}; BATCH=${BATCH:-16}; EPOCHS=${EPOCHS:-10}; C2PSA_EPOCHS=${C2PSA_EPOCHS:-4}

@@ -20,8 +20,8 @@ STEPS = [key for key, _ in PIPELINE_STEPS[1:]]  # the FP row is not a step of it
 
 def run_pipeline(run_dir: Path, weights: Path, data: Path):
     env = {**os.environ, "WEIGHTS": str(weights), "DATA": str(data), "RUN_DIR": str(run_dir), "EPOCHS": "1",
-           "C2PSA_EPOCHS": "1", "IMGSZ": "64", "BATCH": "4", "LATENCY_RUNS": "3", "BACKENDS": "torch", "YOLO_OFFLINE": "1",
-           "DEVICE": "cpu"}  # the latency step's default is the GPU where there is one
+           "C2PSA_EPOCHS": "1", "RECONSTRUCT_STEPS": "2", "IMGSZ": "64", "BATCH": "4", "LATENCY_RUNS": "3",
+           "BACKENDS": "torch", "YOLO_OFFLINE": "1", "DEVICE": "cpu"}  # the latency step's default is the GPU where there is one
     return subprocess.run(["bash", str(REPO / "run.sh"), "quick", "n"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=900)
 
@@ -64,6 +64,8 @@ def test_pipeline_writes_every_artefact(pipeline):
     reference = json.loads((res / "int8_reference.json").read_text())
     if importlib.util.find_spec("openvino") is None:
         assert reference["status"] == "skipped" and "No INT8 reference point: OpenVINO is not installed" in md
+    stage3_log = (run_dir / "logs" / "stage3.log").read_text()
+    assert "feature reconstruction of layers [2, 3, 4, 5, 6]: 2 steps" in stage3_log  # RECONSTRUCT_STEPS reached it
     times = md.split("Step times (s), in pipeline order: ")[1].split(";")[0]
     names = [t.split()[0] for t in times.split(", ")]
     assert names == [n for n in step_order() if n in names] and len(names) == len(step_order())
@@ -187,6 +189,8 @@ def test_report_latency_reference_and_step_order(tmp_path):
     assert "- skipped torch-cuda, tensorrt-fp16: a CUDA target" in md
     assert summary["latency_ratios"] == {"torch-cpu": 0.987}
     assert "3.21 MB on disk, mAP50-95 0.318" in md and "validated the same way: 0.331" in md
+    stage3_log = (run_dir / "logs" / "stage3.log").read_text()
+    assert "feature reconstruction of layers [2, 3, 4, 5, 6]: 2 steps" in stage3_log  # RECONSTRUCT_STEPS reached it
     times = md.split("Step times (s), in pipeline order: ")[1].split(";")[0]
     assert [t.split()[0] for t in times.split(", ")] == step_order()
     assert list(summary["step_seconds"]) == step_order()
