@@ -83,8 +83,20 @@ def test_trainer_reconstructs_before_training_and_the_ema_follows(tmp_path, tiny
 
 
 def test_reconstruction_needs_distillation(tmp_path, tiny_fp_checkpoint, tiny_data):
-    cfg = _config(tmp_path, tiny_fp_checkpoint, tiny_data, 4)
-    with pytest.raises(ConfigError, match="distill.enabled"):
-        load_config(cfg, None, ["distill.enabled=false"])
-    with pytest.raises(ConfigError, match="reconstruct_steps"):
-        load_config(cfg, None, ["distill.reconstruct_steps=-1"])
+    """Without distillation there is no teacher: the stage trains without reconstruction; bad values are refused."""
+    cfg = load_config(_config(tmp_path, tiny_fp_checkpoint, tiny_data, 4), None, ["distill.enabled=false"])
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def capture(trainer):
+        seen["rec"] = getattr(trainer, "reconstruction", None)
+        raise Stop
+
+    with pytest.raises(Stop):
+        train_stage(cfg, 1, callbacks={"on_train_start": capture})
+    assert seen == {"rec": None}
+    for bad in ("distill.reconstruct_steps=-1", "distill.reconstruct_lr=0"):
+        with pytest.raises(ConfigError, match="reconstruct"):
+            load_config(_config(tmp_path, tiny_fp_checkpoint, tiny_data, 4), None, [bad])

@@ -106,6 +106,7 @@ class DistillConfig:
     feature_weight: float = 0.0  # MSE at the layers holding ternary convs (0 = off)
     temperature: float = 1.0
     reconstruct_steps: int = 0  # before training: steps fitting the stage's new layers to the teacher's outputs
+    # (needs the teacher: skipped when distillation is off)
     reconstruct_lr: float = 1.0e-3  # Adam lr of that feature reconstruction (yolo_tq/train/reconstruct.py)
 
 
@@ -236,8 +237,6 @@ def _validate_values(cfg: ProjectConfig, source: str) -> None:
         raise ConfigError(f"{source}: quantization.bn_reestimate_images must be >= 0")
     if cfg.distill.reconstruct_steps < 0 or cfg.distill.reconstruct_lr <= 0:
         raise ConfigError(f"{source}: distill.reconstruct_steps must be >= 0 and distill.reconstruct_lr > 0")
-    if cfg.distill.reconstruct_steps and not cfg.distill.enabled:
-        raise ConfigError(f"{source}: distill.reconstruct_steps needs the teacher: set distill.enabled: true")
     names = [s.name for s in cfg.stages]
     if len(set(names)) != len(names):
         raise ConfigError(f"{source}: stage names must be unique, got {names}")

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import torch.nn as nn
+from ultralytics.utils import LOGGER
 
 from ..config import ConfigError, ProjectConfig, find_stage, stage_dir, stage_plan, stage_train_args
 from ..io import CheckpointError, check_model_size, ensure_weights, load_model, save_stock_checkpoint
@@ -98,6 +99,9 @@ def distill_plan(cfg: ProjectConfig, start: str) -> DistillPlan | None:
     """Resolved teacher checkpoint and loss weights, or None when distillation is off."""
     d = cfg.distill
     if not d.enabled:
+        if d.reconstruct_steps:
+            LOGGER.info(f"distill.reconstruct_steps ({d.reconstruct_steps}) skipped: it needs the teacher, and "
+                        f"distillation is off")
         return None
     teacher = {"fp": cfg.base.weights, "start": start}.get(d.teacher, d.teacher)
     if d.teacher == "fp":
