@@ -5,8 +5,9 @@ A freshly ternarised early backbone wrecks the features every later layer reads 
 Before the end-to-end training, this runs `steps` optimizer steps on a local loss: the scale-free feature distance
 (`distillation.feature_distillation`) between the student's and the teacher's outputs of the layers the stage
 quantizes, on the training loader's augmented images (no labels needed). Only those layers' parameters (latent weights,
-scales, BatchNorm) move, with their own Adam; the forward stops after the deepest of them. BatchNorm is in train mode,
-so its running statistics follow the ternary layers too. The EMA copy then takes the reconstructed weights.
+scales, BatchNorm) move, with their own Adam; the forward stops after the deepest of them. BatchNorm is in train mode
+(unless train.bn_frozen_stats), so its running statistics follow the ternary layers too. The EMA copy then takes
+the reconstructed weights.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def reconstruct_stage(trainer) -> None:
     layers = sorted(layer_indices(model, stage_paths(model, trainer.plan.stage)))
     params = [p for i in layers for p in model.model[i].parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=d.reconstruct_lr)
-    model.train()
+    trainer._model_train()  # train mode as the epochs set it (BatchNorm stays in eval with train.bn_frozen_stats)
     criterion.teacher.eval()
     t0, losses = time.perf_counter(), []
     batches = endless(trainer.train_loader)  # the loader's own augmentation: every step sees new views
@@ -85,7 +86,8 @@ def reconstruct_stage(trainer) -> None:
         broadcast_weights(model)
     if trainer.ema is not None:
         trainer.ema.ema.load_state_dict(model.state_dict())
+    seconds = time.perf_counter() - t0
     LOGGER.info(f"feature reconstruction of layers {layers}: {d.reconstruct_steps} steps (lr {d.reconstruct_lr}) in "
-                f"{time.perf_counter() - t0:.0f} s, loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+                f"{seconds:.0f} s, loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     trainer.reconstruction = {"layers": layers, "steps": d.reconstruct_steps, "loss_first": losses[0],
-                              "loss_last": losses[-1], "seconds": time.perf_counter() - t0}
+                              "loss_last": losses[-1], "seconds": seconds}
