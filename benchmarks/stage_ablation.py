@@ -70,6 +70,11 @@ def variants(stage: int) -> dict[str, list[str]]:
                                                                     "quantization.per_channel=true"],
         "feature reconstruction of the new layers first (100 steps)": ["distill.reconstruct_steps=100"],
         "feature reconstruction of the new layers first (300 steps)": ["distill.reconstruct_steps=300"],
+        # training that holds across resolutions: the stage's last epochs at the deployment size
+        "final 2 epochs at imgsz 640 (deployment size)": ["train.final_imgsz=640", "train.final_epochs=2"],
+        "final 2 epochs at imgsz 640, 300 reconstruction steps": ["train.final_imgsz=640", "train.final_epochs=2",
+                                                                  "distill.reconstruct_steps=300"],
+        "final 4 epochs at imgsz 640 (deployment size)": ["train.final_imgsz=640", "train.final_epochs=4"],
     }
 
 

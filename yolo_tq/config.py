@@ -86,6 +86,8 @@ class TrainConfig:
     trainable: str = "all"  # all: every network parameter trains ; stage: only this stage's quantized layers (their
     # latent weights, biases and learned scales), all else frozen, as the original code did (docs/original_recipe.md)
     fitness: str = "default"  # default: Ultralytics' fitness ; map50: mAP50 picks best.pt and drives early stopping
+    final_imgsz: int = 0  # the stage's last final_epochs epochs train at this size (0: off; train/resolution.py)
+    final_epochs: int = 0
     device: Optional[str] = None
     workers: int = 8
     seed: int = 0
@@ -216,6 +218,10 @@ def train_args_problem(t: dict) -> str | None:
         return first_line(e)
     if imgsz_problem(t["imgsz"]):
         return imgsz_problem(t["imgsz"])
+    if t.get("final_imgsz") and imgsz_problem(t["final_imgsz"]):
+        return "final_" + imgsz_problem(t["final_imgsz"])
+    if not (isinstance(t.get("final_epochs", 0), int) and t.get("final_epochs", 0) >= 0):
+        return f"final_epochs must be an integer >= 0, got {t['final_epochs']!r}"
     if not (t["batch"] == -1 or t["batch"] > 0):
         return f"batch must be > 0 (or -1 for Ultralytics' AutoBatch), got {t['batch']}"
     if t["workers"] < 0:

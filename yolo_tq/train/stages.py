@@ -13,6 +13,7 @@ from ..io import CheckpointError, check_model_size, ensure_weights, load_model, 
 from ..quant.apply import PlanError, export_ternary, quantized_modules, select_convs, ternarize_
 from .guard import StageRun, command_line
 from .ramp import RampPlan
+from .resolution import FinalPassPlan
 from .trainer import TERNARY_EXPORT_NAME, DistillPlan, OptimPlan, TrainPlan, TTQTrainer
 
 # Ultralytics train arguments taken from the config's `train` section
@@ -128,8 +129,12 @@ def train_plan(cfg: ProjectConfig, index: int, start: str) -> TrainPlan:
     if ramp.active and ramp.epochs >= int(t["epochs"]):
         raise ConfigError(f"stage '{stage.name}': ternary_ramp_epochs ({ramp.epochs}) must be below the stage's "
                           f"epochs ({t['epochs']}), so that its last epochs train the fully ternary model")
+    final = FinalPassPlan(int(t["final_imgsz"] or 0), int(t["final_epochs"]))
+    if final.active and final.epochs >= int(t["epochs"]):
+        raise ConfigError(f"stage '{stage.name}': final_epochs ({final.epochs}) must be below the stage's epochs "
+                          f"({t['epochs']})")
     return TrainPlan(stage_plan(cfg, stage), optim, distill_plan(cfg, start), ramp, bool(t["bn_frozen_stats"]),
-                     str(t["trainable"]), str(t["fitness"]))
+                     str(t["trainable"]), str(t["fitness"]), final)
 
 
 def trainer_overrides(cfg: ProjectConfig, index: int, start: str) -> dict:

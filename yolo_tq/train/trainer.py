@@ -23,6 +23,7 @@ from ..quant.apply import (StagePlan, export_ternary, install_like, install_stag
                            threshold_parameters)
 from .ramp import RampPlan, ramp_shares
 from .reconstruct import reconstruct_stage
+from .resolution import FinalPassPlan, switch_to_final_imgsz
 from .state import find_state_layers, with_training_state
 
 PLAN_KEY = "ttq"
@@ -64,17 +65,20 @@ class TrainPlan:
     bn_frozen: bool = False  # BatchNorm keeps its running statistics (eval mode) while everything else trains
     trainable: str = "all"  # all | stage: only this stage's quantized layers train (train.trainable)
     fitness: str = "default"  # default | map50: mAP50 picks best.pt and drives early stopping (train.fitness)
+    final_pass: FinalPassPlan = FinalPassPlan()  # last epochs at the deployment size (train.final_imgsz)
 
     def to_dict(self) -> dict:
         return {"stage": self.stage.to_dict(), "optim": asdict(self.optim),
                 "distill": None if self.distill is None else asdict(self.distill), "ramp": asdict(self.ramp),
-                "bn_frozen": self.bn_frozen, "trainable": self.trainable, "fitness": self.fitness}
+                "bn_frozen": self.bn_frozen, "trainable": self.trainable, "fitness": self.fitness,
+                "final_pass": asdict(self.final_pass)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainPlan":
         return cls(StagePlan.from_dict(d["stage"]), OptimPlan(**d["optim"]),
                    None if d.get("distill") is None else DistillPlan(**d["distill"]), RampPlan(**d.get("ramp", {})),
-                   bool(d.get("bn_frozen", False)), d.get("trainable", "all"), d.get("fitness", "default"))
+                   bool(d.get("bn_frozen", False)), d.get("trainable", "all"), d.get("fitness", "default"),
+                   FinalPassPlan(**d.get("final_pass", {})))
 
 
 def find_ramp_layers(trainer) -> None:
@@ -198,6 +202,8 @@ class TTQTrainer(DetectionTrainer):
         if self.plan.ramp.acts:
             self.add_callback("on_pretrain_routine_end", find_ramp_layers)
             self.add_callback("on_train_epoch_start", set_ramp_shares)
+        if self.plan.final_pass.active:
+            self.add_callback("on_train_epoch_start", switch_to_final_imgsz)
         self.add_callback("on_pretrain_routine_end", find_state_layers)  # training state in the metrics (train.state)
 
     def train(self):

@@ -1,0 +1,44 @@
+"""A final pass at the deployment size (`train.final_imgsz`, `train.final_epochs`; off by default).
+
+A stage trained at a small image size (the retention budget's 320, a CPU shortcut) loses much of what the model reads
+at the size it is deployed at (640): the early layers never see that resolution's detail. With `final_epochs: N` the
+stage's last N epochs train at `final_imgsz`: at the start of the first of them the training loader is rebuilt
+through the trainer's own `get_dataloader` (same augmentation, same number of batches), with mosaic closed if
+Ultralytics' close_mosaic has closed it. Everything else (optimizer, lr schedule, EMA, checkpoints) carries on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ultralytics.utils import LOCAL_RANK, LOGGER
+
+
+@dataclass(frozen=True)
+class FinalPassPlan:
+    imgsz: int = 0  # image size of the final pass (0: off)
+    epochs: int = 0  # the stage's last epochs trained at that size
+
+    @property
+    def active(self) -> bool:
+        return self.imgsz > 0 and self.epochs > 0
+
+
+def in_final_pass(epoch: int, epochs: int, final_epochs: int) -> bool:
+    """Whether 0-based `epoch` of a run of `epochs` is one of its last `final_epochs`."""
+    return final_epochs > 0 and epoch >= epochs - final_epochs
+
+
+def switch_to_final_imgsz(trainer) -> None:
+    """Callback (on_train_epoch_start): in the final pass, train at its image size (rebuild the loader once; a run
+    resumed inside the pass already has it from its saved args)."""
+    plan = trainer.plan.final_pass
+    if not in_final_pass(trainer.epoch, trainer.epochs, plan.epochs) or trainer.train_loader.dataset.imgsz == plan.imgsz:
+        return
+    trainer.args.imgsz = plan.imgsz
+    batch = trainer.batch_size // max(trainer.world_size, 1)
+    trainer.train_loader = trainer.get_dataloader(trainer.data["train"], batch_size=batch, rank=LOCAL_RANK,
+                                                  mode="train")
+    if trainer.args.close_mosaic and in_final_pass(trainer.epoch, trainer.epochs, trainer.args.close_mosaic):
+        trainer._close_dataloader_mosaic()
+    LOGGER.info(f"final pass: epochs {trainer.epoch + 1}-{trainer.epochs} train at imgsz {plan.imgsz}")
