@@ -100,3 +100,21 @@ def test_reconstruction_needs_distillation(tmp_path, tiny_fp_checkpoint, tiny_da
     for bad in ("distill.reconstruct_steps=-1", "distill.reconstruct_lr=0"):
         with pytest.raises(ConfigError, match="reconstruct"):
             load_config(_config(tmp_path, tiny_fp_checkpoint, tiny_data, 4), None, [bad])
+
+
+def test_reconstruction_at_its_own_image_size(tmp_path, tiny_fp_checkpoint, tiny_data, monkeypatch):
+    """distill.reconstruct_imgsz: the reconstruction steps see images of that size, training keeps train.imgsz."""
+    import yolo_tq.train.reconstruct as reconstruct
+
+    cfg = load_config(_config(tmp_path, tiny_fp_checkpoint, tiny_data, 3), None, ["distill.reconstruct_imgsz=96"])
+    step, sizes, train_size = reconstruct.reconstruction_step, [], []
+
+    def recording_step(student, teacher, layers, images, optimizer):
+        sizes.append(tuple(images.shape[-2:]))
+        return step(student, teacher, layers, images, optimizer)
+
+    monkeypatch.setattr(reconstruct, "reconstruction_step", recording_step)
+    train_stage(cfg, 1, callbacks={"on_train_start": lambda t: train_size.append(t.train_loader.dataset.imgsz)})
+    assert sizes == [(96, 96)] * 3 and train_size == [64]
+    with pytest.raises(ConfigError, match="reconstruct_imgsz"):
+        load_config(_config(tmp_path, tiny_fp_checkpoint, tiny_data, 3), None, ["distill.reconstruct_imgsz=100"])

@@ -110,6 +110,7 @@ class DistillConfig:
     reconstruct_steps: int = 0  # before training: steps fitting the stage's new layers to the teacher's outputs
     # (needs the teacher: skipped when distillation is off)
     reconstruct_lr: float = 1.0e-3  # Adam lr of that feature reconstruction (yolo_tq/train/reconstruct.py)
+    reconstruct_imgsz: Optional[int] = None  # its image size (None: train.imgsz)
 
 
 @dataclass
@@ -243,6 +244,8 @@ def _validate_values(cfg: ProjectConfig, source: str) -> None:
         raise ConfigError(f"{source}: quantization.bn_reestimate_images must be >= 0")
     if cfg.distill.reconstruct_steps < 0 or cfg.distill.reconstruct_lr <= 0:
         raise ConfigError(f"{source}: distill.reconstruct_steps must be >= 0 and distill.reconstruct_lr > 0")
+    if cfg.distill.reconstruct_imgsz is not None and imgsz_problem(cfg.distill.reconstruct_imgsz):
+        raise ConfigError(f"{source}: distill.reconstruct_" + imgsz_problem(cfg.distill.reconstruct_imgsz))
     names = [s.name for s in cfg.stages]
     if len(set(names)) != len(names):
         raise ConfigError(f"{source}: stage names must be unique, got {names}")

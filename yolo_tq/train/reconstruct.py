@@ -4,8 +4,9 @@ fitted, alone, to the FP teacher's outputs of the same layers.
 A freshly ternarised early backbone wrecks the features every later layer reads (stage 3 starts at mAP50-95 0.000).
 Before the end-to-end training, this runs `steps` optimizer steps on a local loss: the scale-free feature distance
 (`distillation.feature_distillation`) between the student's and the teacher's outputs of the layers the stage
-quantizes, on the training loader's augmented images (no labels needed). Only those layers' parameters (latent weights,
-scales, BatchNorm) move, with their own Adam; the forward stops after the deepest of them. BatchNorm is in train mode
+quantizes, on the training loader's augmented images (no labels needed; at `distill.reconstruct_imgsz` if set,
+through a loader like the trainer's). Only those layers' parameters (latent weights, scales, BatchNorm) move, with
+their own Adam; the forward stops after the deepest of them. BatchNorm is in train mode
 (unless train.bn_frozen_stats), so its running statistics follow the ternary layers too. The EMA copy then takes
 the reconstructed weights.
 """
@@ -22,6 +23,7 @@ from ultralytics.utils.torch_utils import unwrap_model
 
 from ..quant.apply import layer_indices, stage_paths
 from .distillation import feature_distillation
+from .resolution import train_loader_at
 
 
 def forward_outputs(model: nn.Module, x: torch.Tensor, layers: list[int]) -> list[torch.Tensor]:
@@ -77,7 +79,9 @@ def reconstruct_stage(trainer) -> None:
     trainer._model_train()  # train mode as the epochs set it (BatchNorm stays in eval with train.bn_frozen_stats)
     criterion.teacher.eval()
     t0, losses = time.perf_counter(), []
-    batches = endless(trainer.train_loader)  # the loader's own augmentation: every step sees new views
+    size = d.reconstruct_imgsz or trainer.args.imgsz
+    loader = trainer.train_loader if size == trainer.args.imgsz else train_loader_at(trainer, size)
+    batches = endless(loader)  # the loader's own augmentation: every step sees new views
     for _ in range(d.reconstruct_steps):
         images = trainer.preprocess_batch(next(batches))["img"]
         losses.append(reconstruction_step(model, criterion.teacher, layers, images, optimizer))
@@ -87,7 +91,7 @@ def reconstruct_stage(trainer) -> None:
     if trainer.ema is not None:
         trainer.ema.ema.load_state_dict(model.state_dict())
     seconds = time.perf_counter() - t0
-    LOGGER.info(f"feature reconstruction of layers {layers}: {d.reconstruct_steps} steps (lr {d.reconstruct_lr}) in "
-                f"{seconds:.0f} s, loss {losses[0]:.4f} -> {losses[-1]:.4f}")
-    trainer.reconstruction = {"layers": layers, "steps": d.reconstruct_steps, "loss_first": losses[0],
+    LOGGER.info(f"feature reconstruction of layers {layers}: {d.reconstruct_steps} steps (lr {d.reconstruct_lr}, imgsz "
+                f"{size}) in {seconds:.0f} s, loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+    trainer.reconstruction = {"layers": layers, "steps": d.reconstruct_steps, "imgsz": size, "loss_first": losses[0],
                               "loss_last": losses[-1], "seconds": seconds}

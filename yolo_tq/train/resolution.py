@@ -29,6 +29,16 @@ def in_final_pass(epoch: int, epochs: int, final_epochs: int) -> bool:
     return final_epochs > 0 and epoch >= epochs - final_epochs
 
 
+def train_loader_at(trainer, imgsz: int):
+    """A training loader like the trainer's own (its augmentation, batch size, rank) at another image size."""
+    size, trainer.args.imgsz = trainer.args.imgsz, imgsz
+    try:
+        batch = trainer.batch_size // max(trainer.world_size, 1)
+        return trainer.get_dataloader(trainer.data["train"], batch_size=batch, rank=LOCAL_RANK, mode="train")
+    finally:
+        trainer.args.imgsz = size
+
+
 def switch_to_final_imgsz(trainer) -> None:
     """Callback (on_train_epoch_start): in the final pass, train at its image size (rebuild the loader once; a run
     resumed inside the pass already has it from its saved args)."""
@@ -36,9 +46,7 @@ def switch_to_final_imgsz(trainer) -> None:
     if not in_final_pass(trainer.epoch, trainer.epochs, plan.epochs) or trainer.train_loader.dataset.imgsz == plan.imgsz:
         return
     trainer.args.imgsz = plan.imgsz
-    batch = trainer.batch_size // max(trainer.world_size, 1)
-    trainer.train_loader = trainer.get_dataloader(trainer.data["train"], batch_size=batch, rank=LOCAL_RANK,
-                                                  mode="train")
+    trainer.train_loader = train_loader_at(trainer, plan.imgsz)
     if trainer.args.close_mosaic and in_final_pass(trainer.epoch, trainer.epochs, trainer.args.close_mosaic):
         trainer._close_dataloader_mosaic()
     LOGGER.info(f"final pass: epochs {trainer.epoch + 1}-{trainer.epochs} train at imgsz {plan.imgsz}")

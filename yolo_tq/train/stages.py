@@ -110,7 +110,8 @@ def distill_plan(cfg: ProjectConfig, start: str) -> DistillPlan | None:
     if not Path(teacher).is_file():
         raise CheckpointError(f"distillation teacher not found: {teacher} (config distill.teacher)")
     return DistillPlan(str(Path(teacher).resolve()), float(d.cls_weight), float(d.box_weight),
-                       float(d.feature_weight), float(d.temperature), int(d.reconstruct_steps), float(d.reconstruct_lr))
+                       float(d.feature_weight), float(d.temperature), int(d.reconstruct_steps), float(d.reconstruct_lr),
+                       None if d.reconstruct_imgsz is None else int(d.reconstruct_imgsz))
 
 
 def train_plan(cfg: ProjectConfig, index: int, start: str) -> TrainPlan:

@@ -52,6 +52,7 @@ class DistillPlan:
     temperature: float = 1.0
     reconstruct_steps: int = 0  # feature reconstruction of the stage's layers before training (train/reconstruct.py)
     reconstruct_lr: float = 1e-3
+    reconstruct_imgsz: int | None = None  # None: the training size
 
 
 @dataclass(frozen=True)
