@@ -76,6 +76,7 @@ def variants(stage: int) -> dict[str, list[str]]:
                                                                   "distill.reconstruct_steps=300"],
         "final 4 epochs at imgsz 640 (deployment size)": ["train.final_imgsz=640", "train.final_epochs=4"],
         "reconstruction at imgsz 640 (100 steps)": ["distill.reconstruct_imgsz=640"],
+        "reconstruction lr 3e-3 (100 steps)": ["distill.reconstruct_lr=0.003"],
         "reconstruction at imgsz 640, final 2 epochs at 640": ["distill.reconstruct_imgsz=640", "train.final_imgsz=640",
                                                                "train.final_epochs=2"],
     }
