@@ -43,7 +43,9 @@ def switch_to_final_imgsz(trainer) -> None:
     """Callback (on_train_epoch_start): in the final pass, train at its image size (rebuild the loader once; a run
     resumed inside the pass already has it from its saved args)."""
     plan = trainer.plan.final_pass
-    if not in_final_pass(trainer.epoch, trainer.epochs, plan.epochs) or trainer.train_loader.dataset.imgsz == plan.imgsz:
+    if not in_final_pass(trainer.epoch, trainer.epochs, plan.epochs):
+        return
+    if trainer.train_loader.dataset.imgsz == plan.imgsz:
         return
     trainer.args.imgsz = plan.imgsz
     trainer.train_loader = train_loader_at(trainer, plan.imgsz)
