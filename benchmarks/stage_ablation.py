@@ -79,6 +79,7 @@ def variants(stage: int) -> dict[str, list[str]]:
         "reconstruction lr 3e-3 (100 steps)": ["distill.reconstruct_lr=0.003"],
         "reconstruction at imgsz 640, final 2 epochs at 640": ["distill.reconstruct_imgsz=640", "train.final_imgsz=640",
                                                                "train.final_epochs=2"],
+        "latent lr 3e-4 (after reconstruction)": ["train.latent_lr=0.0003"],
     }
 
 
