@@ -80,6 +80,11 @@ def variants(stage: int) -> dict[str, list[str]]:
         "reconstruction at imgsz 640, final 2 epochs at 640": ["distill.reconstruct_imgsz=640", "train.final_imgsz=640",
                                                                "train.final_epochs=2"],
         "latent lr 3e-4 (after reconstruction)": ["train.latent_lr=0.0003"],
+        "latent lr 1e-4 (after reconstruction)": ["train.latent_lr=0.0001"],
+        "latent lr 3e-4, final 2 epochs at imgsz 640": ["train.latent_lr=0.0003", "train.final_imgsz=640",
+                                                        "train.final_epochs=2"],
+        "latent lr 3e-4, ternary pattern frozen in the last 3 epochs": ["train.latent_lr=0.0003",
+                                                                        "train.ternary_freeze_epochs=3"],
         # control (with --stage 1 from the FP weights): the same fine-tuning with no layer ternarised
         "FP control: nothing ternarised": [f"{s}.layers=[]", "distill.reconstruct_steps=0"],
     }
