@@ -47,8 +47,8 @@ def switch_to_final_imgsz(trainer) -> None:
         return
     if trainer.train_loader.dataset.imgsz == plan.imgsz:
         return
-    trainer.args.imgsz = plan.imgsz
     trainer.train_loader = train_loader_at(trainer, plan.imgsz)
+    trainer.args.imgsz = plan.imgsz  # saved with the checkpoints: a resumed run builds its loader at this size
     if trainer.args.close_mosaic and in_final_pass(trainer.epoch, trainer.epochs, trainer.args.close_mosaic):
         trainer._close_dataloader_mosaic()
     LOGGER.info(f"final pass: epochs {trainer.epoch + 1}-{trainer.epochs} train at imgsz {plan.imgsz}")
