@@ -18,7 +18,7 @@ import time
 import torch
 import torch.nn as nn
 
-from ultralytics.utils import LOGGER, RANK
+from ultralytics.utils import LOGGER, RANK, TQDM
 from ultralytics.utils.torch_utils import unwrap_model
 
 from ..quant.apply import layer_indices, stage_paths
@@ -82,10 +82,13 @@ def reconstruct_stage(trainer) -> None:
     size = d.reconstruct_imgsz or trainer.args.imgsz
     loader = trainer.train_loader if size == trainer.args.imgsz else train_loader_at(trainer, size)
     batches = endless(loader)  # the loader's own augmentation: every step sees new views
-    for _ in range(d.reconstruct_steps):
+    progress = TQDM(range(d.reconstruct_steps), desc=f"reconstruct {layers} (imgsz {size})", unit="step",
+                    unit_scale=False, disable=RANK not in {-1, 0})
+    for _ in progress:
         images = trainer.preprocess_batch(next(batches))["img"]
         losses.append(reconstruction_step(model, criterion.teacher, layers, images, optimizer))
         criterion.clear_features()  # its taps on these layers fired too
+        progress.set_postfix(loss=f"{losses[-1]:.4f}")
     if RANK != -1:
         broadcast_weights(model)
     if trainer.ema is not None:
