@@ -28,7 +28,7 @@ def run(*args, cwd=REPO, timeout=300) -> subprocess.CompletedProcess:
 
 ROOT_COMMANDS = {"train.py": "train", "train_c2psa.py": "c2psa", "train_c2psa_standard.py": "c2psa-standard",
                  "validate.py": "val", "test.py": "layers", "compression_calculation.py": "size",
-                 "compare_bitlinear.py": "compare", "latency_benchmark.py": "latency"}
+                 "compare_bitlinear.py": "compare", "latency_benchmark.py": "latency", "export.py": "export"}
 
 
 def run_here(*args, cwd=REPO) -> subprocess.CompletedProcess:

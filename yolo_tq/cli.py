@@ -32,6 +32,7 @@ COMMANDS = {  # name -> one-line summary; the module is yolo_tq.commands.<name w
     "pack": "pack a ternary checkpoint into the 1.6-bit safetensors file, or --unpack one to a .pt",
     "compare": "FP vs BitLinear_TTQ vs standard BitLinear in one table (compare_bitlinear.py)",
     "latency": "export, agreement check, latency, memory (latency_benchmark.py)",
+    "export": "the deployable ONNX: ternary weights as 1.6-bit codes that onnxruntime runs (export.py)",
 }
 
 

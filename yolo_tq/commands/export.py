@@ -1,0 +1,73 @@
+"""Export any model this project makes (ternary.pt, a training checkpoint, a C2PSA output, a packed
+.tq.safetensors, or a plain YOLO11 .pt) to a deployable ONNX: ternary weights as 1.6-bit codes, the other conv
+weights INT8 per output channel (or FP16 / FP32 with --rest), decoded inside the graph by ordinary ONNX operators
+that onnxruntime and OpenVINO fold away at load, so the small file runs at the FP export's speed. Ultralytics'
+metadata is embedded: `ultralytics.YOLO("model.onnx")` predicts and validates it with nothing of this project
+installed.
+
+  python export.py checkpoints/yolo11n/stage3/ternary.pt --out stage3.onnx [--imgsz 640] [--rest int8]
+  yolo-tq export CKPT --out FILE
+
+Before writing, the export decodes every stored tensor in onnxruntime and compares it with the FP export's
+(ternary: bit-exact; INT8: within half a step), compares the ternary weights with PyTorch's fused weights, and
+checks the file's detections against PyTorch's on --check-images images (of --data's val split, or Ultralytics'
+sample images). The encoding is described in yolo_tq/formats/deploy_onnx.py and docs/method.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from ..cli import check_writable, imgsz_arg, input_file, positive_int
+from ..formats.deploy_onnx import REST_CHOICES
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", type=input_file, metavar="CKPT", help="model to export (.pt or .tq.safetensors)")
+    p.add_argument("--out", help="ONNX file to write (default: CKPT's name with .onnx, beside it)")
+    p.add_argument("--imgsz", type=imgsz_arg, default=640, help="input size of the exported graph (default 640)")
+    p.add_argument("--rest", choices=REST_CHOICES, default="int8",
+                   help="precision of the non-ternary conv weights (default int8, per output channel)")
+    p.add_argument("--data", help="data yaml whose val images the output check uses (default: Ultralytics' samples)")
+    p.add_argument("--check-images", type=positive_int, default=4, help="images for the output check (default 4)")
+    p.add_argument("--workdir", help="where the intermediate FP export goes (default: a new temporary folder)")
+    p.add_argument("--json", help="also write what was written and measured to this JSON file")
+
+
+def default_out(ckpt: str) -> str:
+    p = Path(ckpt)
+    name = p.name[: -len(".tq.safetensors")] if p.name.endswith(".tq.safetensors") else p.stem
+    return str(p.with_name(name + ".onnx"))
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """True when two paths name one file (symlinks and hard links followed)."""
+    pa, pb = Path(a), Path(b)
+    if pa.exists() and pb.exists():
+        return os.path.samefile(pa, pb)
+    return pa.resolve() == pb.resolve()
+
+
+def run(a: argparse.Namespace) -> int:
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    from ..config import ConfigError
+    from ..deploy.deployable import export_deployable, format_result, result_dict
+    from ..io import write_json
+
+    out = a.out or default_out(a.checkpoint)
+    for path, what in ((out, "the ONNX file"), (a.json, "the JSON report")):
+        if path:
+            check_writable(path, what)
+            if same_file(path, a.checkpoint):
+                raise ConfigError(f"{what} {path} is the input checkpoint; choose another --{'out' if path == out else 'json'}")
+    if a.json and same_file(a.json, out):
+        raise ConfigError("--json and --out name the same file")
+    if not Path(a.checkpoint).is_file():
+        raise FileNotFoundError(f"checkpoint not found: {a.checkpoint}")
+    r = export_deployable(a.checkpoint, out, a.imgsz, a.rest, a.workdir, a.data, a.check_images)
+    print(format_result(r))
+    if a.json:
+        print(f"JSON: {write_json(result_dict(r), a.json)}")
+    return 0

@@ -1,0 +1,192 @@
+"""The deployable ONNX of any model this project makes: export through Ultralytics (Conv+BN fused, onnxslim, its
+metadata), store the weights as low-bit codes (formats.deploy_onnx), and verify the result before it is written:
+decoded weights against the FP export's and against PyTorch's fused weights, outputs against PyTorch's."""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..formats.deploy_onnx import (DeployOnnxError, REST_CHOICES, conv_weight_names, encode_model, encoding_counts,
+                                   rel_error, verify_encoding)
+from ..io import CheckpointError, atomic_write_bytes, load_model, save_stock_checkpoint
+from .export import ExportError, export_artifact, prepare_checkpoint
+
+DETECTOR_CLASSES = ("DetectionModel",)  # what the deployable export handles (Ultralytics' detection models)
+ORT_MIN_VERSION = "1.17"  # oldest onnxruntime that ran the deployable file (benchmarks/README.md, "Deployable ONNX")
+
+
+@dataclass
+class DeployResult:
+    """What `export_deployable` wrote and measured."""
+
+    source: str
+    out: str
+    imgsz: int
+    rest: str
+    bytes: int
+    fp_onnx_bytes: int
+    ternary_convs_model: int  # per-channel ternary convs of the fused PyTorch model
+    encoding: dict  # per kind: tensors, bytes before / after (formats.deploy_onnx.encoding_counts)
+    decode_errors: dict  # largest relative error per kind, decoded in onnxruntime vs the FP export's tensors
+    pytorch_weight_rel_error: float  # ternary tensors of the FP export vs PyTorch's fused weights
+    pytorch_weights_compared: int
+    outputs: dict = field(default_factory=dict)  # agreement with PyTorch and the FP ONNX
+    seconds: float = 0.0
+
+
+def _stock_input(path: Path, work: Path):
+    """A PreparedModel for any input: a .pt (stock, training checkpoint, C2PSA output) or a packed file."""
+    if path.name.endswith(".safetensors"):
+        from ..formats.packed import load_packed
+
+        model = load_packed(path)
+        stock = work / "unpacked.pt"
+        save_stock_checkpoint(model, stock)
+        return prepare_checkpoint(stock, work, "model"), model
+    prepared = prepare_checkpoint(path, work, "model")
+    model, _ = load_model(prepared.checkpoint)
+    return prepared, model
+
+
+def check_detector(model, source) -> None:
+    if type(model).__name__ not in DETECTOR_CLASSES:
+        raise CheckpointError(f"{source} holds a {type(model).__name__}, not a YOLO detection model; the deployable "
+                              f"export handles {', '.join(DETECTOR_CLASSES)}")
+
+
+def dfl_weight_names(model) -> set[str]:
+    """State-dict names of the DFL projection weights (a fixed 0..15 ramp that stays exact in float)."""
+    return {f"{path}.conv.weight" for path, m in model.named_modules() if type(m).__name__ == "DFL"}
+
+
+def fused_state(model) -> dict[str, np.ndarray]:
+    """The Conv+BN-fused model's float tensors, as the ONNX export holds them."""
+    import torch
+
+    fused = copy.deepcopy(model).float().eval()
+    with torch.no_grad():
+        fused = fused.fuse(verbose=False) if hasattr(fused, "fuse") else fused
+        return {k: v.detach().cpu().numpy() for k, v in fused.state_dict().items() if v.is_floating_point()}
+
+
+def compare_with_pytorch(source_onnx, encoded_names: list[str], state: dict[str, np.ndarray]) -> tuple[float, int]:
+    """Largest relative difference between the export's tensors and PyTorch's fused ones of the same name."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in source_onnx.graph.initializer}
+    worst, n = 0.0, 0
+    for name in encoded_names:
+        if name in state and name in inits:
+            a = numpy_helper.to_array(inits[name])
+            if a.shape == state[name].shape:
+                worst, n = max(worst, rel_error(a, state[name])), n + 1
+    return worst, n
+
+
+def output_check(fp_onnx: Path, deploy_bytes: bytes, checkpoint: Path, inputs, rounding: bool, rest: str) -> dict:
+    """Outputs of the deployable file on `inputs` against PyTorch's (the latency benchmark's agreement check) and
+    against the plain FP ONNX's."""
+    import onnxruntime as ort
+
+    from .agreement import compare_outputs
+    from .backends import make_runner, target
+
+    torch_runner = make_runner(target("torch-cpu"), checkpoint)
+    refs = [torch_runner.infer(x) for x in inputs]
+    sessions = [ort.InferenceSession(src, providers=["CPUExecutionProvider"]) for src in (str(fp_onnx), deploy_bytes)]
+    name = sessions[0].get_inputs()[0].name
+    fp, dep = ([np.asarray(s.run(None, {name: x})[0], np.float32) for x in inputs] for s in sessions)
+    agree = compare_outputs(refs, dep, "fp32" if rest == "fp32" else rest, activation_rounding=rounding)
+    return {"max_abs_vs_pytorch": agree.max_abs, "det_agreement_vs_pytorch": agree.det_agreement,
+            "agreement_passed": agree.passed, "criterion": agree.criterion,
+            "max_abs_vs_fp_onnx": float(max(np.abs(a - b).max() for a, b in zip(fp, dep))),
+            "max_abs_fp_onnx_vs_pytorch": float(max(np.abs(a - b).max() for a, b in zip(fp, refs))),
+            "check_inputs": len(inputs)}
+
+
+def check_onnxruntime() -> None:
+    import onnxruntime as ort
+
+    have = tuple(int(x) for x in ort.__version__.split(".")[:2])
+    need = tuple(int(x) for x in ORT_MIN_VERSION.split("."))
+    if have < need:
+        raise CheckpointError(f"onnxruntime {ort.__version__} is too old for the deployable ONNX; it needs "
+                              f">= {ORT_MIN_VERSION} (pip install -U onnxruntime)")
+
+
+def export_deployable(source: str | Path, out: str | Path, imgsz: int = 640, rest: str = "int8",
+                      workdir: str | Path | None = None, data: str | None = None, check_images: int = 4,
+                      log=print) -> DeployResult:
+    """Write the deployable ONNX of `source` to `out` (atomically, only after every check passed)."""
+    import onnx
+
+    from .agreement import check_inputs
+    from .weights import deploy_weight_summary, single_thread
+
+    if rest not in REST_CHOICES:
+        raise DeployOnnxError(f"--rest must be one of {', '.join(REST_CHOICES)}, got {rest!r}")
+    check_onnxruntime()
+    t0, src = time.perf_counter(), Path(source)
+    work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="yolo_tq_export_"))
+    prepared, model = _stock_input(src, work)
+    check_detector(model, src)
+    with single_thread():
+        n_ternary = deploy_weight_summary(model)["ternary_convs"]
+    log(f"{src}: {n_ternary} of the fused model's convs are ternary per channel")
+    try:
+        fp_path, _ = export_artifact(prepared, "onnx", work, imgsz, 1)
+    except ExportError as e:
+        raise CheckpointError(str(e)) from e
+    fp_model = onnx.load(str(fp_path))
+    info = {"source": src.name, "imgsz": imgsz, "ternary_convs_model": n_ternary}
+    encoded, done = encode_model(fp_model, rest, keep_float=dfl_weight_names(model), info=info)
+    onnx.checker.check_model(encoded)
+    errors = verify_encoding(fp_model, encoded, done)
+    counts = encoding_counts(done)
+    if counts["ternary"]["tensors"] != n_ternary:
+        log(f"note: the ONNX graph has {counts['ternary']['tensors']} ternary conv weights, the fused model "
+            f"{n_ternary} ternary convs")
+    pt_err, pt_n = compare_with_pytorch(fp_model, [e.name for e in done if e.kind == "ternary"], fused_state(model))
+    data_bytes = encoded.SerializeToString()
+    rounding = prepared.summary.get("activation_rounding", False)
+    outputs = output_check(fp_path, data_bytes, prepared.checkpoint, check_inputs(data, imgsz, 1, check_images),
+                           rounding, rest)
+    if not outputs["agreement_passed"]:
+        raise DeployOnnxError(f"the encoded model's detections disagree with PyTorch's ({outputs['criterion']}: "
+                              f"agreement {outputs['det_agreement_vs_pytorch']:.3f}); nothing written")
+    atomic_write_bytes(out, data_bytes)
+    return DeployResult(str(src), str(out), imgsz, rest, len(data_bytes), fp_path.stat().st_size, n_ternary, counts,
+                        errors, pt_err, pt_n, outputs, time.perf_counter() - t0)
+
+
+def format_result(r: DeployResult) -> str:
+    """The lines `yolo-tq export` prints."""
+    c, o = r.encoding, r.outputs
+    kinds = ", ".join(f"{c[k]['tensors']} {k}" for k in ("ternary", "int8", "fp16", "codebook") if c[k]["tensors"])
+    errs = ", ".join(f"{k.replace('max_rel_error_', '')} {v:.3g}" for k, v in r.decode_errors.items())
+    lines = [
+        f"ternary layers: {c['ternary']['tensors']} (fused PyTorch model: {r.ternary_convs_model})",
+        f"encoded tensors: {kinds or 'none'}; rest {r.rest}",
+        f"decoded in onnxruntime vs the FP export, max relative error: {errs or '-'}",
+        f"ternary weights vs PyTorch's fused weights: max relative error {r.pytorch_weight_rel_error:.3g} "
+        f"({r.pytorch_weights_compared} tensors)",
+        f"outputs on {o['check_inputs']} images: max|Δ| vs PyTorch {o['max_abs_vs_pytorch']:.4g} (FP ONNX "
+        f"{o['max_abs_fp_onnx_vs_pytorch']:.4g}), vs the FP ONNX {o['max_abs_vs_fp_onnx']:.4g}; detection "
+        f"agreement {o['det_agreement_vs_pytorch']:.3f} ({'passed' if o['agreement_passed'] else 'FAILED'})",
+        f"file: {r.out}  {r.bytes:,} bytes ({r.bytes / 1e6:.2f} MB; the FP ONNX: {r.fp_onnx_bytes / 1e6:.2f} MB, "
+        f"{r.fp_onnx_bytes / r.bytes:.1f}x smaller), imgsz {r.imgsz}, {r.seconds:.0f} s",
+    ]
+    return "\n".join(lines)
+
+
+def result_dict(r: DeployResult) -> dict:
+    return asdict(r)
+
+
+__all__ = ["DeployResult", "conv_weight_names", "export_deployable", "format_result", "result_dict"]
