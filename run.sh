@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # YOLO11-TQ pipeline: TTQ stages 1-3, BitLinear_TTQ and standard BitLinear on C2PSA, validation, compression
-# (with the packed export), BitLinear comparison, latency, and a report. Re-running continues where it stopped.
+# (with the packed export), the deployable ONNX of every model (validated from that file), BitLinear comparison,
+# latency, and a report. Re-running continues where it stopped.
 #
 #   bash run.sh [quick|full] [n|s|m|l|x]          (default: quick n)
 #
@@ -75,6 +76,12 @@ for s in "${STEPS[@]}"; do
   step "val_$s" python validate.py "${MODEL[$s]}" "${VAL[@]}" --json "$RUN_DIR/results/val_$s.json"
   step "compression_$s" python compression_calculation.py --baseline "$WEIGHTS_PATH" --quantized "${MODEL[$s]}" \
     --pack "$RUN_DIR/results/$s.tq.safetensors" --json "$RUN_DIR/results/compression_$s.json"
+done
+MODEL[fp]="$WEIGHTS_PATH"
+for s in fp "${STEPS[@]}"; do  # the deployable ONNX of every model, validated by stock Ultralytics from that file
+  step "deploy_$s" python export.py "${MODEL[$s]}" --out "$RUN_DIR/results/$s.onnx" --imgsz "$IMGSZ" --data "$DATA" \
+    --json "$RUN_DIR/results/deploy_$s.json"
+  step "deploy_val_$s" python validate.py "$RUN_DIR/results/$s.onnx" "${VAL[@]}" --json "$RUN_DIR/results/deploy_val_$s.json"
 done
 step compare_bitlinear python compare_bitlinear.py --baseline "${MODEL[stage3]}" --ttq "${MODEL[c2psa_ttq]}" \
   --standard "${MODEL[c2psa_standard]}" "${VAL[@]}" --json "$RUN_DIR/results/compare_bitlinear.json" --csv "$RUN_DIR/results/compare_bitlinear.csv"

@@ -413,17 +413,23 @@ def test_run_benchmark_result(tmp_path, tiny_fp_checkpoint, ternary_checkpoint, 
     r = run_benchmark(opts, log=lines.append)
     assert [(x.model, x.target, x.status) for x in r.rows] == [
         ("baseline", "torch-cpu", "ok"), ("quantized", "torch-cpu", "ok"),
-        ("baseline", "onnxruntime-cpu", "ok"), ("quantized", "onnxruntime-cpu", "ok")]
+        ("baseline", "onnxruntime-cpu", "ok"), ("quantized", "onnxruntime-cpu", "ok"),
+        ("baseline", "onnxruntime-cpu-deploy", "ok"), ("quantized", "onnxruntime-cpu-deploy", "ok")]
     assert all(x.latency.runs == 3 and x.agreement.passed for x in r.rows)
+    rows = {(x.model, x.target): x for x in r.rows}  # the deploy target: the baseline's FP ONNX, the quantized
+    assert rows["baseline", "onnxruntime-cpu-deploy"].artifact == rows["baseline", "onnxruntime-cpu"].artifact
+    assert rows["quantized", "onnxruntime-cpu-deploy"].file_mb < 0.3 * rows["baseline", "onnxruntime-cpu"].file_mb
     skipped = {s.target: s.reason for s in r.skipped}
     assert "not installed" in skipped["openvino-int8"] and "not in --backends" in skipped["tensorrt-int8"]
     assert "a CUDA target" in skipped["torch-cuda"]
-    assert set(skipped) | {"torch-cpu", "onnxruntime-cpu"} == {t.name for t in backends.TARGETS}
+    assert set(skipped) | {"torch-cpu", "onnxruntime-cpu", "onnxruntime-cpu-deploy"} == {t.name for t in backends.TARGETS}
     assert sum(line.startswith("skip ") for line in lines) == len(skipped)
-    assert {(c.quantized, c.baseline) for c in r.comparisons} == {("torch-cpu", "torch-cpu"),
-                                                                  ("onnxruntime-cpu", "onnxruntime-cpu")}
+    assert {(c.quantized, c.baseline) for c in r.comparisons} == {
+        ("torch-cpu", "torch-cpu"), ("onnxruntime-cpu", "onnxruntime-cpu"),
+        ("onnxruntime-cpu-deploy", "onnxruntime-cpu-deploy"), ("onnxruntime-cpu-deploy", "torch-cpu"),
+        ("onnxruntime-cpu-deploy", "onnxruntime-cpu")}
     # each target: the A/A check, then the A/B pass; 3 runs of a tiny model on a busy CPU may or may not pass the A/A
-    assert [i.target for i in r.interleaved] == ["torch-cpu", "onnxruntime-cpu"]
+    assert [i.target for i in r.interleaved] == ["torch-cpu", "onnxruntime-cpu", "onnxruntime-cpu-deploy"]
     for i in r.interleaved:
         assert (i.aa.kind, i.aa.status, i.ab.kind, i.ab.status) == ("A/A", "ok", "A/B", "ok")
         assert set(i.aa.stats) == {"baseline", "baseline-copy"} and set(i.ab.stats) == {"baseline", "quantized"}

@@ -47,12 +47,18 @@ def test_pipeline_writes_every_artefact(pipeline):
         assert comp["packed"]["bytes"] == packed.stat().st_size and comp["packed"]["round_trip"]["ok"]
         assert comp["quantized"]["counts"]["ternary_params"] > 0
         assert packed.read_bytes()[8:9] == b"{"  # a safetensors header (JSON) after its 8-byte length
+    for s in ["fp", *STEPS]:  # every model's deployable ONNX, validated from that file
+        dep = json.loads((res / f"deploy_{s}.json").read_text())
+        assert dep["bytes"] == (res / f"{s}.onnx").stat().st_size < 0.4 * dep["fp_onnx_bytes"]
+        assert (dep["encoding"]["ternary"]["tensors"] > 0) == (s != "fp")
+        assert json.loads((res / f"deploy_val_{s}.json").read_text())["checkpoint"].endswith(f"{s}.onnx")
     compare = json.loads((res / "compare_bitlinear.json").read_text())
     assert [r["model"] for r in compare["rows"]] == ["baseline", "BitLinear_TTQ", "standard BitLinear"]
     latency = json.loads((res / "latency.json").read_text())
     assert latency["rows"] and {r["target"] for r in latency["rows"]} >= {"torch-cpu"}
     summary = json.loads((run_dir / "summary.json").read_text())
     assert [r["step"] for r in summary["rows"]] == ["fp", *STEPS]
+    assert all(r["deploy_bytes"] and r["deploy_mAP50-95"] is not None for r in summary["rows"])
     table = [line for line in (run_dir / "summary.md").read_text().splitlines()
              if line.startswith("| ") and not line.startswith("| ---")]
     assert len(table) == 1 + 1 + len(STEPS)  # header, FP row, one row per step
@@ -150,8 +156,13 @@ def write_report_inputs(run: Path, reference: dict | None) -> None:
             "c2psa_standard": 0.062}
     packed = {"stage1": 2.15e6, "stage2": 1.76e6, "stage3": 1.57e6, "c2psa_ttq": 1.48e6, "c2psa_standard": 1.48e6}
     ratio = {"stage1": 1.30, "stage2": 1.68, "stage3": 1.96, "c2psa_ttq": 2.13, "c2psa_standard": 2.13}
+    deploy = {"fp": 2.76e6, "stage1": 2.27e6, "stage2": 1.89e6, "stage3": 1.70e6, "c2psa_ttq": 1.61e6,
+              "c2psa_standard": 1.61e6}
     for key, m in maps.items():
         write_json({"mAP50": m * 1.4, "mAP50-95": m, "precision": 0.5, "recall": 0.4}, res / f"val_{key}.json")
+        write_json({"bytes": deploy[key], "fp_onnx_bytes": 10.7e6, "encoding": {"ternary": {"tensors": 34}}},
+                   res / f"deploy_{key}.json")
+        write_json({"mAP50-95": m - 0.002}, res / f"deploy_val_{key}.json")
         if key != "fp":
             write_json({"quantized": {"counts": {"ternary_param_pct": 40.0, "ternary_conv_pct": 30.0}},
                         "theoretical": [{"budget": "paper (2/32 bits)", "ratio": ratio[key]}],

@@ -25,7 +25,8 @@ def step_order() -> list[str]:
     """run.sh's steps in the order it runs them (the report lists step times in this order)."""
     trained = [key for key, _ in STEPS[1:]]
     return ["fetch_weights", *trained, "val_fp", *(f"{p}_{k}" for k in trained for p in ("val", "compression")),
-            "compare_bitlinear", "latency", "int8_reference"]
+            *(f"{p}_{k}" for k, _ in STEPS for p in ("deploy", "deploy_val")), "compare_bitlinear", "latency",
+            "int8_reference"]
 
 
 def _load(path: Path) -> dict | None:
@@ -85,6 +86,12 @@ def _step_row(res: Path, key: str, label: str) -> dict:
                     "packed_round_trip_ok": (comp.get("packed") or {}).get("round_trip", {}).get("ok")})
     elif key == "fp":
         row.update({"theoretical_ratio": 1.0, "ternary_param_pct": 0.0, "ternary_conv_pct": 0.0})
+    deploy, deploy_val = _load(res / f"deploy_{key}.json"), _load(res / f"deploy_val_{key}.json")
+    if deploy:
+        row.update({"deploy_bytes": deploy["bytes"], "deploy_ternary_layers": deploy["encoding"]["ternary"]["tensors"],
+                    "fp_onnx_bytes": deploy["fp_onnx_bytes"]})
+    if deploy_val:
+        row["deploy_mAP50-95"] = deploy_val.get("mAP50-95")
     return row
 
 
@@ -150,17 +157,22 @@ def reference_lines(ref: dict) -> list[str]:
 
 def markdown(summary: dict, profile: str, size: str) -> str:
     lines = [f"# YOLO11-TQ pipeline report ({profile} profile, yolo11{size})", "",
-             "| step | mAP50 | mAP50-95 | theoretical compression | packed size (MB) | ternary params | ternary convs |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| step | mAP50 | mAP50-95 | theoretical compression | packed size (MB) | deployable ONNX (MB) | "
+             "mAP50-95 from the ONNX | ternary params | ternary convs |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in summary["rows"]:
-        packed = r.get("packed_bytes") or r.get("pt_bytes")
+        packed, dep = r.get("packed_bytes") or r.get("pt_bytes"), r.get("deploy_bytes")
         lines.append(f"| {r['name']} | {_fmt(r['mAP50'], '.3f')} | {_fmt(r['mAP50-95'], '.3f')} | "
                      f"{_fmt(r.get('theoretical_ratio'), '.2f')}x | {_fmt(packed and packed / 1e6, '.2f')}"
-                     f"{' (.pt)' if r['step'] == 'fp' and packed else ''} | "
+                     f"{' (.pt)' if r['step'] == 'fp' and packed else ''} | {_fmt(dep and dep / 1e6, '.2f')} | "
+                     f"{_fmt(r.get('deploy_mAP50-95'), '.3f')} | "
                      f"{_fmt(r.get('ternary_param_pct'), '.1f')}% | {_fmt(r.get('ternary_conv_pct'), '.1f')}% |")
     lines += ["", "Theoretical compression as in the original reports: 32 bits per FP parameter, 2 bits per ternary "
               "weight. Packed size: ternary weights as base-3 codes (1.6 bits), other weights INT8 per output channel, "
-              "BN/biases FP16 (compression_calculation.py --pack).", ""]
+              "BN/biases FP16 (compression_calculation.py --pack). Deployable ONNX: the file onnxruntime and "
+              "`ultralytics.YOLO(path)` run (export.py; ternary weights as 1.6-bit codes, the other conv weights INT8 "
+              "per output channel; the FP row: every conv INT8), validated from that file by stock Ultralytics "
+              "(onnxruntime, batch 1); the mAP50-95 column beside it is PyTorch's (validate.py, batch 16).", ""]
     lines += reference_lines(summary["int8_reference"]) + latency_lines(summary["latency"])
     if summary["step_seconds"]:
         total = sum(summary["step_seconds"].values())
@@ -168,7 +180,8 @@ def markdown(summary: dict, profile: str, size: str) -> str:
                      + ", ".join(f"{k} {v}" for k, v in summary["step_seconds"].items()) + f"; total {total} s.")
     star = " and Ultralytics' INT8 export as a measured reference" if summary["int8_reference"].get("status") == "ok" \
         else ""
-    lines += ["", f"Plots: `map_vs_size.png` (mAP50-95 against size on disk{star}), `stages.png` (per-step bars)."]
+    lines += ["", f"Plots: `map_vs_size.png` (mAP50-95 of each deployable ONNX against its size on disk{star}), "
+              "`stages.png` (per-step bars)."]
     return "\n".join(lines) + "\n"
 
 
@@ -225,25 +238,29 @@ def save_figure(fig, path: Path) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def _size_mb(r: dict) -> float:
-    return (r.get("packed_bytes") or r.get("pt_bytes") or 0) / 1e6
+def deployable_point(r: dict) -> tuple[float, float] | None:
+    """(MB, mAP50-95) of a step's deployable ONNX, as validated from that file; None where not measured."""
+    if r.get("deploy_bytes") and r.get("deploy_mAP50-95") is not None:
+        return r["deploy_bytes"] / 1e6, r["deploy_mAP50-95"]
+    return None
 
 
 def plot_map_vs_size(summary: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    rows = [r for r in summary["rows"] if r.get("mAP50-95") is not None and _size_mb(r)]
     ref = summary["int8_reference"]
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     points = []
-    for r in rows:
-        ax.scatter(_size_mb(r), r["mAP50-95"], s=50, zorder=3)
-        points.append((_size_mb(r), r["mAP50-95"], r["name"]))
+    for r in summary["rows"]:
+        p = deployable_point(r)
+        if p:
+            ax.scatter(*p, s=50, zorder=3)
+            points.append((*p, r["name"]))
     if ref.get("status") == "ok":
         ax.scatter(ref["bytes"] / 1e6, ref["mAP50-95"], marker="*", s=200, color="black", zorder=4)
         points.append((ref["bytes"] / 1e6, ref["mAP50-95"], "Ultralytics OpenVINO INT8 export (measured)"))
     ax.margins(x=0.12, y=0.12)
-    ax.set_xlabel("model size on disk (MB; FP: .pt, ternary: packed file, INT8: OpenVINO folder)")
+    ax.set_xlabel("deployable file on disk (MB; ONNX from export.py, INT8 reference: OpenVINO folder)")
     ax.set_ylabel("mAP50-95 (val)")
     ax.set_title("Accuracy against size")
     ax.grid(alpha=0.3)

@@ -22,11 +22,18 @@ class Target:
     precision: str  # fp32 | fp16 | bf16 | int8
     artifact: str  # key of the export it runs (see export.ARTIFACTS)
     flag: str | None = None  # the option that asks for it: "fp16" (--export-fp16) or "int8" (--export-int8)
+    baseline_artifact: str | None = None  # what the baseline runs here, where it differs from `artifact`
+
+    def artifact_for(self, role: str) -> str:
+        """The export key `role` (baseline | quantized) runs on this target."""
+        return self.baseline_artifact if role == "baseline" and self.baseline_artifact else self.artifact
 
 
 TARGETS = (
     Target("torch-cpu", "torch", "cpu", "fp32", "pt"),
     Target("onnxruntime-cpu", "onnxruntime", "cpu", "fp32", "onnx"),
+    # the quantized model's deployable ONNX (1.6-bit ternary codes, INT8 rest) against the baseline's FP ONNX
+    Target("onnxruntime-cpu-deploy", "onnxruntime", "cpu", "int8", "onnx-deploy", baseline_artifact="onnx"),
     Target("openvino-fp32", "openvino", "cpu", "fp32", "openvino"),
     Target("openvino-bf16", "openvino", "cpu", "bf16", "openvino", "fp16"),
     Target("openvino-int8", "openvino", "cpu", "int8", "openvino-int8", "int8"),
@@ -91,7 +98,7 @@ def availability(t: Target, device: str, export_fp16: bool, export_int8: bool, d
         return "not requested (pass --export-fp16)"
     if t.flag == "int8" and not export_int8:
         return "not requested (pass --export-int8)"
-    if t.precision == "int8" and not data:
+    if t.flag == "int8" and not data:
         return "INT8 calibration needs images (pass --data YAML)"
     if t.device == "cuda" and not cuda_available():
         return "no CUDA device visible to PyTorch (needs an NVIDIA GPU and a CUDA build of torch)"

@@ -148,7 +148,7 @@ def map_runtime_matches(row: TargetRow, ov_default: str | None) -> bool:
         return False
     if row.family == "openvino":
         return ov_default is not None and row.inference_precision == ov_default
-    return row.target in ("torch-cpu", "onnxruntime-cpu", "torch-cuda", "onnxruntime-cuda", "tensorrt-fp16",
+    return row.target in ("torch-cpu", "onnxruntime-cpu", "onnxruntime-cpu-deploy", "torch-cuda", "onnxruntime-cuda", "tensorrt-fp16",
                           "tensorrt-int8")
 
 
@@ -255,6 +255,8 @@ def _environment() -> Environment:
 
 def _plan(o: BenchOptions, log) -> tuple[list[Target], list[Skip]]:
     plan = plan_targets(o.device, o.export_fp16, o.export_int8, o.data, tuple(o.backends))
+    plan = [(t, reason or ("runs the quantized model's deployable ONNX against the baseline's (give --quantized)"
+                           if t.baseline_artifact and not o.quantized else None)) for t, reason in plan]
     for t, reason in plan:
         if reason:
             log(skip_line(t, reason))
@@ -272,7 +274,7 @@ def _prepare(o: BenchOptions, models: dict, runnable: list[Target], inputs: list
         infos[role] = ModelInfo(str(pm.source), str(pm.checkpoint), pm.kind, pm.summary)
         log(f"{role}: {pm.source} ({pm.kind}; {pm.summary['deploy']['ternary_convs']} of "
             f"{pm.summary['deploy']['fused_convs']} fused convs ternary per channel)")
-        for key in dict.fromkeys(t.artifact for t in runnable):
+        for key in dict.fromkeys(t.artifact_for(role) for t in runnable):
             try:
                 artifacts[role, key] = export_artifact(pm, key, mdir, o.imgsz, o.batch, o.data, o.calib_split,
                                                        o.calib_fraction, o.verbose)
@@ -351,7 +353,7 @@ def run_benchmark(o: BenchOptions, log=print) -> BenchResult:
     infos, artifacts = _prepare(o, models, runnable, inputs, work, log)
     rows, interleaved = [], []
     for t in runnable:  # slow drifts in machine load bias the ratios least with both models back to back
-        pair = [_time_model(t, role, artifacts[role, t.artifact], o, work, log,
+        pair = [_time_model(t, role, artifacts[role, t.artifact_for(role)], o, work, log,
                             infos[role].summary.get("activation_rounding", False)) for role in models]
         rows += pair
         if o.interleave and len(pair) == 2 and all(r.status == "ok" for r in pair):

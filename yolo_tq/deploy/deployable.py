@@ -122,7 +122,7 @@ def check_onnxruntime() -> None:
 
 def export_deployable(source: str | Path, out: str | Path, imgsz: int = 640, rest: str = "int8",
                       workdir: str | Path | None = None, data: str | None = None, check_images: int = 4,
-                      log=print) -> DeployResult:
+                      batch: int = 1, log=print) -> DeployResult:
     """Write the deployable ONNX of `source` to `out` (atomically, only after every check passed)."""
     import onnx
 
@@ -140,7 +140,7 @@ def export_deployable(source: str | Path, out: str | Path, imgsz: int = 640, res
         n_ternary = deploy_weight_summary(model)["ternary_convs"]
     log(f"{src}: {n_ternary} of the fused model's convs are ternary per channel")
     try:
-        fp_path, _ = export_artifact(prepared, "onnx", work, imgsz, 1)
+        fp_path, _ = export_artifact(prepared, "onnx", work, imgsz, batch)
     except ExportError as e:
         raise CheckpointError(str(e)) from e
     fp_model = onnx.load(str(fp_path))
@@ -155,7 +155,7 @@ def export_deployable(source: str | Path, out: str | Path, imgsz: int = 640, res
     pt_err, pt_n = compare_with_pytorch(fp_model, [e.name for e in done if e.kind == "ternary"], fused_state(model))
     data_bytes = encoded.SerializeToString()
     rounding = prepared.summary.get("activation_rounding", False)
-    outputs = output_check(fp_path, data_bytes, prepared.checkpoint, check_inputs(data, imgsz, 1, check_images),
+    outputs = output_check(fp_path, data_bytes, prepared.checkpoint, check_inputs(data, imgsz, batch, check_images),
                            rounding, rest)
     if not outputs["agreement_passed"]:
         raise DeployOnnxError(f"the encoded model's detections disagree with PyTorch's ({outputs['criterion']}: "

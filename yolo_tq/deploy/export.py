@@ -21,6 +21,7 @@ from ..quant.layers import BitConv2d
 ARTIFACTS: dict[str, dict | None] = {
     "pt": None,
     "onnx": {"format": "onnx", "simplify": True},
+    "onnx-deploy": {"format": "onnx-deploy"},  # deploy.deployable: the FP ONNX with its weights stored as codes
     "openvino": {"format": "openvino"},
     "openvino-int8": {"format": "openvino", "quantize": 8},
     "engine-fp16": {"format": "engine", "quantize": 16},
@@ -121,6 +122,8 @@ def export_artifact(prepared: PreparedModel, key: str, workdir: Path, imgsz: int
     args = ARTIFACTS[key]
     if args is None:
         return prepared.checkpoint, 0.0
+    if args["format"] == "onnx-deploy":
+        return _export_deployable(prepared, workdir / key, imgsz, batch, data, verbose)
     from ultralytics import YOLO
     from ultralytics.utils import LOGGER
 
@@ -150,6 +153,19 @@ def export_artifact(prepared: PreparedModel, key: str, workdir: Path, imgsz: int
     if not path.exists():
         raise ExportError(f"{key} export reported {path}, which does not exist (log: {log})")
     return path.resolve(), time.perf_counter() - t0
+
+
+def _export_deployable(prepared: PreparedModel, folder: Path, imgsz: int, batch: int, data: str | None,
+                       verbose: bool) -> tuple[Path, float]:
+    from .deployable import export_deployable
+
+    out = folder / f"{prepared.role}.onnx"
+    try:
+        r = export_deployable(prepared.checkpoint, out, imgsz, "int8", folder, data, batch=batch,
+                              log=print if verbose else (lambda _: None))
+    except (CheckpointError, ValueError) as e:
+        raise ExportError(f"onnx-deploy export failed: {e}") from e
+    return out.resolve(), r.seconds
 
 
 __all__ = ["ARTIFACTS", "CheckpointError", "ExportError", "PreparedModel", "captured_output", "export_artifact",

@@ -13,10 +13,15 @@ def validate(checkpoint: str | Path, data: str, imgsz: int = 640, batch: int = 1
              split: str = "val", plots: bool = False, verbose: bool = False, project: str | None = None,
              per_class: bool = False) -> dict:
     """mAP50, mAP75, mAP50-95, precision and recall of a checkpoint on `data` (Ultralytics DetectionValidator);
-    with `per_class`, also "per_class": one row per class that has labels in the split (class_rows)."""
+    with `per_class`, also "per_class": one row per class that has labels in the split (class_rows). An .onnx file
+    (e.g. the deployable export) is validated as stock Ultralytics runs it: onnxruntime, batch 1 for its static
+    input."""
     from ultralytics import YOLO
 
-    load_model(checkpoint)  # one clear error for a missing or unreadable file
+    if str(checkpoint).endswith(".onnx"):
+        batch = 1 if check_onnx_input(checkpoint, imgsz) else batch
+    else:
+        load_model(checkpoint)  # one clear error for a missing or unreadable file
     check_dataset(data, (split,))
     check_device(device)
     try:
@@ -36,6 +41,26 @@ def validate(checkpoint: str | Path, data: str, imgsz: int = 640, batch: int = 1
            "precision": float(p), "recall": float(r), "mAP50": float(map50), "mAP75": float(m.box.map75),
            "mAP50-95": float(map5095)}
     return {**out, "per_class": class_rows(m)} if per_class else out
+
+
+def check_onnx_input(path: str | Path, imgsz: int) -> bool:
+    """Refuse (one line) an ONNX file that is missing, unreadable, or whose static input is not imgsz; True when its
+    input shape is static."""
+    import onnx
+
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"ONNX file not found: {p}")
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - a damaged or foreign file
+        raise CheckpointError(f"cannot read {p} as ONNX: {type(e).__name__}") from e
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in
+            model.graph.input[0].type.tensor_type.shape.dim] if model.graph.input else []
+    if len(dims) == 4 and dims[2] and dims[2] != imgsz:
+        raise CheckpointError(f"{p} was exported for imgsz {dims[2]}; validate it with --imgsz {dims[2]} or export "
+                              f"it again at {imgsz}")
+    return len(dims) == 4 and all(dims)
 
 
 def class_rows(metrics) -> list[dict]:
