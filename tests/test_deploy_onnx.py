@@ -265,3 +265,96 @@ def test_shared_stage1_onnx_gives_pytorchs_detections(shared_weights, shared_dat
     refs = [torch_output(ckpt, x) for x in inputs]
     a = compare_outputs(refs, outs, "int8")
     assert a.passed and a.det_agreement >= 0.95 and a.sure_detections >= 5, a
+
+
+# --------------------------------------------------------------------------------- TensorRT (mocked) and ORT
+class _FakeTensorRT:
+    """What build_tensorrt_engine uses of the tensorrt module; `refuse`: the parser reports an error."""
+
+    __version__ = "10.mock"
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, level):
+            pass
+
+    class BuilderFlag:
+        FP16 = "fp16"
+
+    def __init__(self, refuse: bool):
+        fake = self
+
+        class Parser:
+            num_errors = 1 if refuse else 0
+
+            def __init__(self, network, logger):
+                pass
+
+            def parse(self, data):
+                fake.parsed = data
+                return not refuse
+
+            def get_error(self, i):
+                return "In node 7 (GatherElements): UNSUPPORTED_NODE"
+
+        class Config:
+            def set_flag(self, flag):
+                fake.flags = [flag]
+
+        class Builder:
+            def __init__(self, logger):
+                pass
+
+            def create_network(self, flags):
+                return object()
+
+            def create_builder_config(self):
+                return Config()
+
+            def build_serialized_network(self, network, config):
+                return b"ENGINE-BYTES"
+
+        self.OnnxParser, self.Builder = Parser, Builder
+
+
+@pytest.mark.parametrize("refuse", [False, True])
+def test_tensorrt_engine_or_its_refusal(tiny_models, tmp_path, monkeypatch, refuse):
+    from ultralytics.nn.backends.base import BaseBackend
+
+    from yolo_tq.deploy import deployable
+
+    fake = _FakeTensorRT(refuse)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(deployable, "tensorrt_available", lambda: True)
+    out = tmp_path / "m.onnx"
+    r = export(tiny_models["ternary"], "--out", out, "--imgsz", 64, "--tensorrt")
+    assert fake.parsed == out.read_bytes()  # TensorRT parsed the deployable file itself
+    line = r.stdout.strip().splitlines()[-1]
+    if refuse:
+        assert r.returncode == 1 and line == ("TensorRT 10.mock refused the ONNX: In node 7 (GatherElements): "
+                                              "UNSUPPORTED_NODE")
+        assert not out.with_suffix(".engine").exists()
+    else:
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert fake.flags == ["fp16"] and line.endswith(str(out.with_suffix(".engine")))
+        offset, meta = BaseBackend.engine_header(out.with_suffix(".engine"))
+        assert meta["names"] == str({0: "c0", 1: "c1"}) and meta["stride"] == 32
+        assert out.with_suffix(".engine").read_bytes()[offset:] == b"ENGINE-BYTES"
+
+
+def test_tensorrt_missing_is_one_line_before_any_work(tiny_models, tmp_path, monkeypatch):
+    from yolo_tq.deploy import deployable
+
+    monkeypatch.setattr(deployable, "tensorrt_available", lambda: False)
+    r = export(tiny_models["ternary"], "--out", tmp_path / "m.onnx", "--imgsz", 64, "--tensorrt")
+    assert_one_line_error(r, "--tensorrt needs TensorRT")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_old_onnxruntime_gets_one_line(tiny_models, tmp_path, monkeypatch):
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "__version__", "1.16.3")
+    r = export(tiny_models["ternary"], "--out", tmp_path / "m.onnx", "--imgsz", 64)
+    assert_one_line_error(r, "onnxruntime 1.16.3 is too old", ">= 1.19")

@@ -34,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--check-images", type=positive_int, default=4, help="images for the output check (default 4)")
     p.add_argument("--workdir", help="where the intermediate FP export goes (default: a new temporary folder)")
     p.add_argument("--json", help="also write what was written and measured to this JSON file")
+    p.add_argument("--tensorrt", action="store_true",
+                   help="also build a TensorRT FP16 engine from the ONNX (beside it, .engine; needs TensorRT)")
 
 
 def default_out(ckpt: str) -> str:
@@ -53,7 +55,8 @@ def same_file(a: str | Path, b: str | Path) -> bool:
 def run(a: argparse.Namespace) -> int:
     os.environ.setdefault("YOLO_OFFLINE", "1")
     from ..config import ConfigError
-    from ..deploy.deployable import export_deployable, format_result, result_dict
+    from ..deploy.deployable import (build_tensorrt_engine, export_deployable, format_result, result_dict,
+                                     tensorrt_available)
     from ..io import write_json
 
     out = a.out or default_out(a.checkpoint)
@@ -66,8 +69,17 @@ def run(a: argparse.Namespace) -> int:
         raise ConfigError("--json and --out name the same file")
     if not Path(a.checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint not found: {a.checkpoint}")
+    engine = str(Path(out).with_suffix(".engine"))
+    if a.tensorrt:
+        if not tensorrt_available():
+            raise ConfigError('--tensorrt needs TensorRT (pip install -e ".[gpu]" on a machine with an NVIDIA GPU)')
+        check_writable(engine, "the TensorRT engine")
     r = export_deployable(a.checkpoint, out, a.imgsz, a.rest, a.workdir, a.data, a.check_images)
     print(format_result(r))
     if a.json:
         print(f"JSON: {write_json(result_dict(r), a.json)}")
+    if a.tensorrt:
+        built, line = build_tensorrt_engine(out, engine)
+        print(line)
+        return 0 if built else 1
     return 0

@@ -18,7 +18,7 @@ from ..io import CheckpointError, atomic_write_bytes, load_model, save_stock_che
 from .export import ExportError, export_artifact, prepare_checkpoint
 
 DETECTOR_CLASSES = ("DetectionModel",)  # what the deployable export handles (Ultralytics' detection models)
-ORT_MIN_VERSION = "1.17"  # oldest onnxruntime that ran the deployable file (benchmarks/README.md, "Deployable ONNX")
+ORT_MIN_VERSION = "1.19"  # oldest onnxruntime tried that runs the deployable file (1.17.3, 1.18.1: no numpy 2)
 
 
 @dataclass
@@ -38,6 +38,7 @@ class DeployResult:
     pytorch_weights_compared: int
     outputs: dict = field(default_factory=dict)  # agreement with PyTorch and the FP ONNX
     seconds: float = 0.0
+    fp_onnx: str = ""  # the plain FP32 export it was made from (in the work folder)
 
 
 def _stock_input(path: Path, work: Path):
@@ -162,7 +163,7 @@ def export_deployable(source: str | Path, out: str | Path, imgsz: int = 640, res
                               f"agreement {outputs['det_agreement_vs_pytorch']:.3f}); nothing written")
     atomic_write_bytes(out, data_bytes)
     return DeployResult(str(src), str(out), imgsz, rest, len(data_bytes), fp_path.stat().st_size, n_ternary, counts,
-                        errors, pt_err, pt_n, outputs, time.perf_counter() - t0)
+                        errors, pt_err, pt_n, outputs, time.perf_counter() - t0, str(fp_path))
 
 
 def format_result(r: DeployResult) -> str:
@@ -190,3 +191,42 @@ def result_dict(r: DeployResult) -> dict:
 
 
 __all__ = ["DeployResult", "conv_weight_names", "export_deployable", "format_result", "result_dict"]
+
+
+# ----------------------------------------------------------------------------------------------------- TensorRT
+def tensorrt_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorrt") is not None
+
+
+def build_tensorrt_engine(onnx_path: str | Path, out: str | Path, fp16: bool = True) -> tuple[bool, str]:
+    """Parse the deployable ONNX with TensorRT's ONNX parser and build an engine, written as Ultralytics writes its
+    .engine exports (4-byte little-endian length, the metadata as JSON, the serialized engine), so that
+    `ultralytics.YOLO(out)` runs it. Returns (built, one line: what was written, or TensorRT's own refusal)."""
+    import json
+
+    import onnx
+    import tensorrt as trt
+
+    model_bytes = Path(onnx_path).read_bytes()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(model_bytes):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors)) or "no reason given"
+        return False, f"TensorRT {trt.__version__} refused the ONNX: {' '.join(errors.split())}"
+    config = builder.create_builder_config()
+    if fp16:
+        config.set_flag(trt.BuilderFlag.FP16)
+    engine = builder.build_serialized_network(network, config)
+    if engine is None:
+        return False, f"TensorRT {trt.__version__} parsed the ONNX but built no engine (see its log above)"
+    meta = {p.key: p.value for p in onnx.load_from_string(model_bytes).metadata_props if p.key != "yolo_tq"}
+    for k in ("stride", "batch"):
+        if k in meta:
+            meta[k] = int(meta[k])
+    header = json.dumps(meta).encode()
+    atomic_write_bytes(out, len(header).to_bytes(4, "little", signed=True) + header + bytes(engine))
+    return True, f"TensorRT {trt.__version__} engine ({'FP16' if fp16 else 'FP32'}): {out}"
