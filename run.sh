@@ -9,7 +9,10 @@
 #   WEIGHTS=/path/yolo11n.pt   starting FP weights (default: yolo11<size>.pt, downloaded by Ultralytics)
 #   DATA=/abs/path/data.yaml   data yaml (default: coco128.yaml for quick, coco.yaml for full)
 #   RUN_DIR=runs/pipeline/...  where everything goes (default: runs/pipeline/<profile>_yolo11<size>)
-#   EPOCHS, C2PSA_EPOCHS, IMGSZ, BATCH, DEVICE   training overrides (quick sets its own, full uses the configs')
+#   EPOCHS, C2PSA_EPOCHS       training epochs per stage / per C2PSA step (quick: 10 / 4; full: the configs')
+#   IMGSZ, BATCH               training image size and batch (quick: 320 / 16; full: the configs' unless set);
+#                              IMGSZ is also the size of validation, the deployable ONNX and latency
+#   DEVICE                     training, validation and latency device
 #   RECONSTRUCT_STEPS          feature-reconstruction steps before each stage (default: the configs', 100)
 #   LATENCY_RUNS, BACKENDS     latency benchmark runs and backends
 set -euo pipefail
@@ -36,6 +39,8 @@ if [ "$PROFILE" = quick ]; then
   LATENCY_RUNS=${LATENCY_RUNS:-30}
 else
   DATA=${DATA:-coco.yaml}
+  [ -n "${IMGSZ:-}" ] && TRAIN+=(--imgsz "$IMGSZ")  # else the configs' own (640)
+  [ -n "${BATCH:-}" ] && TRAIN+=(--batch "$BATCH")  # else the configs' own
   IMGSZ=${IMGSZ:-640}; BATCH=${BATCH:-16}
   [ -n "${EPOCHS:-}" ] && TRAIN+=(--epochs "$EPOCHS")
   C2PSA_TRAIN=("${TRAIN[@]}")

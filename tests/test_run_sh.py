@@ -249,3 +249,31 @@ def test_plot_labels_do_not_overlap_and_legend_stays_inside(tmp_path, monkeypatc
     assert all(frame.x0 <= b.x0 and b.x1 <= frame.x1 and frame.y0 <= b.y0 and b.y1 <= frame.y1 for b in boxes)
     leg, axes = seen["stages.png"]["legend"], seen["stages.png"]["axes"]
     assert axes.x0 <= leg.x0 and leg.x1 <= axes.x1 and axes.y0 <= leg.y0 and leg.y1 <= axes.y1
+
+
+def test_full_profile_passes_imgsz_and_batch_to_training(tmp_path):
+    """`IMGSZ=64 BATCH=4 EPOCHS=1 bash run.sh full x` trains at 64 with batch 4: the commands run.sh builds, read
+    with a stand-in `python` that records its arguments and does nothing."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "python"
+    fake.write_text('#!/bin/sh\necho "$@" >> "$CALLS"\n[ "$1" = "-m" ] && [ "$2" = "yolo_tq.io" ] && echo "$3"\nexit 0\n')
+    fake.chmod(0o755)
+    calls = tmp_path / "calls.txt"
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", CALLS=str(calls), RUN_DIR=str(tmp_path / "run"),
+               IMGSZ="64", BATCH="4", EPOCHS="1", WEIGHTS="w.pt", DATA="d.yaml")
+    p = subprocess.run(["bash", str(REPO / "run.sh"), "full", "x"], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = calls.read_text().splitlines()
+    train = [line for line in lines if line.startswith(("train.py", "train_c2psa"))]
+    assert len(train) == 5
+    for line in train:
+        args = line.split()
+        assert args[args.index("--imgsz") + 1] == "64" and args[args.index("--batch") + 1] == "4", line
+        assert args[args.index("--epochs") + 1] == "1" and args[args.index("--model-size") + 1] == "x", line
+    unset = subprocess.run(["bash", str(REPO / "run.sh"), "full", "x"], capture_output=True, text=True, timeout=120,
+                           env={**env, "RUN_DIR": str(tmp_path / "run2"), "IMGSZ": "", "BATCH": ""})
+    assert unset.returncode == 0
+    stage1 = next(line for line in calls.read_text().splitlines()[len(lines):] if line.startswith("train.py"))
+    assert "--imgsz" not in stage1 and "--batch" not in stage1  # the configs' own values
