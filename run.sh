@@ -63,7 +63,7 @@ step() {  # step NAME COMMAND...: run once; a finished step (marker file) is ski
   echo "$((SECONDS - t0))" > "$RUN_DIR/.done/$name"
 }
 
-step fetch_weights python -m yolo_tq.io "$WEIGHTS"
+step fetch_weights python -m yolo_tq fetch "$WEIGHTS"
 WEIGHTS_PATH=$(tail -n 1 "$RUN_DIR/logs/fetch_weights.log")
 
 for n in 1 2 3; do
@@ -94,8 +94,8 @@ LAT=(--baseline "$WEIGHTS_PATH" --quantized "${MODEL[c2psa_ttq]}" --export-int8 
 [ -n "${BACKENDS:-}" ] && LAT+=(--backends $BACKENDS)
 [ -n "${DEVICE:-}" ] && LAT+=(--device "$DEVICE")
 step latency python latency_benchmark.py "${LAT[@]}"
-step int8_reference python -m yolo_tq.deploy.reference --weights "$WEIGHTS_PATH" --data "$DATA" --imgsz "$IMGSZ" \
+step int8_reference python -m yolo_tq int8-reference --weights "$WEIGHTS_PATH" --data "$DATA" --imgsz "$IMGSZ" \
   --workdir "$RUN_DIR/int8_reference" --json "$RUN_DIR/results/int8_reference.json"
 rm -f "$RUN_DIR/.done/report"  # the report is always rebuilt from whatever is there
-step report python -m yolo_tq.pipeline "$RUN_DIR" --profile "$PROFILE" --size "$SIZE"
+step report python -m yolo_tq report "$RUN_DIR" --profile "$PROFILE" --size "$SIZE"
 echo "run.sh: finished; report in $RUN_DIR/summary.md"

@@ -24,10 +24,10 @@ from pathlib import Path
 
 from common import REPO, epoch_timer, mean_time, parser, print_table, provenance, require
 
-from yolo_tq.config import load_config
+from yolo_tq.config import load_config, stage_outputs
 from yolo_tq.eval.validate import validate
 from yolo_tq.io import load_model, save_stock_checkpoint, write_json
-from yolo_tq.train.stages import post_training_model, stage_outputs, train_stage
+from yolo_tq.train.stages import post_training_model, train_stages
 
 DEFAULT_STAGE3 = REPO / "benchmarks" / "work" / "retention" / "checkpoints" / "yolo11n" / "stage3" / "weights" / "best.pt"
 VARIANTS = {"fp_ttq": ("fp", "bitlinear_ttq"), "fp_standard": ("fp", "bitlinear_standard"),
@@ -97,13 +97,13 @@ def run_variant(a, v: str, starts: dict, start_map: dict, val, rows: Rows) -> No
                   "mAP50-95": m["mAP50-95"], "delta_vs_start": m["mAP50-95"] - start_map[key]})
     callbacks, times = epoch_timer()
     wall = time.perf_counter()
-    train_stage(cfg, 1, start=starts[key], callbacks=callbacks)
+    train_stages(cfg, [1], start=starts[key], callbacks=callbacks)
     wall = time.perf_counter() - wall
     outputs = stage_outputs(cfg, cfg.stages[0])
-    m = val(str(outputs["ternary"]))
+    m = val(str(outputs.ternary))
     rows.add({"name": label, "kind": "trained", "variant": v, "mAP50": m["mAP50"], "mAP50-95": m["mAP50-95"],
               "delta_vs_start": m["mAP50-95"] - start_map[key], "epochs": a.epochs,
-              "sec_per_epoch": mean_time(times), "wall_s": wall, "export": str(outputs["ternary"])})
+              "sec_per_epoch": mean_time(times), "wall_s": wall, "export": str(outputs.ternary)})
 
 
 def report(result: dict, out: Path) -> None:

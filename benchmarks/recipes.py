@@ -34,9 +34,9 @@ from common import PROGRESSIVE_CONFIG, REPO, epoch_timer, mean_time, parser, pri
     validate_sizes
 from ttq_retention import BENCH_SETTINGS
 
-from yolo_tq.config import load_config
+from yolo_tq.config import load_config, stage_outputs
 from yolo_tq.io import write_json
-from yolo_tq.train.stages import stage_outputs, train_stage
+from yolo_tq.train.stages import train_stages
 
 NBS = "train.ultralytics.nbs=16"  # one optimizer step per batch (both recipes)
 ORIGINAL_DIR = REPO / "configs" / "original"
@@ -111,7 +111,7 @@ def train_row(cfg, index: int, start: str | None) -> dict:
     callbacks["on_fit_epoch_end"] = epoch_end
     callbacks["on_train_end"] = lambda tr: info.update(best_epoch=tr.stopper.best_epoch, epochs_run=tr.epoch + 1)
     wall = time.perf_counter()
-    train_stage(cfg, index + 1, start=start, callbacks=callbacks)
+    train_stages(cfg, [index + 1], start=start, callbacks=callbacks)
     trained = [e for e in epochs if e["epoch"] <= len(times)]  # not the final validation of best.pt
     return {**info, "sec_per_epoch": mean_time(times), "wall_s": time.perf_counter() - wall, "per_epoch": trained}
 
@@ -131,7 +131,7 @@ def row_start(a, recipe: str, row: Row, work: Path) -> str | None:
     progressive stage's, which train_stage finds itself."""
     if row.start == "stage3":
         cfg = row_config(a, recipe, "s123", work)
-        return str(stage_outputs(cfg, cfg.stages[2])["best"])
+        return str(stage_outputs(cfg, cfg.stages[2]).best)
     return str(a.weights) if row.start == "fp" else None
 
 
@@ -139,7 +139,7 @@ def finished(a, recipe: str, key: str, work: Path) -> bool:
     """Whether the row's stage has its ternary export in the workdir."""
     cfg = row_config(a, recipe, key, work)
     row = ROWS[key]
-    return stage_outputs(cfg, cfg.stages[row.stage - 1 if row.stage else 0])["ternary"].is_file()
+    return stage_outputs(cfg, cfg.stages[row.stage - 1 if row.stage else 0]).ternary.is_file()
 
 
 def run_row(a, recipe: str, key: str, work: Path, val, meta: dict, done: set) -> None:
@@ -152,14 +152,14 @@ def run_row(a, recipe: str, key: str, work: Path, val, meta: dict, done: set) ->
     cfg = row_config(a, recipe, key, work)
     index = row.stage - 1 if row.stage else 0
     outputs = stage_outputs(cfg, cfg.stages[index])
-    run = {} if a.resume and outputs["ternary"].is_file() else train_row(cfg, index, row_start(a, recipe, row, work))
+    run = {} if a.resume and outputs.ternary.is_file() else train_row(cfg, index, row_start(a, recipe, row, work))
     if key not in a.rows or (recipe, key) in done:
         return
     p = provenance()
-    save_row(out, {"recipe": recipe, "row": key, "name": row.name, **val(str(outputs["ternary"])),
+    save_row(out, {"recipe": recipe, "row": key, "name": row.name, **val(str(outputs.ternary)),
                    "original_code": row.original_code, "config": str(CONFIGS[recipe][row.config]),
                    "config_overrides": settings(recipe, row) + a.dotlist, "epochs": a.epochs, **run,
-                   "export": str(outputs["ternary"]), **{k: p[k] for k in ("date", "commit", "dirty", "command")}},
+                   "export": str(outputs.ternary), **{k: p[k] for k in ("date", "commit", "dirty", "command")}},
              meta)
 
 

@@ -23,10 +23,10 @@ from pathlib import Path
 from common import REPO, parser, print_table, provenance, require, validate_sizes
 from ttq_retention import BENCH_SETTINGS
 
-from yolo_tq.config import load_config
+from yolo_tq.config import load_config, stage_outputs
 from yolo_tq.eval.validate import validate
 from yolo_tq.io import write_json
-from yolo_tq.train.stages import stage_outputs, train_stage
+from yolo_tq.train.stages import train_stages
 
 
 def variants(stage: int) -> dict[str, list[str]]:
@@ -114,10 +114,10 @@ def run_variant(a, name: str, seed: int, table: dict, weights: Path, data: Path,
                                  "imgsz": a.imgsz, "device": a.device, "checkpoint_dir": str(work)},
                       [f"train.batch={a.batch}"] + BENCH_SETTINGS + settings)  # a variant may change batch
     t0 = time.perf_counter()
-    train_stage(cfg, a.stage, start=str(start))
+    train_stages(cfg, [a.stage], start=str(start))
     wall = time.perf_counter() - t0
     sizes = [a.imgsz] + [s for s in a.also_imgsz if s != a.imgsz]
-    m = validate_sizes(str(stage_outputs(cfg, cfg.stages[a.stage - 1])["ternary"]), str(data), sizes, a.device)
+    m = validate_sizes(str(stage_outputs(cfg, cfg.stages[a.stage - 1]).ternary), str(data), sizes, a.device)
     return {"variant": name, "seed": seed, "settings": settings, **m, "change_vs_start": m["mAP50-95"] - start_map,
             "wall_s": wall, "provenance": provenance()}
 

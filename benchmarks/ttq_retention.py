@@ -21,9 +21,9 @@ from pathlib import Path
 
 from common import REPO, epoch_timer, mean_time, parser, print_table, provenance, require, validate_sizes
 
-from yolo_tq.config import load_config
+from yolo_tq.config import load_config, stage_outputs
 from yolo_tq.io import write_json
-from yolo_tq.train.stages import post_training_ternary, stage_outputs, train_stage
+from yolo_tq.train.stages import post_training_ternary, train_stages
 
 # Fixed for this budget: one optimizer step per batch (Ultralytics would accumulate to nbs=64, i.e. 2 steps per
 # epoch), and validation only after the last epoch of a stage (best.pt = last.pt).
@@ -97,12 +97,12 @@ def trained_rows(a, cfg, val, result: dict, have: set) -> None:
             continue
         callbacks, times = epoch_timer()
         start = time.perf_counter()
-        train_stage(cfg, n, start=None, callbacks=callbacks)
+        train_stages(cfg, [n], start=None, callbacks=callbacks)
         wall = time.perf_counter() - start
         out = stage_outputs(cfg, cfg.stages[n - 1])
-        add(result, {"name": stage_row_name(n), "kind": "trained", "stage": n, **val(str(out["ternary"])),
+        add(result, {"name": stage_row_name(n), "kind": "trained", "stage": n, **val(str(out.ternary)),
                      "epochs": a.epochs, "sec_per_epoch": mean_time(times),
-                     "stage_wall_s": wall, "ternary_export": str(out["ternary"])}, a.out)
+                     "stage_wall_s": wall, "ternary_export": str(out.ternary)}, a.out)
 
 
 def finish(result: dict, out: str, sizes: list[int]) -> None:

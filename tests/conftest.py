@@ -150,7 +150,7 @@ def progressive_stage_plans():
 
 def c2psa_plan(kind: str = "bitlinear_ttq"):
     """A StagePlan that only replaces the convs inside C2PSA with BitLinear layers of `kind`."""
-    from yolo_tq.quant.apply import StagePlan
+    from yolo_tq.plan import StagePlan
     from yolo_tq.quant.spec import QuantSpec
 
     return StagePlan(f"c2psa_{kind}", (), c2psa=QuantSpec(kind=kind))

@@ -17,8 +17,9 @@ import torch.nn.functional as F
 
 from conftest import REPO, build_model, c2psa_plan
 from yolo_tq.quant import layers as L
-from yolo_tq.quant.apply import (PSA_CONVS, StagePlan, c2psa_convs, install_like, install_stage, is_quantized,
-                                 quantized_modules, scale_parameters)
+from yolo_tq.plan import StagePlan
+from yolo_tq.quant.apply import (PSA_CONVS, c2psa_convs, install_like, install_stage, is_quantized, quantized_modules,
+                                 scale_parameters)
 from yolo_tq.quant.layers import (bitlinear_conv2d, channel_fold_scale, is_pointwise, quantize_tokens,
                                   token_layer_norm)
 from yolo_tq.quant.spec import QuantSpec, SpecError
@@ -517,7 +518,7 @@ def trained(tmp_path_factory, tiny_fp_checkpoint, tiny_data):
     """One epoch of each mode: BitLinear_TTQ from a checkpoint that already holds TTQ layers (as a stage output
     does), standard BitLinear from the FP checkpoint."""
     from yolo_tq.io import load_model, save_stock_checkpoint
-    from yolo_tq.train.stages import train_stage
+    from yolo_tq.train.stages import train_stages
 
     tmp = tmp_path_factory.mktemp("c2psa")
     model, _ = load_model(tiny_fp_checkpoint)
@@ -526,7 +527,7 @@ def trained(tmp_path_factory, tiny_fp_checkpoint, tiny_data):
     out = {}
     for mode, start in (("bitlinear_ttq", ttq_start), ("bitlinear_standard", tiny_fp_checkpoint)):
         cfg = _c2psa_config(tmp, tiny_fp_checkpoint, tiny_data, mode)
-        out[mode] = train_stage(cfg, 1, start=str(start))
+        out[mode] = train_stages(cfg, [1], start=str(start))[0]
     return out, ttq_paths
 
 

@@ -7,14 +7,14 @@ import pytest
 import torch
 
 from conftest import build_model
-from yolo_tq.config import load_config
+from yolo_tq.config import load_config, stage_outputs
 from yolo_tq.train.distillation import (
     DistillationCriterion,
     box_distillation,
     feature_distillation,
     score_distillation,
 )
-from yolo_tq.train.stages import stage_outputs, train_stage
+from yolo_tq.train.stages import train_stages
 
 
 def test_losses_zero_at_equality_and_positive_otherwise():
@@ -89,6 +89,6 @@ def test_distillation_config_trains_end_to_end(tmp_path, tiny_fp_checkpoint, tin
         """))
     cfg = load_config(cfg_path)
     kd = []
-    train_stage(cfg, 1, callbacks={"on_train_epoch_end": lambda tr: kd.append(float(tr.tloss["kd_loss"]))})
+    train_stages(cfg, [1], callbacks={"on_train_epoch_end": lambda tr: kd.append(float(tr.tloss["kd_loss"]))})
     assert len(kd) == 2 and all(v > 0 for v in kd)
-    assert stage_outputs(cfg, cfg.stages[0])["ternary"].is_file()
+    assert stage_outputs(cfg, cfg.stages[0]).ternary.is_file()

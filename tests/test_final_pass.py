@@ -7,7 +7,7 @@ import pytest
 
 from yolo_tq.config import ConfigError, load_config
 from yolo_tq.train.resolution import in_final_pass
-from yolo_tq.train.stages import train_stage
+from yolo_tq.train.stages import train_stages
 
 
 def test_in_final_pass_takes_the_last_epochs():
@@ -50,7 +50,7 @@ def test_last_epoch_trains_at_the_final_size(tmp_path, tiny_fp_checkpoint, tiny_
     def record_mosaic(trainer):
         mosaic[trainer.epoch] = mosaic_probability(trainer.train_loader.dataset.transforms)
 
-    train_stage(cfg, 1, callbacks={"on_train_start": tap, "on_train_epoch_end": record_mosaic})
+    train_stages(cfg, [1], callbacks={"on_train_start": tap, "on_train_epoch_end": record_mosaic})
     assert sizes[0] == sizes[1] == {(64, 64)} and sizes[2] == {(96, 96)}
     assert mosaic == {0: 0.0, 1: 0.0, 2: 0.0}  # close_mosaic 3: closed throughout, the new loader too
 
@@ -65,4 +65,4 @@ def test_bad_final_pass_values_are_refused(tmp_path, tiny_fp_checkpoint, tiny_da
 def test_final_pass_must_leave_earlier_epochs(tmp_path, tiny_fp_checkpoint, tiny_data):
     cfg = load_config(_config(tmp_path, tiny_fp_checkpoint, tiny_data), None, ["train.final_epochs=3"])
     with pytest.raises(ConfigError, match="final_epochs"):
-        train_stage(cfg, 1)
+        train_stages(cfg, [1])

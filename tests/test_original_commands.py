@@ -75,7 +75,7 @@ def test_train_c2psa_original_path_without_our_output(tmp_path, tiny_fp_checkpoi
 
 
 def test_original_stage_folders_map_to_our_stages(tmp_path):
-    from yolo_tq.train.stages import original_stage_output
+    from yolo_tq.commands.c2psa import original_stage_output
 
     for folder, n in (("stage1_progressive", 1), ("stage1_progressive_middle", 2), ("stage1_progressive_final", 3)):
         got = original_stage_output(f"ttq_checkpoints/yolo11s/{folder}/best.pt", tmp_path / "ck")

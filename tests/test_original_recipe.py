@@ -3,6 +3,8 @@ clipped scale gradient), the original code's configuration layout, and our defau
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import pytest
 import torch
 import yaml
@@ -11,8 +13,10 @@ from conftest import REPO, assert_one_line_error, run_here
 from yolo_tq.config import ConfigError, load_config, stage_plan, stage_train_args
 from yolo_tq.quant.apply import c2psa_convs, quantized_modules, select_convs
 from yolo_tq.quant.ternary import TTQTernarize, ttq_scale_grads
-from yolo_tq.train.stages import train_plan, train_stage
-from yolo_tq.train.trainer import OptimPlan, TrainPlan, TTQTrainer
+from yolo_tq.train.preflight import train_plan
+from yolo_tq.train.stages import train_stages
+from yolo_tq.plan import OptimPlan, TrainPlan
+from yolo_tq.train.trainer import TTQTrainer
 
 ORIGINAL = REPO / "configs" / "original"
 OURS = REPO / "configs"
@@ -51,10 +55,10 @@ def test_plan_carries_the_switches_and_older_plans_read_as_before(tiny_fp_checkp
     cfg = load_config(ORIGINAL / "stage1_progressive.yaml", {"weights": str(tiny_fp_checkpoint)})
     plan = train_plan(cfg, 0, str(tiny_fp_checkpoint))
     assert (plan.trainable, plan.fitness) == ("stage", "map50")
-    assert TrainPlan.from_dict(plan.to_dict()) == plan
-    old = plan.to_dict()
+    assert TrainPlan(**asdict(plan)) == plan
+    old = asdict(plan)
     del old["trainable"], old["fitness"]  # a plan saved before the switches existed (resume of an older last.pt)
-    assert (TrainPlan.from_dict(old).trainable, TrainPlan.from_dict(old).fitness) == ("all", "default")
+    assert (TrainPlan(**old).trainable, TrainPlan(**old).fitness) == ("all", "default")
 
 
 @pytest.mark.parametrize("item, needle", [("train.trainable=frozen", "trainable must be one of all, stage"),
@@ -121,7 +125,7 @@ def test_trainable_stage_trains_only_the_stage_layers(tmp_path, tiny_fp_checkpoi
         seen["after"] = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
         seen["names"] = {n: id(p) for n, p in tr.model.named_parameters()}
 
-    train_stage(cfg, 1, callbacks={"on_pretrain_routine_end": start, "on_train_end": end})
+    train_stages(cfg, [1], callbacks={"on_pretrain_routine_end": start, "on_train_end": end})
     assert seen["grad"] == seen["optim"] == seen["stage"] and seen["stage"]
     changed = {seen["names"][n] for n, p in seen["after"].items() if not torch.equal(p, seen["before"][n])}
     assert changed and changed <= seen["stage"]  # every frozen parameter kept its value; the stage's moved
@@ -138,7 +142,7 @@ def test_trainable_stage_trains_only_the_stage_layers(tmp_path, tiny_fp_checkpoi
         raise Stop
 
     with pytest.raises(Stop):
-        train_stage(cfg, 2, callbacks={"on_pretrain_routine_end": c2psa_start})
+        train_stages(cfg, [2], callbacks={"on_pretrain_routine_end": c2psa_start})
 
 
 # --------------------------------------------------------------------------------------------- train.fitness

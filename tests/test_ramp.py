@@ -7,13 +7,14 @@ import pytest
 import torch
 import torch.nn as nn
 
-from yolo_tq.config import ConfigError, load_config
+from yolo_tq.config import ConfigError, load_config, stage_outputs
 from yolo_tq.io import load_model
 from yolo_tq.quant.layers import TTQConv2d
 from yolo_tq.quant.spec import QuantSpec
 from yolo_tq.quant.ternary import magnitude_mask, partial_ternarize, ternary_values, ttq_ternarize
-from yolo_tq.train.ramp import RampPlan, ramp_shares
-from yolo_tq.train.stages import stage_outputs, train_stage
+from yolo_tq.plan import RampPlan
+from yolo_tq.train.ramp import ramp_shares
+from yolo_tq.train.stages import train_stages
 
 
 def test_magnitude_mask_takes_the_largest_share():
@@ -75,7 +76,7 @@ def ramp_config(tmp, weights, data, ramp_epochs):
 def test_ramp_must_end_before_the_stage(tmp_path, tiny_fp_checkpoint, tiny_data):
     cfg = load_config(ramp_config(tmp_path, tiny_fp_checkpoint, tiny_data, 2))
     with pytest.raises(ConfigError, match="must be below the stage's epochs"):
-        train_stage(cfg, 1)
+        train_stages(cfg, [1])
 
 
 def test_ramped_training_sets_shares_and_ends_ternary(tmp_path, tiny_fp_checkpoint, tiny_data):
@@ -84,12 +85,12 @@ def test_ramped_training_sets_shares_and_ends_ternary(tmp_path, tiny_fp_checkpoi
 
     def record(trainer):
         seen.append(sorted({q.share for group in trainer.ramp_groups for q in group}))
-    result = train_stage(cfg, 1, callbacks={"on_train_epoch_end": record})
+    result = train_stages(cfg, [1], callbacks={"on_train_epoch_end": record})[0]
     assert seen == [[0.5], [1.0]]  # epoch 0 half ternary, epoch 1 fully
     best, _ = load_model(result["best"])
     convs = [m for p, m in best.named_modules() if isinstance(m, TTQConv2d)]
     assert convs and all(ternary_values(m.weight) is not None for m in convs)
-    exported, _ = load_model(stage_outputs(cfg, cfg.stages[0])["ternary"])
+    exported, _ = load_model(stage_outputs(cfg, cfg.stages[0]).ternary)
     assert sum(ternary_values(m.weight) is not None for m in exported.modules() if isinstance(m, nn.Conv2d)) \
         == len(convs)
 
@@ -108,7 +109,7 @@ def test_freeze_stops_the_latent_weights_in_the_last_epochs(tmp_path, tiny_fp_ch
     def after(trainer):
         if trainer.epoch == 1:  # the frozen epoch changed no latent weight
             assert all(torch.equal(latents[i], lat) for i, lat in enumerate(trainer.stage_latents))
-    train_stage(cfg, 1, callbacks={"on_train_epoch_start": record, "on_train_epoch_end": after})
+    train_stages(cfg, [1], callbacks={"on_train_epoch_start": record, "on_train_epoch_end": after})
     assert trainable == [{True}, {False}] and latents
 
 
@@ -116,7 +117,7 @@ def test_bn_frozen_stats_keeps_running_statistics(tmp_path, tiny_fp_checkpoint, 
     cfg = load_config(ramp_config(tmp_path, tiny_fp_checkpoint, tiny_data, 1),
                       dotlist=["train.ternary_ramp=none", "train.bn_frozen_stats=true"])
     before, _ = load_model(tiny_fp_checkpoint)
-    result = train_stage(cfg, 1)
+    result = train_stages(cfg, [1])[0]
     after, _ = load_model(result["last"])
     bns = [(p, m) for p, m in before.named_modules() if isinstance(m, nn.BatchNorm2d)]
     assert bns and all(torch.equal(m.running_mean, after.get_submodule(p).running_mean) and

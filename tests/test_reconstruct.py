@@ -9,10 +9,11 @@ import torch
 
 from conftest import build_model
 from yolo_tq.config import ConfigError, load_config
-from yolo_tq.quant.apply import StagePlan, install_stage
+from yolo_tq.plan import StagePlan
+from yolo_tq.quant.apply import install_stage
 from yolo_tq.quant.spec import QuantSpec
 from yolo_tq.train.reconstruct import forward_outputs, reconstruction_step
-from yolo_tq.train.stages import train_stage
+from yolo_tq.train.stages import train_stages
 
 
 def test_forward_outputs_match_the_full_forward():
@@ -76,7 +77,7 @@ def test_trainer_reconstructs_before_training_and_the_ema_follows(tmp_path, tiny
         raise Stop
 
     with pytest.raises(Stop):
-        train_stage(cfg, 1, callbacks={"on_train_start": capture})
+        train_stages(cfg, [1], callbacks={"on_train_start": capture})
     rec = seen["rec"]
     assert rec["layers"] == [2, 3, 4] and rec["steps"] == 4 and rec["loss_first"] > 0
     assert seen["ema_equal"]
@@ -95,7 +96,7 @@ def test_reconstruction_needs_distillation(tmp_path, tiny_fp_checkpoint, tiny_da
         raise Stop
 
     with pytest.raises(Stop):
-        train_stage(cfg, 1, callbacks={"on_train_start": capture})
+        train_stages(cfg, [1], callbacks={"on_train_start": capture})
     assert seen == {"rec": None}
     for bad in ("distill.reconstruct_steps=-1", "distill.reconstruct_lr=0"):
         with pytest.raises(ConfigError, match="reconstruct"):
@@ -114,7 +115,7 @@ def test_reconstruction_at_its_own_image_size(tmp_path, tiny_fp_checkpoint, tiny
         return step(student, teacher, layers, images, optimizer)
 
     monkeypatch.setattr(reconstruct, "reconstruction_step", recording_step)
-    train_stage(cfg, 1, callbacks={"on_train_start": lambda t: train_size.append(t.train_loader.dataset.imgsz)})
+    train_stages(cfg, [1], callbacks={"on_train_start": lambda t: train_size.append(t.train_loader.dataset.imgsz)})
     assert sizes == [(96, 96)] * 3 and train_size == [64]
     with pytest.raises(ConfigError, match="reconstruct_imgsz"):
         load_config(_config(tmp_path, tiny_fp_checkpoint, tiny_data, 3), None, ["distill.reconstruct_imgsz=100"])

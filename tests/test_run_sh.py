@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-from yolo_tq.pipeline import STEPS as PIPELINE_STEPS
-from yolo_tq.pipeline import step_order
+from yolo_tq.report import STEPS as PIPELINE_STEPS
+from yolo_tq.report import step_order
 
 STEPS = [key for key, _ in PIPELINE_STEPS[1:]]  # the FP row is not a step of its own
 
@@ -179,7 +179,7 @@ def write_report_inputs(run: Path, reference: dict | None) -> None:
 
 
 def _report(run: Path) -> tuple[str, dict]:
-    p = subprocess.run([sys.executable, "-m", "yolo_tq.pipeline", str(run)], capture_output=True, text=True,
+    p = subprocess.run([sys.executable, "-m", "yolo_tq", "report", str(run)], capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     return (run / "summary.md").read_text(), json.loads((run / "summary.json").read_text())
@@ -225,7 +225,7 @@ def test_plot_labels_do_not_overlap_and_legend_stays_inside(tmp_path, monkeypatc
     at the same size, 0.005 mAP apart) and none leaves the figure; in stages.png the legend lies inside the axes."""
     from matplotlib.text import Text
 
-    import yolo_tq.pipeline as pipeline
+    import yolo_tq.report as pipeline
 
     run = tmp_path / "run"
     write_report_inputs(run, MEASURED_INT8)
@@ -257,7 +257,7 @@ def test_full_profile_passes_imgsz_and_batch_to_training(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     fake = bin_dir / "python"
-    fake.write_text('#!/bin/sh\necho "$@" >> "$CALLS"\n[ "$1" = "-m" ] && [ "$2" = "yolo_tq.io" ] && echo "$3"\nexit 0\n')
+    fake.write_text('#!/bin/sh\necho "$@" >> "$CALLS"\n[ "$1" = "-m" ] && [ "$3" = "fetch" ] && echo "$4"\nexit 0\n')
     fake.chmod(0o755)
     calls = tmp_path / "calls.txt"
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", CALLS=str(calls), RUN_DIR=str(tmp_path / "run"),

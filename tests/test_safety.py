@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from yolo_tq.config import load_config
+from yolo_tq.config import load_config, stage_outputs
 from yolo_tq.io import AtomicPath, CheckpointError, atomic_save, load_model, save_stock_checkpoint
 from yolo_tq.quant.layers import BitConv2d, TTQConv2d
 from yolo_tq.train.guard import StageLock, StageLockedError, StageRun, command_line
-from yolo_tq.train.stages import stage_outputs, train_stage
+from yolo_tq.train.stages import train_stages
 
 from conftest import REPO, build_model, c2psa_plan, progressive_stage_plans
 from test_training import write_config
@@ -49,7 +49,7 @@ def trained(tmp_path_factory, tiny_fp_checkpoint, tiny_data):
         saves.append({"path_type": type(trainer.last), "ema": ema, "epoch": trainer.epoch,
                       "last": torch.load(trainer.last, map_location="cpu", weights_only=False)})
 
-    train_stage(cfg, 1, callbacks={"on_model_save": capture})
+    train_stages(cfg, [1], callbacks={"on_model_save": capture})
     return cfg, saves
 
 
@@ -66,10 +66,10 @@ def test_safe_load_accepts_training_checkpoints(trained):
     cfg, _ = trained
     out = stage_outputs(cfg, cfg.stages[0])
     for key in ("best", "last", "ternary"):
-        safe, ckpt = load_model(out[key], safe=True)
-        assert_same_weights(safe, load_model(out[key], safe=False)[0])
+        safe, ckpt = load_model(getattr(out, key), safe=True)
+        assert_same_weights(safe, load_model(getattr(out, key), safe=False)[0])
         assert isinstance(ckpt.get("train_args"), dict)
-    assert any(isinstance(m, TTQConv2d) for m in load_model(out["best"], safe=True)[0].modules())
+    assert any(isinstance(m, TTQConv2d) for m in load_model(out.best, safe=True)[0].modules())
 
 
 @pytest.mark.parametrize("kind", ["bitlinear_ttq", "bitlinear_standard"])
@@ -172,7 +172,7 @@ def test_flipped_bytes_giving_nan_are_refused(tmp_path):
 
 def test_second_run_refused_while_a_live_process_holds_the_lock(tmp_path, tiny_fp_checkpoint, tiny_data):
     cfg_path = write_config(tmp_path, tiny_fp_checkpoint, tiny_data, epochs=1)
-    folder = stage_outputs(load_config(cfg_path), load_config(cfg_path).stages[0])["dir"]
+    folder = stage_outputs(load_config(cfg_path), load_config(cfg_path).stages[0]).dir
     (folder / "weights").mkdir(parents=True)
     files = {folder / "args.yaml": "first run", folder / "weights" / "last.pt": "first", folder / "results.csv": "x"}
     for f, text in files.items():
@@ -241,11 +241,11 @@ def test_training_checkpoints_go_through_the_atomic_writer_unchanged(trained):
         assert saved.keys() == s["ema"].keys()
         for k, v in s["ema"].items():
             assert torch.equal(saved[k], v), k
-    assert sorted(p.name for p in (out["dir"] / "weights").iterdir()) == ["best.pt", "last.pt"]  # no temporaries
-    assert not (out["dir"] / ".lock").exists()
+    assert sorted(p.name for p in (out.dir / "weights").iterdir()) == ["best.pt", "last.pt"]  # no temporaries
+    assert not (out.dir / ".lock").exists()
     umask = os.umask(0)
     os.umask(umask)
-    assert oct(out["last"].stat().st_mode & 0o777) == oct(0o666 & ~umask)  # as open() makes it, not 0600
+    assert oct(out.last.stat().st_mode & 0o777) == oct(0o666 & ~umask)  # as open() makes it, not 0600
 
 
 # --- resume errors ------------------------------------------------------------------------------------------------
@@ -255,28 +255,28 @@ def copy_stage(trained, tmp_path) -> tuple:
     src = stage_outputs(cfg, cfg.stages[0])
     cfg2 = load_config(write_config(tmp_path, Path(cfg.base.weights), Path(cfg.base.data), epochs=2))
     dst = stage_outputs(cfg2, cfg2.stages[0])
-    shutil.copytree(src["dir"], dst["dir"])
+    shutil.copytree(src.dir, dst.dir)
     return cfg2, dst
 
 
 def test_resume_of_a_finished_stage_says_so(trained, tmp_path):
     cfg, out = copy_stage(trained, tmp_path)
     with pytest.raises(CheckpointError, match="finished training") as e:
-        train_stage(cfg, 1, resume=True)
+        train_stages(cfg, [1], resume=True)
     assert "\n" not in str(e.value)
-    assert out["best"].is_file()
+    assert out.best.is_file()
 
 
 @pytest.mark.parametrize("damage", ["empty", "truncated"])
 def test_resume_of_a_damaged_last_pt_names_it_and_best_pt(trained, tmp_path, damage):
     cfg, out = copy_stage(trained, tmp_path)
-    data = out["last"].read_bytes()
-    out["last"].write_bytes(b"" if damage == "empty" else data[: len(data) // 3])
+    data = out.last.read_bytes()
+    out.last.write_bytes(b"" if damage == "empty" else data[: len(data) // 3])
     with pytest.raises(CheckpointError) as e:
-        train_stage(cfg, 1, resume=True)
+        train_stages(cfg, [1], resume=True)
     msg = str(e.value)
-    assert "\n" not in msg and str(out["last"]) in msg and "cannot resume stage 1" in msg
-    assert f"--start {out['best']}" in msg
+    assert "\n" not in msg and str(out.last) in msg and "cannot resume stage 1" in msg
+    assert f"--start {out.best}" in msg
     assert {"empty": "is empty (0 bytes)", "truncated": "truncated or damaged"}[damage] in msg
 
 
@@ -300,15 +300,15 @@ def test_sigterm_prints_one_line_exits_143_and_resumes(tmp_path, tiny_fp_checkpo
     assert res.returncode == 143, res.stderr[-3000:]
     lines = [ln for ln in res.stderr.splitlines() if "SIGTERM" in ln]
     assert len(lines) == 1, res.stderr[-3000:]
-    assert f"saved {out['last']} (epoch 1/2)" in lines[0]
+    assert f"saved {out.last} (epoch 1/2)" in lines[0]
     resume = lines[0].split("resume with: ")[1]
     assert resume == shlex.join(["python", "train.py", "--config", str(cfg_path), "--stage", "1", "--resume"])
-    assert load_model(out["last"], safe=True)[1]["epoch"] == 0 and not (out["dir"] / ".lock").exists()
+    assert load_model(out.last, safe=True)[1]["epoch"] == 0 and not (out.dir / ".lock").exists()
     cmd = shlex.split(resume)
     res = subprocess.run([sys.executable, *cmd[1:]], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert len((out["dir"] / "results.csv").read_text().strip().splitlines()) == 1 + 2
-    assert out["ternary"].is_file()
+    assert len((out.dir / "results.csv").read_text().strip().splitlines()) == 1 + 2
+    assert out.ternary.is_file()
 
 
 def test_sigint_before_any_checkpoint_says_nothing_saved_and_exits_130(tmp_path, capsys, monkeypatch):
@@ -341,7 +341,7 @@ def test_failed_start_leaves_nothing_behind(tmp_path, tiny_fp_checkpoint, tiny_d
         Path(start).write_bytes(b"not a checkpoint")
     cfg = load_config(write_config(tmp_path, tiny_fp_checkpoint, data, epochs=1))
     with pytest.raises(Exception):
-        train_stage(cfg, 1, start=start)
+        train_stages(cfg, [1], start=start)
     assert not Path(cfg.base.checkpoint_dir).exists()
 
 
@@ -349,11 +349,11 @@ def test_failed_start_keeps_a_folder_that_held_files(tmp_path, tiny_fp_checkpoin
     data = tmp_path / "bad.yaml"
     data.write_text(f"path: {tmp_path}\ntrain: missing/images\nval: missing/images\nnames:\n  0: a\n")
     cfg = load_config(write_config(tmp_path, tiny_fp_checkpoint, data, epochs=1))
-    folder = stage_outputs(cfg, cfg.stages[0])["dir"]
+    folder = stage_outputs(cfg, cfg.stages[0]).dir
     folder.mkdir(parents=True)
     (folder / "notes.txt").write_text("mine")
     with pytest.raises(Exception):
-        train_stage(cfg, 1)
+        train_stages(cfg, [1])
     assert (folder / "notes.txt").read_text() == "mine"
     assert not (folder / ".lock").exists()
 
@@ -367,7 +367,7 @@ def test_failed_start_keeps_a_folder_that_held_files(tmp_path, tiny_fp_checkpoin
     (["/usr/bin/yolo-tq", "train", "--stage=1", "--resume"], ["/usr/bin/python", "/usr/bin/yolo-tq"],
      {"stage_number": 1, "start": "w/best.pt"}, "yolo-tq train --stage 1 --start w/best.pt"),
     (["train_c2psa.py", "--model", "a b.pt", "--resume"], ["python", "train_c2psa.py"],
-     {"stage_number": 1, "start": "a b.pt"}, "python train_c2psa.py --model 'a b.pt'"),
+     {"stage_number": 1, "start": "a b.pt", "start_flag": "--model"}, "python train_c2psa.py --model 'a b.pt'"),
     (["train.py", "--stage", "all", "--start=x.pt"], ["python", "train.py"], {"stage_number": 1, "keep_start": True},
      "python train.py --stage 1 --start=x.pt"),
     (["train.py", "--stage", "all", "--start=x.pt"], ["python", "train.py"], {"stage_number": 3},

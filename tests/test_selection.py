@@ -2,15 +2,16 @@
 
 import copy
 import pickle
+from dataclasses import asdict
 
 import pytest
 import torch
 import torch.nn as nn
 
 from conftest import REPO, build_model, progressive_stage_plans
+from yolo_tq.plan import StagePlan
 from yolo_tq.quant.apply import (
     PlanError,
-    StagePlan,
     export_ternary,
     install_like,
     install_stage,
@@ -103,7 +104,7 @@ def test_spec_validates_and_round_trips():
     spec = QuantSpec(kind="bitlinear_ttq", threshold=0.9, act_bits=4)
     assert QuantSpec.from_dict(spec.to_dict()) == spec
     plan = STAGES[2]
-    assert StagePlan.from_dict(plan.to_dict()) == plan
+    assert StagePlan(**asdict(plan)) == plan
     for bad in ({"threshold": 5.0}, {"rule": "max", "threshold": 1.0}, {"kind": "int4"}, {"act_bits": 1},
                 {"scale_grad": "adam"}, {"kind": "bitlinear_ttq", "per_channel": True},
                 {"kind": "bitlinear_standard", "learn_threshold": True},

@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from yolo_tq.config import load_config, stage_outputs
 from yolo_tq.io import load_model
-from yolo_tq.config import load_config
 from yolo_tq.quant.apply import quantized_modules, select_convs
 from yolo_tq.quant.layers import TTQConv2d
 from yolo_tq.quant.ternary import ternary_values
-from yolo_tq.train.trainer import TTQTrainer
-from yolo_tq.train.stages import stage_outputs, train_stage, trainer_overrides
+from yolo_tq.train.preflight import plan_stages
+from yolo_tq.train.stages import train_stages
+from yolo_tq.train.trainer import PLAN_KEY, TTQTrainer
 
 STAGE1, STAGE2 = (17, 19, 20, 22), (7, 8, 9, 13, 16)
 
@@ -49,9 +50,9 @@ def two_stages(tmp_path_factory, tiny_fp_checkpoint, tiny_data):
     tmp = tmp_path_factory.mktemp("stages")
     cfg = load_config(write_config(tmp, tiny_fp_checkpoint, tiny_data, epochs=6))
     losses = []
-    train_stage(cfg, 1, callbacks={"on_train_epoch_end": lambda tr: losses.append(float(sum(v.sum() for v in tr.tloss.values())))})
-    stage1_model, _ = load_model(stage_outputs(cfg, cfg.stages[0])["best"])
-    train_stage(cfg, 2)
+    train_stages(cfg, [1], callbacks={"on_train_epoch_end": lambda tr: losses.append(float(sum(v.sum() for v in tr.tloss.values())))})
+    stage1_model, _ = load_model(stage_outputs(cfg, cfg.stages[0]).best)
+    train_stages(cfg, [2])
     return cfg, losses, stage1_model
 
 
@@ -64,7 +65,7 @@ def test_loss_falls(two_stages):
 def test_stage2_keeps_stage1_layers_ternary_and_carries_latents(two_stages):
     cfg, _, stage1_model = two_stages
     out1, out2 = stage_outputs(cfg, cfg.stages[0]), stage_outputs(cfg, cfg.stages[1])
-    stage2_model, _ = load_model(out2["best"])
+    stage2_model, _ = load_model(out2.best)
     q1, q2 = quantized_modules(stage1_model), quantized_modules(stage2_model)
     expected1 = set(select_convs(stage1_model, STAGE1, True))
     expected2 = set(select_convs(stage2_model, STAGE2, False))
@@ -81,7 +82,7 @@ def test_stage2_keeps_stage1_layers_ternary_and_carries_latents(two_stages):
 
 def test_stage2_start_loads_stage1_latents_exactly(two_stages):
     cfg, _, stage1_model = two_stages
-    over = trainer_overrides(cfg, 1, stage_outputs(cfg, cfg.stages[0])["best"])
+    over = plan_stages(cfg, [2], str(stage_outputs(cfg, cfg.stages[0]).best))[0].trainer_overrides(PLAN_KEY)
     over["name"] = "probe"
     trainer = TTQTrainer(overrides=over)
     model = trainer.get_model(cfg=stage1_model.yaml, weights=stage1_model, verbose=False)
@@ -94,8 +95,8 @@ def test_stage2_start_loads_stage1_latents_exactly(two_stages):
 def test_ternary_export_is_stock_and_matches_training_model(two_stages, tmp_path):
     cfg, _, _ = two_stages
     out = stage_outputs(cfg, cfg.stages[1])
-    assert out["ternary"].is_file()
-    trained, _ = load_model(out["best"])
+    assert out.ternary.is_file()
+    trained, _ = load_model(out.best)
     x = torch.rand(1, 3, 64, 64)
     torch.save(x, tmp_path / "x.pt")
     with torch.no_grad():
@@ -106,7 +107,7 @@ def test_ternary_export_is_stock_and_matches_training_model(two_stages, tmp_path
         import sys, torch
         sys.modules["yolo_tq"] = None  # any import of this package (or unpickling one of its classes) fails
         from ultralytics import YOLO
-        m = YOLO({str(out['ternary'])!r})
+        m = YOLO({str(out.ternary)!r})
         net = m.model.float().eval()
         convs = [mod for mod in net.modules() if isinstance(mod, torch.nn.Conv2d)]
         assert all(type(mod) is torch.nn.Conv2d for mod in convs)
@@ -136,8 +137,8 @@ def test_resume_restores_latents_scales_ema_and_optimizer(tmp_path, tiny_fp_chec
             raise Stop
 
     with pytest.raises(Stop):
-        train_stage(cfg, 1, callbacks={"on_model_save": interrupt})
-    last = stage_outputs(cfg, cfg.stages[0])["last"]
+        train_stages(cfg, [1], callbacks={"on_model_save": interrupt})
+    last = stage_outputs(cfg, cfg.stages[0]).last
     saved = torch.load(last, weights_only=False)
     assert saved["epoch"] == 0
     seen = {}
@@ -150,7 +151,7 @@ def test_resume_restores_latents_scales_ema_and_optimizer(tmp_path, tiny_fp_chec
         raise Stop
 
     with pytest.raises(Stop):
-        train_stage(cfg, 1, resume=True, callbacks={"on_pretrain_routine_end": capture})
+        train_stages(cfg, [1], resume=True, callbacks={"on_pretrain_routine_end": capture})
     assert seen["epoch"] == 1
     ema_saved = saved["ema"].float().state_dict()
     assert any(k.endswith("latent_weight") for k in ema_saved) and any(k.endswith(".quantizer.wp") for k in ema_saved)
@@ -165,10 +166,10 @@ def test_resume_restores_latents_scales_ema_and_optimizer(tmp_path, tiny_fp_chec
             if torch.is_tensor(t):
                 assert torch.equal(seen["opt"]["state"][pid][name].to(t.dtype), t), (pid, name)
     # and training continues to the end from there
-    train_stage(cfg, 1, resume=True)
+    train_stages(cfg, [1], resume=True)
     out = stage_outputs(cfg, cfg.stages[0])
-    assert out["ternary"].is_file()
-    assert len((out["dir"] / "results.csv").read_text().strip().splitlines()) == 1 + 3  # header + 3 epochs
+    assert out.ternary.is_file()
+    assert len((out.dir / "results.csv").read_text().strip().splitlines()) == 1 + 3  # header + 3 epochs
 
 
 def test_ddp_relaunch_rebuilds_same_plan(tmp_path, tiny_fp_checkpoint, tiny_data):
@@ -178,7 +179,7 @@ def test_ddp_relaunch_rebuilds_same_plan(tmp_path, tiny_fp_checkpoint, tiny_data
     from ultralytics.utils.patches import torch_load
 
     cfg = load_config(write_config(tmp_path, tiny_fp_checkpoint, tiny_data))
-    over = trainer_overrides(cfg, 0, str(tiny_fp_checkpoint))
+    over = plan_stages(cfg, [1], str(tiny_fp_checkpoint))[0].trainer_overrides(PLAN_KEY)
     parent = TTQTrainer(overrides=over)
     py_file = generate_ddp_file(parent)
     try:
@@ -217,7 +218,7 @@ def test_optimizer_groups_for_latents_and_scales(tmp_path, tiny_fp_checkpoint, t
         raise Stop
 
     with pytest.raises(Stop):
-        train_stage(cfg, 1, callbacks={"on_pretrain_routine_end": capture})
+        train_stages(cfg, [1], callbacks={"on_pretrain_routine_end": capture})
     groups, model = seen["groups"], seen["model"]
     q = quantized_modules(model)
     latent, scales = groups["ttq_latent"], groups["ttq_scales"]

@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from yolo_tq.quant.apply import StagePlan, c2psa_convs, install_stage, quantized_modules, select_convs
+from yolo_tq.plan import StagePlan
+from yolo_tq.quant.apply import c2psa_convs, install_stage, quantized_modules, select_convs, stage_paths
 from yolo_tq.quant.layers import BitLinear_Standard, TTQConv2d
 from yolo_tq.quant.spec import QuantSpec
 from yolo_tq.train.state import (TrainingState, find_state_layers, flip_share, ternary_codes, value_summary,
@@ -101,7 +102,7 @@ def test_find_state_layers_groups_by_stage():
     install_stage(model, StagePlan("earlier", (2,)))
     now = StagePlan("now", (4,), c2psa=QuantSpec(kind="bitlinear_standard"))
     install_stage(model, now)
-    trainer = SimpleNamespace(model=model, plan=SimpleNamespace(stage=now))
+    trainer = SimpleNamespace(model=model, plan=SimpleNamespace(stage=now), stage_paths=stage_paths(model, now))
     find_state_layers(trainer)
     q = quantized_modules(model)
     current = set(select_convs(model, (4,), False)) | set(c2psa_convs(model))
@@ -115,16 +116,17 @@ def test_find_state_layers_groups_by_stage():
 
 TRAIN = textwrap.dedent("""
     import sys
+    from dataclasses import asdict
     from ultralytics.utils import SETTINGS
-    from yolo_tq.quant.apply import StagePlan
-    from yolo_tq.train.trainer import OptimPlan, TrainPlan, TTQTrainer
+    from yolo_tq.plan import OptimPlan, StagePlan, TrainPlan
+    from yolo_tq.train.trainer import TTQTrainer
 
     SETTINGS.update({"tensorboard": True})  # in this run's own YOLO_CONFIG_DIR
     start, data, project = sys.argv[1:]
     plan = TrainPlan(StagePlan("now", (4,)), OptimPlan(scale_lr=0.002, scale_weight_decay=0.0))
     TTQTrainer(overrides=dict(model=start, data=data, project=project, name="run", epochs=2, batch=4, imgsz=64,
                               optimizer="AdamW", lr0=0.01, warmup_epochs=0, workers=0, device="cpu", plots=False,
-                              val=False, nbs=4, mosaic=0.0, close_mosaic=0, ttq=plan.to_dict())).train()
+                              val=False, nbs=4, mosaic=0.0, close_mosaic=0, ttq=asdict(plan))).train()
     """)
 
 

@@ -11,15 +11,15 @@ import argparse
 import importlib
 import os
 import sys
-from pathlib import Path
 from typing import Callable
 
-from .config import ConfigError, imgsz_problem
-from .io import CheckpointError
+from .commands.args import UsageError
+from .config import ConfigError
+from .io import CheckpointError, OutputPathError
 from .quant.apply import PlanError
 from .quant.spec import SpecError
 
-USER_ERRORS = (ConfigError, CheckpointError, PlanError, SpecError, FileNotFoundError)
+USER_ERRORS = (ConfigError, CheckpointError, OutputPathError, PlanError, SpecError, FileNotFoundError)
 # OSErrors that name a path the user gave (an output under a file, a folder without write permission, ...)
 PATH_ERRORS = (PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError)
 COMMANDS = {  # name -> one-line summary; the module is yolo_tq.commands.<name with - as _>
@@ -33,6 +33,9 @@ COMMANDS = {  # name -> one-line summary; the module is yolo_tq.commands.<name w
     "compare": "FP vs BitLinear_TTQ vs standard BitLinear in one table (compare_bitlinear.py)",
     "latency": "export, agreement check, latency, memory (latency_benchmark.py)",
     "export": "the deployable ONNX: ternary weights as 1.6-bit codes that onnxruntime runs (export.py)",
+    "fetch": "a checkpoint's local path, downloading an official name (run.sh's first step)",
+    "int8-reference": "Ultralytics' own OpenVINO INT8 export of the FP model: bytes and mAP (run.sh)",
+    "report": "the run.sh report of a pipeline run folder: summary.md, summary.json, plots",
 }
 
 
@@ -42,90 +45,6 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str):
         self.print_usage(sys.stderr)
         self.exit(2, f"error: {message}\n")
-
-
-def imgsz_arg(text: str) -> int:
-    """argparse type of --imgsz: a positive multiple of 32 (config.imgsz_problem)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if imgsz_problem(value):
-        raise argparse.ArgumentTypeError(imgsz_problem(value))
-    return value
-
-
-def positive_int(text: str) -> int:
-    """argparse type of a count that must be >= 1 (a validation batch size)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return value
-
-
-def input_file(text: str) -> str:
-    """argparse type of an input file: a folder is refused here; a missing file is reported by its loader."""
-    if Path(text).is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is a folder, not a file")
-    return text
-
-
-def check_writable(path: str | Path, what: str = "output", folder: bool = False) -> None:
-    """Before any work, refuse an output that cannot be written: under a file, a folder where a file goes, or in a
-    folder without write permission. `folder`: `path` is a folder to be created. Creates nothing."""
-    p = Path(path).absolute()
-    if not folder and p.is_dir():
-        raise ConfigError(f"cannot write {what} {path}: it is a folder")
-    if folder and p.exists() and not p.is_dir():
-        raise ConfigError(f"cannot write {what} {path}: it is a file, not a folder")
-    parent = p if folder else p.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ConfigError(f"cannot write {what} {path}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"cannot write {what} {path}: no permission to write in {parent}")
-
-
-def check_training(cfg, indices: list[int], start: str | None, resume: bool) -> str | None:
-    """Before any training, in the order a user fixes them: every stage's output folder can be written, its device
-    exists, the first stage's start checkpoint exists, the dataset is usable. Creates nothing; returns the first
-    stage's resolved start (None on resume)."""
-    from .config import check_dataset, check_device, stage_dir, stage_train_args
-    from .train.stages import resolve_start
-
-    for i in indices:
-        check_writable(stage_dir(cfg, cfg.stages[i]), "the stage output folder", folder=True)
-        check_device(stage_train_args(cfg, cfg.stages[i]).get("device"))
-    first = None if resume else resolve_start(cfg, indices[0], start)
-    check_dataset(cfg.base.data, ("train", "val"))
-    return first
-
-
-def add_config_args(p: argparse.ArgumentParser, config_default: str | None) -> None:
-    """Flags every training script shares. Each overrides the config value of the same name."""
-    p.add_argument("--config", default=config_default, help=f"YAML stage config (default: {config_default})")
-    p.add_argument("--model-size", choices=["n", "s", "m", "l", "x"], help="YOLO11 size (config: model_size)")
-    p.add_argument("--weights", help="starting FP checkpoint (config: base.weights; a bare name is downloaded)")
-    p.add_argument("--data", help="Ultralytics data yaml, name or path (config: base.data)")
-    p.add_argument("--checkpoint-dir", help="output root (config: base.checkpoint_dir)")
-    for flag, typ, what in (("--epochs", int, "epochs per stage"), ("--imgsz", int, "image size"),
-                            ("--batch", int, "batch size"), ("--workers", int, "dataloader workers"),
-                            ("--lr0", float, "initial learning rate"), ("--scale-lr", float, "Wp/Wn learning rate"),
-                            ("--patience", int, "early-stopping patience"), ("--seed", int, "random seed")):
-        p.add_argument(flag, type=typ, help=f"{what} (config: train.{flag[2:].replace('-', '_')})")
-    p.add_argument("--device", help="cpu, 0, 0,1 ... (config: train.device)")
-    p.add_argument("--set", dest="dotlist", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other config value, e.g. --set quantization.scale_grad=normalized (repeatable)")
-
-
-def config_overrides(a: argparse.Namespace) -> dict:
-    keys = ("model_size", "weights", "data", "checkpoint_dir", "epochs", "imgsz", "batch", "workers", "lr0",
-            "scale_lr", "patience", "seed", "device")
-    return {k: getattr(a, k, None) for k in keys}
 
 
 def command_module(name: str):
@@ -145,12 +64,20 @@ def command_parser(name: str, prog: str | None = None) -> argparse.ArgumentParse
 
 def script(name: str, argv: list[str] | None = None, prog: str | None = None) -> None:
     """Parse the flags of command `name` and run it (one-line errors, exit status). Entry of the root scripts."""
-    args = command_parser(name, prog).parse_args(argv)
+    parser = command_parser(name, prog)
+    args = parser.parse_args(argv)
     if args.safe_load:
         from .io import set_safe_load
 
         set_safe_load(True)
-    run_cli(lambda: command_module(name).run(args))
+
+    def run():
+        try:
+            return command_module(name).run(args)
+        except UsageError as e:  # a combination of flags the parser cannot express: its usage and one error line
+            parser.error(str(e))
+
+    run_cli(run)
 
 
 def usage() -> str:

@@ -20,7 +20,6 @@ import os
 import pickle
 import pkgutil
 import re
-import sys
 import tempfile
 from datetime import datetime
 from pathlib import Path
@@ -28,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+MODEL_SIZES = ("n", "s", "m", "l", "x")  # YOLO11's scales (Ultralytics' yolo11{size}.yaml)
 SAFE_LOAD_ENV = "YOLO_TQ_SAFE_LOAD"
 _TRUE = ("1", "true", "yes", "on")
 # every nn.Module subclass (and dataclass) defined in these packages' modules, or in these modules, is allowed
@@ -40,6 +40,10 @@ os.umask(_UMASK)
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable, unsafe, damaged, or of the wrong model."""
+
+
+class OutputPathError(ValueError):
+    """An output that cannot be written (under a file, a folder where a file goes, no permission)."""
 
 
 def set_safe_load(on: bool = True) -> None:
@@ -191,9 +195,9 @@ def ensure_weights(name: str) -> str:
 def model_size_of(model: nn.Module) -> str | None:
     """'n', 's', 'm', 'l' or 'x' for a YOLO11 model (from its yaml's scale or file name), None if unknown."""
     y = getattr(model, "yaml", None) or {}
-    if y.get("scale") in ("n", "s", "m", "l", "x"):
+    if y.get("scale") in MODEL_SIZES:
         return y["scale"]
-    m = re.search(r"yolo\d+([nslmx])", str(y.get("yaml_file", "")))
+    m = re.search(rf"yolo\d+([{''.join(MODEL_SIZES)}])", str(y.get("yaml_file", "")))
     return m.group(1) if m else None
 
 
@@ -269,8 +273,18 @@ def save_stock_checkpoint(model: nn.Module, path: str | Path, train_args: dict |
     return atomic_save(ckpt, path)
 
 
-if __name__ == "__main__":  # run.sh: `python -m yolo_tq.io NAME` prints a local path (downloading an official name)
-    from yolo_tq.cli import run_cli
-    from yolo_tq.io import ensure_weights as fetch  # the package's class identities, not __main__'s
-
-    run_cli(lambda: print(fetch(sys.argv[1])))
+def check_writable(path: str | Path, what: str = "output", folder: bool = False) -> None:
+    """Before any work, refuse an output that cannot be written: under a file, a folder where a file goes, or in a
+    folder without write permission. `folder`: `path` is a folder to be created. Creates nothing."""
+    p = Path(path).absolute()
+    if not folder and p.is_dir():
+        raise OutputPathError(f"cannot write {what} {path}: it is a folder")
+    if folder and p.exists() and not p.is_dir():
+        raise OutputPathError(f"cannot write {what} {path}: it is a file, not a folder")
+    parent = p if folder else p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputPathError(f"cannot write {what} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputPathError(f"cannot write {what} {path}: no permission to write in {parent}")

@@ -15,10 +15,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..cli import add_config_args, check_training, config_overrides
+from .args import add_config_args, config_overrides
 
 DEFAULT_CONFIG = "configs/stage2_c2psa.yaml"
 MODE = "bitlinear_ttq"
+PROGRESSIVE_CONFIG = "configs/stage1_progressive.yaml"
+# The original code's stage folders (its configs' logging.save_dir, best.pt directly inside): stage 3's is '..._final'
+ORIGINAL_STAGE_FOLDERS = {"stage1_progressive": 1, "stage1_progressive_middle": 2, "stage1_progressive_final": 3}
 
 
 def add_arguments(p: argparse.ArgumentParser, default_config: str = DEFAULT_CONFIG) -> None:
@@ -27,11 +30,27 @@ def add_arguments(p: argparse.ArgumentParser, default_config: str = DEFAULT_CONF
     p.add_argument("--resume", action="store_true", help="resume the stage from its last.pt")
 
 
+def original_stage_output(path: str | Path, checkpoint_dir: str | Path) -> tuple[int, Path] | None:
+    """For a path in the original code's layout, <dir>/yolo11<size>/<ORIGINAL_STAGE_FOLDERS key>/{best,last}.pt: the
+    stage number and our output of that stage of PROGRESSIVE_CONFIG under `checkpoint_dir`. None for other paths."""
+    import re
+
+    from ..config import MODEL_SIZES, load_config, stage_outputs
+
+    p = Path(path)
+    size = re.fullmatch(rf"yolo11([{''.join(MODEL_SIZES)}])", p.parent.parent.name)
+    number = ORIGINAL_STAGE_FOLDERS.get(p.parent.name)
+    if size is None or number is None or p.name not in ("best.pt", "last.pt"):
+        return None
+    cfg = load_config(PROGRESSIVE_CONFIG, {"checkpoint_dir": str(checkpoint_dir), "model_size": size.group(1)})
+    outputs = stage_outputs(cfg, cfg.stages[number - 1])
+    return number, outputs.best if p.stem == "best" else outputs.last
+
+
 def start_checkpoint(cfg, model: str | None) -> str | None:
     """--model as given, or, for a missing path in the original code's layout, our output of that stage (a note
     line; one error line naming both paths and the command that makes ours when ours is missing too)."""
     from ..io import CheckpointError
-    from ..train.stages import PROGRESSIVE_CONFIG, original_stage_output
 
     found = None if not model or Path(model).exists() else original_stage_output(model, cfg.base.checkpoint_dir)
     if found is None:
@@ -51,7 +70,7 @@ def start_checkpoint(cfg, model: str | None) -> str | None:
 def run(a: argparse.Namespace, mode: str = MODE) -> int:
     """Train the config's one C2PSA stage, which must replace C2PSA with `mode`."""
     from ..config import ConfigError, dataset_errors, load_config
-    from ..train.stages import train_stage
+    from ..train.stages import train_stages
 
     cfg = load_config(a.config, config_overrides(a), a.dotlist)
     if len(cfg.stages) != 1 or not cfg.stages[0].c2psa:
@@ -60,8 +79,8 @@ def run(a: argparse.Namespace, mode: str = MODE) -> int:
         raise ConfigError(f"{a.config} replaces C2PSA with {cfg.stages[0].c2psa}, but this command trains {mode}: "
                           f"use the {'train_c2psa.py' if mode == 'bitlinear_standard' else 'train_c2psa_standard.py'} "
                           f"command for that config, or --set stages[0].c2psa={mode}")
-    start = check_training(cfg, [0], None if a.resume else start_checkpoint(cfg, a.model), a.resume)
+    start = None if a.resume else start_checkpoint(cfg, a.model)
     with dataset_errors(cfg.base.data):
-        result = train_stage(cfg, 1, start=start, resume=a.resume)
+        result, = train_stages(cfg, [1], start, a.resume, start_flag="--model")
     print(f"{mode}: training checkpoint {result['best']}, ternary export {result['ternary']}")
     return 0

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli import check_writable, imgsz_arg, input_file, positive_int
+from ..io import check_writable
+from .args import imgsz_arg, input_file, positive_int
 
 MODELS = (("ttq", "TTQ", "checkpoint trained with BitLinear_TTQ (train_c2psa.py)"),
           ("standard", "STANDARD", "checkpoint trained with standard BitLinear (train_c2psa_standard.py)"),

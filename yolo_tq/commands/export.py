@@ -20,7 +20,8 @@ import argparse
 import os
 from pathlib import Path
 
-from ..cli import check_writable, imgsz_arg, input_file, positive_int
+from ..io import check_writable
+from .args import imgsz_arg, input_file, positive_int
 from ..formats.deploy_onnx import REST_CHOICES
 
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli import check_writable, input_file
+from ..io import check_writable
+from .args import input_file
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

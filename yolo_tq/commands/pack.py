@@ -16,7 +16,7 @@ import os
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..cli import input_file
+    from .args import input_file
 
     p.add_argument("ckpt", nargs="?", type=input_file, metavar="CKPT", help="ternary checkpoint (.pt) to pack")
     p.add_argument("out", nargs="?", metavar="OUT", help="packed file to write (.safetensors)")
@@ -49,12 +49,13 @@ def pack(ckpt: str, out: str, rest: str) -> str:
 
 
 def run(a: argparse.Namespace) -> int:
-    from ..cli import check_writable, command_parser
+    from ..io import check_writable
+    from .args import UsageError
     from ..formats.packed import unpack_to_checkpoint
 
     problem = argument_problem(a)
     if problem:
-        command_parser("pack").error(problem)
+        raise UsageError(problem)
     check_writable(a.unpacked_pt if a.unpack else a.out, "the unpacked .pt" if a.unpack else "the packed file")
     if a.unpack:
         print(f"unpacked model written to {unpack_to_checkpoint(a.unpack, a.unpacked_pt)}")

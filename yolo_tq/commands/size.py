@@ -26,7 +26,7 @@ import os
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..cli import imgsz_arg, input_file, positive_int
+    from .args import imgsz_arg, input_file, positive_int
 
     p.add_argument("--baseline", type=input_file, help="FP checkpoint (.pt) the ratios are measured against")
     p.add_argument("--quantized", type=input_file,
@@ -79,13 +79,14 @@ def size_and_pack(a: argparse.Namespace) -> dict:
 
 
 def run(a: argparse.Namespace) -> int:
-    from ..cli import check_writable, command_parser
+    from ..io import check_writable
+    from .args import UsageError
     from ..eval.size import describe_packed, format_packed, validate_unpacked
     from ..io import write_json
 
     problem = argument_problem(a)
     if problem:
-        command_parser("size").error(problem)
+        raise UsageError(problem)
     outputs = ((a.json, "the report JSON"), (a.pack, "the packed file"), (a.unpacked_pt, "the unpacked .pt"))
     for path, what in outputs:
         if path:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli import add_config_args, check_training, check_writable, config_overrides
+from ..io import check_writable
+from .args import add_config_args, config_overrides
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -22,14 +23,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "the export to OUT (post-training ternarisation, Wp/Wn from the weights)")
 
 
+ALL = "all"  # --stage all: every stage of the config, in order
+
+
+def stage_numbers(cfg, key: str) -> list[int]:
+    """The 1-based stage numbers --stage names: all of them for 'all', else the one stage (by number or name)."""
+    from ..config import find_stage
+
+    return list(range(1, len(cfg.stages) + 1)) if key == ALL else [find_stage(cfg, key)[0] + 1]
+
+
 def post_training(cfg, a: argparse.Namespace) -> int:
     """--post-training OUT: no training; every input checked before any work."""
-    from ..config import check_dataset, dataset_errors, find_stage
-    from ..train.stages import post_training_ternary, resolve_start
+    from ..config import check_dataset, dataset_errors
+    from ..train.preflight import stage_start
+    from ..train.stages import post_training_ternary
 
     check_writable(a.post_training, "the post-training export")
-    last = len(cfg.stages) - 1 if a.stage == "all" else find_stage(cfg, a.stage)[0]
-    start = a.start or resolve_start(cfg, 0, None)
+    last = stage_numbers(cfg, a.stage)[-1] - 1
+    start = stage_start(cfg, 0, a.start)
     if cfg.quantization.bn_reestimate_images:
         check_dataset(cfg.base.data, ("train",))
     with dataset_errors(cfg.base.data):
@@ -39,16 +51,17 @@ def post_training(cfg, a: argparse.Namespace) -> int:
 
 
 def run(a: argparse.Namespace) -> int:
-    from ..config import dataset_errors, find_stage, load_config
+    from ..config import dataset_errors, load_config
+    from ..train.preflight import plan_stages, preflight
     from ..train.stages import train_stage
 
     cfg = load_config(a.config, config_overrides(a), a.dotlist)
     if a.post_training:
         return post_training(cfg, a)
-    keys = [str(i + 1) for i in range(len(cfg.stages))] if a.stage == "all" else [a.stage]
-    start = check_training(cfg, [find_stage(cfg, k)[0] for k in keys], a.start, a.resume)
+    planned = plan_stages(cfg, stage_numbers(cfg, a.stage), a.start, a.resume)
+    preflight(cfg, planned)
     with dataset_errors(cfg.base.data):
-        for n, key in enumerate(keys):
-            result = train_stage(cfg, key, start=start if n == 0 else None, resume=a.resume and n == 0)
-            print(f"stage {key}: training checkpoint {result['best']}, ternary export {result['ternary']}")
+        for k, stage in enumerate(planned):
+            result = train_stage(stage, keep_start=k == 0)
+            print(f"stage {stage.number}: training checkpoint {result['best']}, ternary export {result['ternary']}")
     return 0

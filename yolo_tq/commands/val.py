@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli import check_writable, imgsz_arg, input_file, positive_int
+from ..io import check_writable
+from .args import imgsz_arg, input_file, positive_int
 
 METRICS = ("mAP50", "mAP75", "mAP50-95", "precision", "recall")
 CLASS_COLUMNS = [("class", "class", "d"), ("name", "name", "s"), ("instances", "instances", "d"),

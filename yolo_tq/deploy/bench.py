@@ -15,11 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import ConfigError
+from ..config import ConfigError, imgsz_problem
 from ..io import atomic_write_text
 from .agreement import REDUCED_MIN_AGREEMENT, check_inputs
 from .backends import (FAMILIES, TARGETS, Target, cpu_int8_features, make_runner, plan_targets, skip_line, target,
                        versions)
+from .deployable import export_deployable_artifact
 from .export import ExportError, captured_output, export_artifact, prepare_checkpoint
 from .memory import compressed_size_mb, file_size_mb
 from .results import (ABResult, ABSpec, Accuracy, BenchResult, Comparison, Environment, Interleaved, ModelInfo, Skip,
@@ -79,8 +80,8 @@ def check_options(o: BenchOptions) -> None:
         raise BenchError("--num-runs must be >= 1 and --warmup >= 0")
     if not 0 < o.aa_tolerance < 1:
         raise BenchError(f"--aa-tolerance must be in (0, 1), got {o.aa_tolerance}")
-    if o.imgsz < 32 or o.imgsz % 32:
-        raise BenchError(f"--imgsz must be a multiple of 32 (>= 32), got {o.imgsz}")
+    if imgsz_problem(o.imgsz):
+        raise BenchError(f"--{imgsz_problem(o.imgsz)}")
     if o.batch < 1:
         raise BenchError(f"--batch must be >= 1, got {o.batch}")
     bad = [b for b in o.backends if b not in FAMILIES]
@@ -276,8 +277,11 @@ def _prepare(o: BenchOptions, models: dict, runnable: list[Target], inputs: list
             f"{pm.summary['deploy']['fused_convs']} fused convs ternary per channel)")
         for key in dict.fromkeys(t.artifact_for(role) for t in runnable):
             try:
-                artifacts[role, key] = export_artifact(pm, key, mdir, o.imgsz, o.batch, o.data, o.calib_split,
-                                                       o.calib_fraction, o.verbose)
+                artifacts[role, key] = (
+                    export_deployable_artifact(pm, mdir / key, o.imgsz, o.batch, o.data, o.verbose)
+                    if key == "onnx-deploy" else
+                    export_artifact(pm, key, mdir, o.imgsz, o.batch, o.data, o.calib_split, o.calib_fraction,
+                                    o.verbose))
                 if key != "pt":
                     log(f"{role}: exported {key} in {artifacts[role, key][1]:.1f} s")
             except ExportError as e:

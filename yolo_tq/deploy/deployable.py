@@ -15,7 +15,7 @@ import numpy as np
 from ..formats.deploy_onnx import (DeployOnnxError, REST_CHOICES, conv_weight_names, encode_model, encoding_counts,
                                    rel_error, verify_encoding)
 from ..io import CheckpointError, atomic_write_bytes, load_model, save_stock_checkpoint
-from .export import ExportError, export_artifact, prepare_checkpoint
+from .export import ExportError, PreparedModel, export_artifact, prepare_checkpoint
 
 DETECTOR_CLASSES = ("DetectionModel",)  # what the deployable export handles (Ultralytics' detection models)
 ORT_MIN_VERSION = "1.19"  # oldest onnxruntime tried that runs the deployable file (1.17.3, 1.18.1: no numpy 2)
@@ -230,3 +230,15 @@ def build_tensorrt_engine(onnx_path: str | Path, out: str | Path, fp16: bool = T
     header = json.dumps(meta).encode()
     atomic_write_bytes(out, len(header).to_bytes(4, "little", signed=True) + header + bytes(engine))
     return True, f"TensorRT {trt.__version__} engine ({'FP16' if fp16 else 'FP32'}): {out}"
+
+
+def export_deployable_artifact(prepared: PreparedModel, folder: Path, imgsz: int, batch: int, data: str | None,
+                       verbose: bool) -> tuple[Path, float]:
+    """The latency benchmark's 'onnx-deploy' artifact of `prepared` in `folder` (INT8 rest); (path, seconds)."""
+    out = folder / f"{prepared.role}.onnx"
+    try:
+        r = export_deployable(prepared.checkpoint, out, imgsz, "int8", folder, data, batch=batch,
+                              log=print if verbose else (lambda _: None))
+    except (CheckpointError, ValueError) as e:
+        raise ExportError(f"onnx-deploy export failed: {e}") from e
+    return out.resolve(), r.seconds

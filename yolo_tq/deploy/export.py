@@ -123,7 +123,7 @@ def export_artifact(prepared: PreparedModel, key: str, workdir: Path, imgsz: int
     if args is None:
         return prepared.checkpoint, 0.0
     if args["format"] == "onnx-deploy":
-        return _export_deployable(prepared, workdir / key, imgsz, batch, data, verbose)
+        raise ValueError("the deployable ONNX is written by deploy.deployable.export_deployable_artifact")
     from ultralytics import YOLO
     from ultralytics.utils import LOGGER
 
@@ -153,19 +153,6 @@ def export_artifact(prepared: PreparedModel, key: str, workdir: Path, imgsz: int
     if not path.exists():
         raise ExportError(f"{key} export reported {path}, which does not exist (log: {log})")
     return path.resolve(), time.perf_counter() - t0
-
-
-def _export_deployable(prepared: PreparedModel, folder: Path, imgsz: int, batch: int, data: str | None,
-                       verbose: bool) -> tuple[Path, float]:
-    from .deployable import export_deployable
-
-    out = folder / f"{prepared.role}.onnx"
-    try:
-        r = export_deployable(prepared.checkpoint, out, imgsz, "int8", folder, data, batch=batch,
-                              log=print if verbose else (lambda _: None))
-    except (CheckpointError, ValueError) as e:
-        raise ExportError(f"onnx-deploy export failed: {e}") from e
-    return out.resolve(), r.seconds
 
 
 __all__ = ["ARTIFACTS", "CheckpointError", "ExportError", "PreparedModel", "captured_output", "export_artifact",

@@ -2,7 +2,7 @@
 activations quantized by NNCF, calibrated on the train split of --data), its size on disk and its mAP from
 Ultralytics' validator. Without the deploy extras (OpenVINO + NNCF) nothing is exported and the JSON says why.
 
-  python -m yolo_tq.deploy.reference --weights yolo11n.pt --data coco128.yaml --imgsz 320 \\
+  yolo-tq int8-reference --weights yolo11n.pt --data coco128.yaml --imgsz 320 \\
       --workdir RUN_DIR/int8_reference --json RUN_DIR/results/int8_reference.json
 
 Validation: an export has a fixed input shape, so Ultralytics' validator runs it with batch 1 and without
@@ -11,11 +11,7 @@ rectangular batches; the FP model is validated here the same way, so the two mAP
 
 from __future__ import annotations
 
-import argparse
-import os
 from pathlib import Path
-
-from ..io import write_json
 
 FORMAT = "openvino-int8"
 VALIDATION = "batch 1 and rect=False, as Ultralytics runs a fixed-shape export"
@@ -64,20 +60,3 @@ def int8_reference(weights: str, data: str, imgsz: int, workdir: Path, log=print
     return {**head, "status": "ok", "artifact": str(path), "bytes": size, "export_s": export_s,
             "calibration": "train split of the data yaml", "validation": VALIDATION,
             **_accuracy(int8), "fp_same_validation": _accuracy(fp)}
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", required=True, help="the FP checkpoint (.pt)")
-    p.add_argument("--data", required=True, help="data yaml: calibration (train split) and validation (val split)")
-    p.add_argument("--imgsz", type=int, default=640)
-    p.add_argument("--workdir", required=True, help="where the export and its validation go")
-    p.add_argument("--json", required=True, help="the record the pipeline report reads")
-    a = p.parse_args(argv)
-    os.environ.setdefault("YOLO_OFFLINE", "1")
-    print(f"JSON: {write_json(int8_reference(a.weights, a.data, a.imgsz, Path(a.workdir)), a.json)}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..io import CheckpointError, atomic_write_bytes
+from ..io import MODEL_SIZES, CheckpointError, atomic_write_bytes
 from ..quant.apply import is_quantized, paths_filter, quantize_, register_builder
 from ..quant.layers import BitConv2d, PackedBitLinear
 from ..quant.spec import QuantSpec
@@ -63,7 +63,6 @@ _POW3 = torch.tensor([3**i for i in range(TRITS_PER_BYTE)], dtype=torch.int16)
 KIND_SUFFIXES = {"ternary": (".codes", ".scales"), "int8": (".int8", ".scale"), "bn": (".bn_scale", ".bn_shift")}
 RESERVED_SUFFIXES = tuple(s for pair in KIND_SUFFIXES.values() for s in pair)
 # what a file may describe (the loader builds nothing else; see check_metadata)
-KNOWN_SCALES = ("n", "s", "m", "l", "x")  # Ultralytics' yolo11{scale}.yaml
 MAX_NC, MAX_NAME = 10_000, 256  # classes, characters of a class name
 YAML_UNCOMPARED = ("nc", "yaml_file", "channels", "ch")  # nc is bounded, channels must be 3, yaml_file is unused
 METADATA_KEYS = ("format", "format_version", "model_class", "task", "yaml", "nc", "names", "stride",
@@ -395,8 +394,8 @@ def known_architecture(yaml) -> dict:
     if not isinstance(yaml, dict):
         raise PackError("metadata 'yaml' is not a mapping")
     scale = yaml.get("scale")
-    if not isinstance(scale, str) or scale not in KNOWN_SCALES:
-        raise PackError(f"architecture scale {_short(scale)} is not a YOLO11 scale ({', '.join(KNOWN_SCALES)}): "
+    if not isinstance(scale, str) or scale not in MODEL_SIZES:
+        raise PackError(f"architecture scale {_short(scale)} is not a YOLO11 scale ({', '.join(MODEL_SIZES)}): "
                         f"only Ultralytics YOLO11 detection architectures are loaded")
     ref = reference_yaml(scale)
     for key in ("channels", "ch"):

@@ -15,13 +15,15 @@ its own filter (the convs inside its PSABlocks), for the BitLinear layers.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch.nn as nn
 
 from .layers import QuantConv2d, TTQConv2d, quantized_layer
 from .spec import QuantSpec
+
+if TYPE_CHECKING:  # the plan lives a layer up (yolo_tq/plan.py); here it is only read
+    from ..plan import StagePlan
 
 FilterFn = Callable[[nn.Module, str], bool]
 PSA_CONVS = ("attn.qkv", "attn.proj", "attn.pe", "ffn.0", "ffn.1")
@@ -185,47 +187,29 @@ def layers_holding_quantized(model: nn.Module) -> set[int]:
     return layer_indices(model, quantized_modules(model))
 
 
-# ------------------------------------------------------------------------------------------------- stage plans
-@dataclass(frozen=True)
-class StagePlan:
-    """What one stage adds: TTQ on the convs of `layers` (with `spec`), and BitLinear on C2PSA (with `c2psa`)."""
-
-    name: str
-    layers: tuple[int, ...] = ()
-    include_1x1: bool = False
-    detect_head: bool = False
-    spec: QuantSpec = field(default_factory=QuantSpec)
-    c2psa: QuantSpec | None = None
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "layers": list(self.layers), "include_1x1": self.include_1x1,
-                "detect_head": self.detect_head, "spec": self.spec.to_dict(),
-                "c2psa": None if self.c2psa is None else self.c2psa.to_dict()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "StagePlan":
-        return cls(d["name"], tuple(d["layers"]), bool(d["include_1x1"]), bool(d["detect_head"]),
-                   QuantSpec.from_dict(d["spec"]), None if d.get("c2psa") is None else QuantSpec.from_dict(d["c2psa"]))
-
-
-def stage_paths(model: nn.Module, plan: StagePlan) -> list[str]:
-    """The paths of the convs a stage quantizes: its selected convs, and the convs inside C2PSA when it has a C2PSA
-    step."""
-    paths = list(select_convs(model, plan.layers, plan.include_1x1, plan.detect_head))
-    return paths + (list(c2psa_convs(model)) if plan.c2psa is not None else [])
-
-
-def install_stage(model: nn.Module, plan: StagePlan) -> list[str]:
-    """Install what one stage adds (layers already quantized keep their latent weights and scales). Returns the
-    paths installed now."""
-    added = quantize_(model, plan.spec, paths_filter(select_convs(model, plan.layers, plan.include_1x1,
-                                                                  plan.detect_head)))
+# ------------------------------------------------------------------------------------------------- stages
+def stage_targets(model: nn.Module, plan: "StagePlan") -> list[tuple[QuantSpec, list[str]]]:
+    """The selection rule applied to one stage: (spec, paths) for its selected convs (plan.spec) and, with a C2PSA
+    step, for the convs inside C2PSA (plan.c2psa)."""
+    targets = [(plan.spec, list(select_convs(model, plan.layers, plan.include_1x1, plan.detect_head)))]
     if plan.c2psa is not None:
-        targets = c2psa_convs(model)
-        if not targets:
+        paths = list(c2psa_convs(model))
+        if not paths:
             raise PlanError(f"{type(model).__name__} has no C2PSA block to replace")
-        added += quantize_(model, plan.c2psa, paths_filter(targets))
-    return added
+        targets.append((plan.c2psa, paths))
+    return targets
+
+
+def stage_paths(model: nn.Module, plan: "StagePlan") -> list[str]:
+    """The paths of the convs a stage quantizes (stage_targets)."""
+    return [path for _, paths in stage_targets(model, plan) for path in paths]
+
+
+def install_stage(model: nn.Module, plan: "StagePlan", targets=None) -> list[str]:
+    """Install what one stage adds, at `targets` (stage_targets, computed here when not given); layers already
+    quantized keep their latent weights and scales. Returns the paths installed now."""
+    targets = stage_targets(model, plan) if targets is None else targets
+    return [path for spec, paths in targets for path in quantize_(model, spec, paths_filter(paths))]
 
 
 def install_like(model: nn.Module, source: nn.Module) -> list[str]:
@@ -254,7 +238,7 @@ def export_ternary(model: nn.Module) -> nn.Module:
     return out
 
 
-def ternarize_(model: nn.Module, plans: Iterable[StagePlan]) -> list[str]:
+def ternarize_(model: nn.Module, plans: Iterable["StagePlan"]) -> list[str]:
     """Post-training ternarisation: install every plan's layers in order (Wp/Wn from the weights, as TTQ training
     starts). The one post-training path; BatchNorm re-estimation, when wanted, follows (train.batchnorm)."""
     return [path for plan in plans for path in install_stage(model, plan)]

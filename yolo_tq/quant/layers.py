@@ -39,8 +39,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .spec import QuantSpec, SpecError
-from .ternary import (TTQTernarize, absmax_quantize, absmean_ternarize, initial_scales, partial_ternarize,
-                      ternary_threshold)
+from .ternary import (absmax_quantize, absmean_ternarize, initial_scales, partial_ternarize, ternary_threshold,
+                      ttq_ternarize)
 
 
 # ------------------------------------------------------------------------------------------ BitLinear functions
@@ -134,20 +134,30 @@ class TTQWeight(nn.Module):
         wp, wn = initial_scales(latent, delta, spec.per_channel)
         self.wp, self.wn = nn.Parameter(wp), nn.Parameter(wn)
 
+    def __setstate__(self, state):
+        """A module pickled before `share` and `threshold_per_channel` existed reads with their defaults."""
+        state.setdefault("share", 1.0)
+        state.setdefault("threshold_per_channel", False)
+        super().__setstate__(state)
+
+    def factor(self) -> torch.Tensor:
+        """t of Δ = t·mean|w| (a learned t is kept >= 0)."""
+        return self.threshold_factor.clamp_min(0) if self.threshold_factor.requires_grad else self.threshold_factor
+
     def delta(self, latent: torch.Tensor) -> torch.Tensor:
         """The threshold Δ of `latent` (a scalar, or one per output channel with spec.threshold_per_channel)."""
-        factor = self.threshold_factor.clamp_min(0) if self.threshold_factor.requires_grad else self.threshold_factor
-        return ternary_threshold(latent, factor, self.rule, getattr(self, "threshold_per_channel", False))
+        return ternary_threshold(latent, self.factor(), self.rule, self.threshold_per_channel)
 
     def ternary(self, latent: torch.Tensor) -> torch.Tensor:
         """The fully ternary weight, whatever `share` is (what an export stores)."""
-        return TTQTernarize.apply(latent, self.wp, self.wn, self.delta(latent), self.scale_grad)
+        return ttq_ternarize(latent, self.wp, self.wn, self.factor(), self.rule, self.scale_grad,
+                             self.threshold_per_channel)
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
-        return partial_ternarize(latent, self.ternary(latent), getattr(self, "share", 1.0))
+        return partial_ternarize(latent, self.ternary(latent), self.share)
 
     def extra_repr(self) -> str:
-        per = ", per channel" if getattr(self, "threshold_per_channel", False) else ""
+        per = ", per channel" if self.threshold_per_channel else ""
         return f"threshold={float(self.threshold_factor):.3g}{per}, rule={self.rule}, scale_grad={self.scale_grad}"
 
 

@@ -83,5 +83,3 @@ class QuantSpec:
     def replace(self, **changes) -> "QuantSpec":
         return dataclasses.replace(self, **changes)
 
-
-DEFAULT_SPEC = QuantSpec()

@@ -121,10 +121,11 @@ class TTQTernarize(torch.autograd.Function):
 
 
 def ttq_ternarize(
-    weight: torch.Tensor, wp: torch.Tensor, wn: torch.Tensor, factor: float, rule: str = "mean", mode: str = "paper",
-    per_channel_threshold: bool = False,
+    weight: torch.Tensor, wp: torch.Tensor, wn: torch.Tensor, factor: float | torch.Tensor, rule: str = "mean",
+    mode: str = "paper", per_channel_threshold: bool = False,
 ) -> torch.Tensor:
-    """Ternary shadow of `weight` with learned scales: threshold from the latent weight, then TTQTernarize."""
+    """Ternary shadow of `weight` with learned scales (what TTQWeight computes): threshold Δ from the latent weight
+    (a tensor `factor` that requires a gradient is learned), then TTQTernarize."""
     delta = ternary_threshold(weight, factor, rule, per_channel_threshold)
     return TTQTernarize.apply(weight, wp, wn, delta, mode)
 

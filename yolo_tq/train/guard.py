@@ -140,14 +140,13 @@ def raise_on_signals():
 
 
 def command_line(stage_number: int | None = None, resume: bool = False, start: str | None = None,
-                 keep_start: bool = False) -> str:
+                 keep_start: bool = False, start_flag: str = "--start") -> str:
     """This process's command line as a user types it, for stage `stage_number`, with --resume or starting from
-    `start` (the flag is --model for the c2psa commands); its own start flag is dropped unless `keep_start`."""
+    `start` (given with `start_flag`, the command's own flag); that flag is dropped unless `keep_start`."""
     argv = sys.argv
     program = [Path(argv[0]).name] if not argv[0].endswith(".py") else (
         sys.orig_argv[:sys.orig_argv.index(argv[0]) + 1] if argv[0] in getattr(sys, "orig_argv", ()) else
         ["python", argv[0]])
-    start_flag = "--model" if any("c2psa" in a for a in argv[:2]) else "--start"
     drop = {"--resume": 0, **({} if keep_start and not (resume or start) else {start_flag: 1})}  # flag -> values
     out, args = [], iter(argv[1:])
     for a in args:
@@ -180,10 +179,10 @@ class StageRun:
     128 + signal, and removes the folder when the run created it and ends (error or signal) before any checkpoint.
     Set `resumed` to (epoch, epochs) of the last.pt a resumed run starts from."""
 
-    def __init__(self, folder: str | Path, stage_number: int, start: str | None = None):
+    def __init__(self, folder: str | Path, stage_number: int, keep_start: bool = False, start_flag: str = "--start"):
         self.folder = Path(folder).absolute()
         self.created = _first_missing(self.folder)
-        self.stage_number, self.start = stage_number, start
+        self.stage_number, self.keep_start, self.start_flag = stage_number, keep_start, start_flag
         self.resumed: tuple[int, int | None] | None = None  # (epoch, epochs) of the last.pt a resume starts from
         self.started = time.time()
         self.lock = StageLock(self.folder)
@@ -217,14 +216,14 @@ class StageRun:
         name, last, saved = signal.Signals(signum).name, self.folder / "weights" / "last.pt", self.last_saved()
         if not saved or not saved[0]:
             return (f"interrupted by {name} before the first epoch ended: nothing saved; start again with: "
-                    f"{command_line(self.stage_number, keep_start=self.start is not None)}")
+                    f"{command_line(self.stage_number, keep_start=self.keep_start, start_flag=self.start_flag)}")
         done, epochs = saved
         of = f"/{epochs}" if epochs else ""
         if epochs and done >= epochs:
             return (f"interrupted by {name} after the last epoch: {last} holds epoch {done}{of}; the final "
                     f"validation and the ternary export did not run")
         return (f"interrupted by {name}: saved {last} (epoch {done}{of}); resume with: "
-                f"{command_line(self.stage_number, resume=True)}")
+                f"{command_line(self.stage_number, resume=True, start_flag=self.start_flag)}")
 
     @contextlib.contextmanager
     def guard(self):

@@ -16,37 +16,8 @@ arXiv:2203.11086, which freezes oscillating weights).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
-RAMP_MODES = ("none", "magnitude", "layer_deep_first", "layer_early_first")
-
-
-@dataclass(frozen=True)
-class RampPlan:
-    mode: str = "none"
-    epochs: int = 0
-    start: float = 0.5
-    freeze_epochs: int = 0  # last epochs in which the new layers' ternary pattern is frozen (only scales, FP train)
-
-    def __post_init__(self):
-        if self.mode not in RAMP_MODES:
-            raise ValueError(f"unknown ternary_ramp {self.mode!r}; valid: {', '.join(RAMP_MODES)}")
-        if self.mode != "none" and self.epochs < 1:
-            raise ValueError(f"ternary_ramp '{self.mode}' needs ternary_ramp_epochs >= 1")
-        if not 0.0 <= self.start <= 1.0:
-            raise ValueError(f"ternary_ramp_start must be in [0, 1], got {self.start}")
-        if self.freeze_epochs < 0:
-            raise ValueError(f"ternary_freeze_epochs must be >= 0, got {self.freeze_epochs}")
-
-    @property
-    def active(self) -> bool:
-        return self.mode != "none"
-
-    @property
-    def acts(self) -> bool:
-        """Whether the trainer has anything to do per epoch (a ramp or a final freeze)."""
-        return self.active or self.freeze_epochs > 0
-
+from ..plan import RampPlan
 
 def ramp_shares(plan: RampPlan, epoch: int, n_layers: int) -> list[float]:
     """Share of ternary weights for each of `n_layers` new layers (listed from early to deep) at 0-based `epoch`."""

@@ -21,7 +21,7 @@ import torch.nn as nn
 from ultralytics.utils import LOGGER, RANK, TQDM
 from ultralytics.utils.torch_utils import unwrap_model
 
-from ..quant.apply import layer_indices, stage_paths
+from ..quant.apply import layer_indices
 from .distillation import feature_distillation
 from .resolution import train_loader_at
 
@@ -73,7 +73,7 @@ def reconstruct_stage(trainer) -> None:
     d = trainer.plan.distill
     model = unwrap_model(trainer.model)
     criterion = model.criterion
-    layers = sorted(layer_indices(model, stage_paths(model, trainer.plan.stage)))
+    layers = sorted(layer_indices(model, trainer.stage_paths))
     params = [p for i in layers for p in model.model[i].parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=d.reconstruct_lr)
     trainer._model_train()  # train mode as the epochs set it (BatchNorm stays in eval with train.bn_frozen_stats)

@@ -9,19 +9,7 @@ Ultralytics' close_mosaic has closed it. Everything else (optimizer, lr schedule
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from ultralytics.utils import LOCAL_RANK, LOGGER
-
-
-@dataclass(frozen=True)
-class FinalPassPlan:
-    imgsz: int = 0  # image size of the final pass (0: off)
-    epochs: int = 0  # the stage's last epochs trained at that size
-
-    @property
-    def active(self) -> bool:
-        return self.imgsz > 0 and self.epochs > 0
 
 
 def in_final_pass(epoch: int, epochs: int, final_epochs: int) -> bool:

@@ -31,7 +31,7 @@ import torch.nn as nn
 from ultralytics.utils import RANK
 from ultralytics.utils.torch_utils import unwrap_model
 
-from ..quant.apply import quantized_modules, stage_paths
+from ..quant.apply import quantized_modules
 from ..quant.layers import AbsmeanWeight, TTQWeight
 from ..quant.ternary import absmean_ternarize, ternary_masks
 
@@ -102,11 +102,10 @@ class TrainingState:
 # ------------------------------------------------------------------------------------------- trainer integration
 def find_state_layers(trainer) -> None:
     """on_pretrain_routine_end (weights loaded, a resume's too): group the model's quantized layers into `current`
-    (selected by trainer.plan.stage) and `earlier`, and take the first code snapshot. Rank 0 only (it logs)."""
+    (the stage's paths, trainer.stage_paths) and `earlier`, and take the first code snapshot. Rank 0 only (it logs)."""
     if RANK not in {-1, 0}:
         return
-    model, s = unwrap_model(trainer.model), trainer.plan.stage
-    current = set(stage_paths(model, s))
+    model, current = unwrap_model(trainer.model), set(trainer.stage_paths)
     groups: dict[str, list] = {g: [] for g in GROUPS}
     for path, m in quantized_modules(model).items():
         groups[GROUPS[0] if path in current else GROUPS[1]].append(m)

@@ -1,7 +1,7 @@
 """TTQTrainer: Ultralytics' DetectionTrainer with quantized layers installed into the model.
 
 Everything else (data pipeline, augmentation, EMA, AMP, warm-up, validation, checkpoints, resume, loggers, plots,
-DDP) is Ultralytics' own. The stage's plan travels in `args.ttq` as a plain dict (TrainPlan.to_dict()), so it survives
+DDP) is Ultralytics' own. The stage's plan travels in `args.ttq` as a plain dict (asdict of a TrainPlan), so it survives
 Ultralytics' DDP re-launch, which rebuilds the trainer from `vars(trainer.args)`, and resume, which rebuilds it from
 the checkpoint's train_args; it is turned back into typed objects once, in __init__.
 """
@@ -9,7 +9,7 @@ the checkpoint's train_args; it is turned back into typed objects once, in __ini
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch.nn as nn
@@ -19,79 +19,25 @@ from ultralytics.utils import DEFAULT_CFG, LOGGER, RANK
 from ultralytics.utils.torch_utils import unwrap_model
 
 from ..io import AtomicPath, atomic_write_bytes, load_model, safe_loading, save_stock_checkpoint
-from ..quant.apply import (StagePlan, export_ternary, install_like, install_stage, quantized_modules, scale_parameters,
-                           threshold_parameters)
-from .ramp import RampPlan, ramp_shares
+from ..plan import TERNARY_EXPORT_NAME, TrainPlan
+from ..quant.apply import (export_ternary, install_like, install_stage, quantized_modules, scale_parameters,
+                           stage_targets, threshold_parameters)
+from .ramp import ramp_shares
 from .reconstruct import reconstruct_stage
-from .resolution import FinalPassPlan, switch_to_final_imgsz
+from .resolution import switch_to_final_imgsz
 from .state import find_state_layers, with_training_state
 
-PLAN_KEY = "ttq"
-TERNARY_EXPORT_NAME = "ternary.pt"
-
-
-@dataclass(frozen=True)
-class OptimPlan:
-    """Optimizer groups beyond Ultralytics': the learned scales, and (with latent_lr) the latent weights."""
-
-    scale_lr: float
-    scale_weight_decay: float
-    latent_lr: float | None = None
-    latent_weight_decay: float | None = None  # None: Ultralytics' weight_decay
-    threshold_lr: float = 1e-3  # learned threshold factors (quantization.learn_threshold), no weight decay
-
-
-@dataclass(frozen=True)
-class DistillPlan:
-    """Distillation from a frozen teacher checkpoint (resolved path) with the loss weights."""
-
-    teacher: str
-    cls_weight: float = 1.0
-    box_weight: float = 1.0
-    feature_weight: float = 0.0
-    temperature: float = 1.0
-    reconstruct_steps: int = 0  # feature reconstruction of the stage's layers before training (train/reconstruct.py)
-    reconstruct_lr: float = 1e-3
-    reconstruct_imgsz: int | None = None  # None: the training size
-
-
-@dataclass(frozen=True)
-class TrainPlan:
-    """Everything the trainer needs beyond Ultralytics' own arguments."""
-
-    stage: StagePlan
-    optim: OptimPlan
-    distill: DistillPlan | None = None
-    ramp: RampPlan = RampPlan()
-    bn_frozen: bool = False  # BatchNorm keeps its running statistics (eval mode) while everything else trains
-    trainable: str = "all"  # all | stage: only this stage's quantized layers train (train.trainable)
-    fitness: str = "default"  # default | map50: mAP50 picks best.pt and drives early stopping (train.fitness)
-    final_pass: FinalPassPlan = FinalPassPlan()  # last epochs at the deployment size (train.final_imgsz)
-
-    def to_dict(self) -> dict:
-        return {"stage": self.stage.to_dict(), "optim": asdict(self.optim),
-                "distill": None if self.distill is None else asdict(self.distill), "ramp": asdict(self.ramp),
-                "bn_frozen": self.bn_frozen, "trainable": self.trainable, "fitness": self.fitness,
-                "final_pass": asdict(self.final_pass)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainPlan":
-        return cls(StagePlan.from_dict(d["stage"]), OptimPlan(**d["optim"]),
-                   None if d.get("distill") is None else DistillPlan(**d["distill"]), RampPlan(**d.get("ramp", {})),
-                   bool(d.get("bn_frozen", False)), d.get("trainable", "all"), d.get("fitness", "default"),
-                   FinalPassPlan(**d.get("final_pass", {})))
+PLAN_KEY = "ttq"  # the trainer argument that carries the plan (asdict of a TrainPlan)
 
 
 def find_ramp_layers(trainer) -> None:
     """Once, before training: the TTQ weight quantizers of this stage's layers, grouped by yaml layer (early to
     deep), in the model and in its EMA copy (the EMA is what gets validated and saved); and their latent weights in
     the model (frozen in the last ternary_freeze_epochs)."""
-    from ..quant.apply import select_convs
     from ..quant.layers import TTQConv2d
 
-    s, model = trainer.plan.stage, unwrap_model(trainer.model)
-    paths = [p for p in select_convs(model, s.layers, s.include_1x1, s.detect_head)
-             if isinstance(model.get_submodule(p), TTQConv2d)]
+    model = unwrap_model(trainer.model)
+    paths = [p for p in trainer.stage_paths if isinstance(model.get_submodule(p), TTQConv2d)]
     nets = [model] + ([trainer.ema.ema] if trainer.ema else [])
     groups: dict[int, list] = {}
     for path in paths:
@@ -114,14 +60,14 @@ def set_ramp_shares(trainer) -> None:
         latent.requires_grad_(not frozen)
 
 
-def freeze_to_stage(model: nn.Module, stage: StagePlan) -> set[int]:
+def freeze_to_stage(model: nn.Module, paths: list[str]) -> set[int]:
     """`train.trainable: stage`: every parameter stops training except the latent weights, biases and learned scales
     of the quantized layers this stage names (its TTQ convs; with a C2PSA step, its BitLinear layers, whose LayerNorm
     stays as installed, as the original's did). BatchNorm statistics still follow the data (train mode), as in the
     original. Returns the ids of the frozen parameters."""
-    from ..quant.apply import is_quantized, stage_paths
+    from ..quant.apply import is_quantized
 
-    layers = [m for m in map(model.get_submodule, stage_paths(model, stage)) if is_quantized(m)]
+    layers = [m for m in map(model.get_submodule, paths) if is_quantized(m)]
     train = {id(p) for m in layers for p in (m.latent_weight, m.bias, *m.scale_parameters()) if p is not None}
     for p in model.parameters():
         p.requires_grad_(id(p) in train)
@@ -194,8 +140,8 @@ class TTQTrainer(DetectionTrainer):
             plan = getattr(self.args, PLAN_KEY, None)
         if plan is None:
             raise ValueError(f"TTQTrainer needs a '{PLAN_KEY}' plan in its overrides")
-        self.plan = TrainPlan.from_dict(plan)
-        setattr(self.args, PLAN_KEY, self.plan.to_dict())  # saved in args.yaml, checkpoints and the DDP state file
+        self.plan = TrainPlan(**plan)
+        setattr(self.args, PLAN_KEY, asdict(self.plan))  # saved in args.yaml, checkpoints and the DDP state file
         if self.plan.distill is not None:
             self.add_callback("on_pretrain_routine_end", attach_distillation)
             if self.plan.distill.reconstruct_steps and not self.args.resume:
@@ -226,7 +172,9 @@ class TTQTrainer(DetectionTrainer):
         if weights is not None:
             install_like(model, weights)
             model.load(weights, verbose=verbose)
-        added = install_stage(model, self.plan.stage)
+        targets = stage_targets(model, self.plan.stage)  # the selection rule, once, as the stage is installed
+        self.stage_paths = [path for _, paths in targets for path in paths]
+        added = install_stage(model, self.plan.stage, targets)
         if verbose and RANK in {-1, 0}:
             LOGGER.info(f"TTQ stage '{self.plan.stage.name}': {len(added)} modules added, "
                         f"{len(quantized_modules(model))} quantized in total")
@@ -236,7 +184,7 @@ class TTQTrainer(DetectionTrainer):
         optimizer = super().build_optimizer(model, name, lr, momentum, decay, iterations)
         net, o = unwrap_model(model), self.plan.optim
         latents = [m.latent_weight for m in quantized_modules(net).values()] if o.latent_lr is not None else []
-        frozen = freeze_to_stage(net, self.plan.stage) if self.plan.trainable == "stage" else set()
+        frozen = freeze_to_stage(net, self.stage_paths) if self.plan.trainable == "stage" else set()
         groups = [  # (name, parameters, lr, weight decay), each taken out of Ultralytics' groups
             ("ttq_latent", latents, o.latent_lr, decay if o.latent_weight_decay is None else o.latent_weight_decay),
             ("ttq_scales", scale_parameters(net), o.scale_lr, o.scale_weight_decay),

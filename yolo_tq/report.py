@@ -1,24 +1,22 @@
-"""The run.sh report: summary.md, summary.json and plots from the JSON files the pipeline's steps wrote.
-
-  python -m yolo_tq.pipeline RUN_DIR [--profile quick] [--size n]
+"""The run.sh report: summary.md, summary.json and plots from the JSON files the pipeline's steps wrote
+(`yolo-tq report RUN_DIR`, yolo_tq/commands/report.py).
 
 Every figure comes from a file a step wrote; what a step did not measure is said, with the reason, not filled in.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from collections import defaultdict
 from pathlib import Path
 
+from .deploy.backends import DEPLOY_REQS as DEPLOY_HINT
+from .deploy.results import SCHEMA as LATENCY_SCHEMA
 from .io import atomic_write_bytes, atomic_write_text, write_json
 
 STEPS = [("fp", "FP baseline"), ("stage1", "Stage 1"), ("stage2", "Stage 1-2"), ("stage3", "Stage 1-3"),
          ("c2psa_ttq", "Stage 1-3 + BitLinear_TTQ"), ("c2psa_standard", "Stage 1-3 + standard BitLinear")]
-LATENCY_SCHEMA = "yolo-tq/latency/3"  # the latency.json this report reads (yolo_tq.deploy.results.SCHEMA)
-DEPLOY_HINT = 'pip install -e ".[deploy]"'
 
 
 def step_order() -> list[str]:
@@ -297,22 +295,10 @@ def plots(summary: dict, run: Path) -> list[Path]:
     return [plot_map_vs_size(summary, run / "map_vs_size.png"), plot_stages(summary, run / "stages.png")]
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir")
-    p.add_argument("--profile", default="quick")
-    p.add_argument("--size", default="n")
-    a = p.parse_args()
-    run = Path(a.run_dir)
+def write_report(run: Path, profile: str, size: str) -> list[Path]:
+    """summary.json, summary.md and the plots of the pipeline run folder `run`; returns the files written."""
     summary = collect(run)
-    summary.update(profile=a.profile, model_size=a.size)
+    summary.update(profile=profile, model_size=size)
     write_json(summary, run / "summary.json")
-    atomic_write_text(run / "summary.md", markdown(summary, a.profile, a.size))
-    for path in plots(summary, run):
-        print(f"plot: {path}")
-    print((run / "summary.md").read_text())
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    atomic_write_text(run / "summary.md", markdown(summary, profile, size))
+    return [run / "summary.json", run / "summary.md", *plots(summary, run)]
