@@ -56,7 +56,7 @@ step() {  # step NAME COMMAND...: run once; a finished step (marker file) is ski
   if [ -f "$RUN_DIR/.done/$name" ]; then echo "== $name: done earlier, skipped"; return 0; fi
   echo "== $name: $*"
   local t0=$SECONDS
-  if ! "$@" > >(tee "$RUN_DIR/logs/$name.log") 2>&1; then
+  if ! "$@" 2>&1 | tee "$RUN_DIR/logs/$name.log"; then  # pipefail: the step's status; the log is complete after
     echo "run.sh: step '$name' failed; see $RUN_DIR/logs/$name.log. Fix the cause and re-run the same command to continue." >&2
     exit 1
   fi

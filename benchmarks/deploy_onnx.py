@@ -167,18 +167,29 @@ def main() -> None:
     p.add_argument("--no-openvino", action="store_true")
     p.add_argument("--workdir", default=None)
     p.add_argument("--out", default=None, help="JSON to write")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the rows and latency --out already holds (each with its own provenance); measure the rest")
     a = p.parse_args()
     work = Path(a.workdir or tempfile.mkdtemp(prefix="deploy_onnx_"))
     models = [("FP", a.baseline)] + [tuple(m.split("=", 1)) for m in a.model]
     result = {"provenance": provenance(), "sizes": a.sizes, "targets": TARGETS, "rows": [], "latency": {}}
+    if a.resume and a.out and Path(a.out).is_file():
+        old = json.loads(Path(a.out).read_text())
+        result["rows"] = [{(int(k) if k.isdigit() else k): v for k, v in r.items()} for r in old["rows"]]
+        result["latency"] = old.get("latency", {})
+    done = {r["name"] for r in result["rows"]}
     for name, ckpt in models:
-        result["rows"].append(measure_model(name, ckpt, a.data, a.sizes, work, not a.no_openvino))
+        if name in done:
+            print(f"{name}: kept from {a.out}")
+            continue
+        row = measure_model(name, ckpt, a.data, a.sizes, work, not a.no_openvino)
+        result["rows"].append({**row, "provenance": provenance()})
         if a.out:
             write_json(result, a.out)
     timed = [n for n in a.latency_models.split(",") if n] or [n for n, _ in models[1:]]
     if a.latency_runs:
         for name, ckpt in models[1:]:
-            if name in timed:
+            if name in timed and name not in result["latency"]:
                 result["latency"][name] = latency(a.baseline, ckpt, a.data, max(a.sizes), a.latency_runs,
                                                   work / f"latency_{name}")
                 if a.out:

@@ -102,7 +102,8 @@ def main() -> None:
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "latency_cpu.json"))
     a = p.parse_args()
 
-    from yolo_tq.deploy.bench import BenchOptions, format_table, run_benchmark
+    from yolo_tq.deploy.bench import BenchOptions, run_benchmark
+    from yolo_tq.deploy.results import format_table
 
     weights, data = require(a.weights, "weights"), require(a.data, "data yaml")
     work = Path(a.workdir)

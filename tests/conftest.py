@@ -59,6 +59,23 @@ def run_here(*args, cwd=REPO) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
+class StopTraining(Exception):
+    """Raised by a test's callback to end a training run where the test wants it to end."""
+
+
+def train_first_epoch_only(cfg, number: int = 1) -> None:
+    """Train stage `number` of `cfg` and stop right after its first epoch is saved (last.pt holds epoch 0), as an
+    interrupted run leaves it."""
+    from yolo_tq.train.stages import train_stages
+
+    def interrupt(trainer):
+        if trainer.epoch == 0:
+            raise StopTraining
+
+    with pytest.raises(StopTraining):
+        train_stages(cfg, [number], callbacks={"on_model_save": interrupt})
+
+
 def assert_one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
     """Exit status 2, no traceback, and exactly one 'error: ...' line on stderr, the last one, holding every needle.
     Returns that line."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 import textwrap
 from pathlib import Path
 

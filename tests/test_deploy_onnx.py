@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from conftest import REPO, assert_one_line_error, progressive_stage_plans, run_here
 from yolo_tq.formats import deploy_onnx as dx
-from yolo_tq.formats.packed import pack_trits, unpack_trits
+from yolo_tq.formats.codes import pack_trits, unpack_trits
 
 STAGE_PLANS = progressive_stage_plans()
 

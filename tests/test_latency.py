@@ -13,16 +13,16 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, build_model, c2psa_plan, progressive_stage_plans
+from conftest import REPO, build_model, c2psa_plan, progressive_stage_plans, run_here
 
 from yolo_tq.deploy import backends
 from yolo_tq.deploy.agreement import (FP32_BOX_TOL_PX, AgreementError, compare_outputs, f1_score, found_share,
                                       match_detections, output_diffs, verdict)
-from yolo_tq.deploy.bench import BenchError, BenchOptions, format_table, reference_outputs, run_benchmark
+from yolo_tq.deploy.bench import BenchError, BenchOptions, reference_outputs, run_benchmark
 from yolo_tq.deploy.export import export_artifact, prepare_checkpoint
 from yolo_tq.deploy.memory import peak_rss_mb, reset_peak_rss
-from yolo_tq.deploy.results import (SCHEMA, ABResult, Interleaved, Memory, Skip, TargetRow, WorkerSpec, load_arrays,
-                                    save_arrays)
+from yolo_tq.deploy.results import (SCHEMA, ABResult, Interleaved, Memory, Skip, TargetRow, WorkerSpec, format_table,
+                                    load_arrays, save_arrays)
 from yolo_tq.deploy.stats import latency_stats, ratio, ratios
 from yolo_tq.deploy.timing import PerfCounterClock, time_runs
 from yolo_tq.deploy.weights import channelwise_ternary, int8_rounding_error
@@ -561,12 +561,11 @@ def test_openvino_fp32_and_int8(tmp_path, ternary_checkpoint, tiny_data, inputs_
 
 # ------------------------------------------------------------------------------------- the pipeline's INT8 reference
 def test_int8_reference_without_deploy_extras(tmp_path, tiny_fp_checkpoint, tiny_data, monkeypatch):
-    from yolo_tq.deploy import reference
-
     monkeypatch.setattr(backends, "_importable", lambda m, real=backends._importable: m != "openvino" and real(m))
     out = tmp_path / "int8_reference.json"
-    assert reference.main(["--weights", str(tiny_fp_checkpoint), "--data", str(tiny_data), "--imgsz", str(IMGSZ),
-                           "--workdir", str(tmp_path / "w"), "--json", str(out)]) == 0
+    r = run_here("yolo-tq", "int8-reference", "--weights", tiny_fp_checkpoint, "--data", tiny_data, "--imgsz",
+                 IMGSZ, "--workdir", tmp_path / "w", "--json", out)
+    assert r.returncode == 0, r.stderr[-2000:]
     r = json.loads(out.read_text())
     assert r["status"] == "skipped" and r["reason"].startswith("OpenVINO is not installed") and "[deploy]" in r["reason"]
     assert not (tmp_path / "w").exists()  # nothing exported

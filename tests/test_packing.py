@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 
 from conftest import REPO, build_model, c2psa_plan, progressive_stage_plans
+from yolo_tq.formats import codes as codec
+from yolo_tq.formats import layout, metadata, reader, verify
 from yolo_tq.formats import packed as packing
 from yolo_tq.quant.apply import export_ternary, install_stage, quantized_modules
 from yolo_tq.quant.layers import PackedBitLinear
@@ -53,21 +55,21 @@ def packed80(model80, tmp_path_factory):
 def test_trits_round_trip_awkward_sizes(n):
     g = torch.Generator().manual_seed(n)
     codes = torch.randint(0, 3, (n,), generator=g, dtype=torch.uint8)
-    packed = packing.pack_trits(codes)
+    packed = codec.pack_trits(codes)
     assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(n / 5)
     assert int(packed.max()) <= 242
-    assert torch.equal(packing.unpack_trits(packed, n), codes)
+    assert torch.equal(codec.unpack_trits(packed, n), codes)
 
 
 def test_trits_known_value_and_bad_input():
-    assert packing.pack_trits(torch.tensor([1, 2, 0, 0, 1], dtype=torch.uint8)).tolist() == [1 + 2 * 3 + 81]
-    assert packing.pack_trits(torch.tensor([2, 2, 2, 2, 2, 1], dtype=torch.uint8)).tolist() == [242, 1]
+    assert codec.pack_trits(torch.tensor([1, 2, 0, 0, 1], dtype=torch.uint8)).tolist() == [1 + 2 * 3 + 81]
+    assert codec.pack_trits(torch.tensor([2, 2, 2, 2, 2, 1], dtype=torch.uint8)).tolist() == [242, 1]
     with pytest.raises(ValueError):
-        packing.pack_trits(torch.tensor([3], dtype=torch.uint8))
-    with pytest.raises(packing.PackError, match="base-3"):
-        packing.unpack_trits(torch.tensor([243], dtype=torch.uint8), 5)
-    with pytest.raises(packing.PackError, match="cannot hold"):
-        packing.unpack_trits(torch.tensor([0, 0], dtype=torch.uint8), 5)
+        codec.pack_trits(torch.tensor([3], dtype=torch.uint8))
+    with pytest.raises(codec.PackError, match="base-3"):
+        codec.unpack_trits(torch.tensor([243], dtype=torch.uint8), 5)
+    with pytest.raises(codec.PackError, match="cannot hold"):
+        codec.unpack_trits(torch.tensor([0, 0], dtype=torch.uint8), 5)
 
 
 @pytest.mark.parametrize("shape", [(7, 3, 3, 3), (5, 1, 1, 1), (1, 13), (3, 2, 5, 5)])
@@ -75,19 +77,19 @@ def test_ternary_tensor_exact(shape):
     g = torch.Generator().manual_seed(1)
     codes = torch.randint(0, 3, shape, generator=g)
     w = torch.where(codes == 1, torch.tensor(0.0371), torch.where(codes == 2, torch.tensor(-0.0219), torch.tensor(0.0)))
-    c, wp, wn = packing.ternary_codes(w)
+    c, wp, wn = codec.ternary_codes(w)
     assert (wp, wn) == (float(torch.tensor(0.0371)), float(torch.tensor(0.0219)))
-    back = packing.decode_ternary(packing.unpack_trits(packing.pack_trits(c), w.numel()), wp, wn, shape)
+    back = codec.decode_ternary(codec.unpack_trits(codec.pack_trits(c), w.numel()), wp, wn, shape)
     assert torch.equal(back, w)
 
 
 def test_ternary_codes_partial_sets_and_rejects_non_ternary():
     for w in (torch.tensor([0.5, 0.0, 0.5]), torch.tensor([-0.25, -0.25, 0.0]), torch.tensor([0.5, -0.25]),
               torch.zeros(4)):
-        c, wp, wn = packing.ternary_codes(w)
-        assert torch.equal(packing.decode_ternary(c, wp, wn, w.shape), w)
+        c, wp, wn = codec.ternary_codes(w)
+        assert torch.equal(codec.decode_ternary(c, wp, wn, w.shape), w)
     with pytest.raises(ValueError, match="not ternary"):
-        packing.ternary_codes(torch.tensor([0.5, 0.25, 0.0]))
+        codec.ternary_codes(torch.tensor([0.5, 0.25, 0.0]))
 
 
 def test_int8_per_channel_within_half_a_step():
@@ -95,11 +97,11 @@ def test_int8_per_channel_within_half_a_step():
     w = torch.randn(16, 8, 3, 3, generator=g) * torch.logspace(-2, 1, 16).reshape(16, 1, 1, 1)
     w[3] = 0.0  # a dead channel
     for dtype in (torch.float16, torch.float32):
-        q, s = packing.quantize_int8_per_channel(w, dtype)
+        q, s = codec.quantize_int8_per_channel(w, dtype)
         assert q.dtype == torch.int8 and s.dtype == dtype and s.shape == (16,)
         assert int(q.abs().max()) <= 127
         step = s.float().reshape(16, 1, 1, 1)
-        err = (packing.dequantize_int8(q, s) - w).abs()
+        err = (codec.dequantize_int8(q, s) - w).abs()
         assert torch.all(err <= 0.5 * step + 1e-12)
         assert float(s[3]) == 0.0 and torch.all(q[3] == 0)
         # symmetric per channel: the largest magnitude of each live channel maps to +-127
@@ -109,11 +111,11 @@ def test_int8_per_channel_within_half_a_step():
 
 def test_int8_scale_that_does_not_fit_fp16_is_refused():
     with pytest.raises(ValueError):
-        packing.quantize_int8_per_channel(torch.full((2, 3), 1e7), torch.float16)
+        codec.quantize_int8_per_channel(torch.full((2, 3), 1e7), torch.float16)
     with pytest.raises(ValueError):  # subnormal FP16 step would be far coarser than max|w|/127
-        packing.quantize_int8_per_channel(torch.full((2, 3), 1e-4), torch.float16)
-    q, s = packing.quantize_int8_per_channel(torch.full((2, 3), 1e-4), torch.float32)
-    assert torch.allclose(packing.dequantize_int8(q, s), torch.full((2, 3), 1e-4))
+        codec.quantize_int8_per_channel(torch.full((2, 3), 1e-4), torch.float16)
+    q, s = codec.quantize_int8_per_channel(torch.full((2, 3), 1e-4), torch.float32)
+    assert torch.allclose(codec.dequantize_int8(q, s), torch.full((2, 3), 1e-4))
 
 
 def test_bn_affine_round_trip_computes_same_function():
@@ -122,9 +124,9 @@ def test_bn_affine_round_trip_computes_same_function():
     with torch.no_grad():
         bn.weight.uniform_(0.5, 2), bn.bias.uniform_(-1, 1), bn.running_mean.uniform_(-1, 1)
         bn.running_var.uniform_(0.1, 3)
-    scale, shift = packing.bn_affine(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+    scale, shift = codec.bn_affine(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
     bn2 = nn.BatchNorm2d(6, eps=1e-3).eval()
-    bn2.load_state_dict(packing.bn_from_affine(scale, shift, bn2.eps), strict=False)
+    bn2.load_state_dict(codec.bn_from_affine(scale, shift, bn2.eps), strict=False)
     x = torch.randn(2, 6, 4, 4)
     torch.testing.assert_close(bn2(x), bn(x), rtol=1e-5, atol=1e-6)
 
@@ -156,8 +158,8 @@ def test_file_size_matches_bit_budget(model80, tmp_path, rest):
     header_len, header = header_of(path)
     assert os.path.getsize(path) - 8 - header_len == payload_formula(model80, rest)
     assert header_len <= 40_000  # one header entry per stored tensor (343 for yolo11n) and the JSON metadata
-    tensors, _ = packing.read_packed(path)
-    ternary = [k for k, kind in packing.entry_kinds(tensors).items() if kind == "ternary"]
+    tensors, _ = reader.read_packed(path)
+    ternary = [k for k, kind in layout.entry_kinds(tensors).items() if kind == "ternary"]
     n_tern = sum(model80.state_dict()[k].numel() for k in ternary)
     assert n_tern == 1_368_320 and len(ternary) == 34
     code_bytes = sum(tensors[f"{k}.codes"].numel() for k in ternary)
@@ -166,15 +168,15 @@ def test_file_size_matches_bit_budget(model80, tmp_path, rest):
 
 
 def test_round_trip_ternary_identical_int8_within_step(model80, packed80):
-    tensors, meta = packing.read_packed(packed80)
-    model = packing.model_from_packed(tensors, meta)
+    tensors, meta = reader.read_packed(packed80)
+    model = reader.model_from_packed(tensors, meta)
     assert type(model).__name__ == "DetectionModel" and not model.training
-    check = packing.verify_round_trip(model80, model, tensors)
+    check = verify.verify_round_trip(model80, model, tensors)
     assert check["ternary"] == 34 and check["ternary_identical"] == 34
     assert check["int8"] > 0 and check["int8_max_err_steps"] <= 0.5 + 1e-3 and check["ok"]
     assert check["bn"] == sum(isinstance(m, nn.BatchNorm2d) for m in model80.modules())
     src, out = model80.state_dict(), model.state_dict()
-    for name, prec in packing.entry_kinds(tensors).items():
+    for name, prec in layout.entry_kinds(tensors).items():
         if prec == "ternary":
             assert torch.equal(src[name], out[name]), name
         elif prec == "int8":
@@ -188,7 +190,7 @@ def test_round_trip_ternary_identical_int8_within_step(model80, packed80):
 
 def test_fp16_rest_close_to_source(model80, tmp_path):
     path = packing.write_packed(model80, tmp_path / "fp16.safetensors", "fp16")
-    model = packing.load_packed(path)
+    model = reader.load_packed(path)
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         a, b = model80(x)[0], model(x)[0]
@@ -203,13 +205,13 @@ def test_tensor_with_a_tiny_channel_keeps_fp32_scales(model80, tmp_path):
     with torch.no_grad():
         conv.weight[5] = conv.weight[5].sign() * 1e-4  # its INT8 step would be subnormal in FP16
     path = packing.write_packed(model, tmp_path / "tiny.safetensors")
-    tensors, meta = packing.read_packed(path)
-    tags = packing.entry_kinds(tensors)
+    tensors, meta = reader.read_packed(path)
+    tags = layout.entry_kinds(tensors)
     assert tags["model.1.conv.weight"] == tags["model.0.conv.weight"] == "int8"
     assert tensors["model.1.conv.weight.scale"].dtype == torch.float32
     assert tensors["model.1.conv.weight.scale"].shape == (conv.out_channels,)
     assert tensors["model.0.conv.weight.scale"].dtype == torch.float16
-    check = packing.verify_round_trip(model, packing.model_from_packed(tensors, meta), tensors)
+    check = verify.verify_round_trip(model, reader.model_from_packed(tensors, meta), tensors)
     assert check["ok"] and check["int8_max_err_steps"] <= 0.5 + 1e-3
     assert os.path.getsize(path) - os.path.getsize(packing.write_packed(model80, tmp_path / "m.safetensors")) < 200
 
@@ -218,10 +220,10 @@ def test_training_model_is_packed_through_its_stock_export(tmp_path):
     from yolo_tq.eval.size import stock_ternary_model
 
     train_model = ternary_model(nc=2, plans=STAGE_PLANS[:1], export=False)
-    with pytest.raises(packing.PackError, match="quantized training modules"):
+    with pytest.raises(codec.PackError, match="quantized training modules"):
         packing.pack_state(train_model)
     stock = stock_ternary_model(train_model)
-    model = packing.load_packed(packing.write_packed(stock, tmp_path / "t.safetensors"))
+    model = reader.load_packed(packing.write_packed(stock, tmp_path / "t.safetensors"))
     for path, q in quantized_modules(train_model).items():
         assert torch.equal(model.get_submodule(path).weight, q.weight.detach()), path
 
@@ -235,7 +237,7 @@ def test_loads_without_unpickling(packed80, monkeypatch):
                            "model.0.bn.bn_shift", "model.23.dfl.conv.weight"}
     assert header["model.0.conv.weight.int8"] == {**header["model.0.conv.weight.int8"], "dtype": "I8",
                                                   "shape": [16, 3, 3, 3]}
-    assert json.loads(header["__metadata__"][packing.META_KEY])["format_version"] == packing.FORMAT_VERSION == 2
+    assert json.loads(header["__metadata__"][metadata.META_KEY])["format_version"] == metadata.FORMAT_VERSION == 2
 
     def refuse(*a, **k):
         raise AssertionError("unpickling attempted")
@@ -244,21 +246,21 @@ def test_loads_without_unpickling(packed80, monkeypatch):
     monkeypatch.setattr(pickle, "loads", refuse)
     monkeypatch.setattr(pickle, "Unpickler", refuse)
     monkeypatch.setattr(torch, "load", refuse)
-    model = packing.load_packed(packed80)
+    model = reader.load_packed(packed80)
     assert sum(p.numel() for p in model.parameters()) == 2_624_080
 
 
 # ------------------------------------------------------------------------------------------------------- errors
 def test_refuses_non_ternary_and_bad_options():
     fp = build_model("yolo11n.yaml", 2)
-    with pytest.raises(packing.PackError, match="no ternary weights"):
+    with pytest.raises(codec.PackError, match="no ternary weights"):
         packing.pack_state(fp)
-    with pytest.raises(packing.PackError, match="unknown precision"):
+    with pytest.raises(codec.PackError, match="unknown precision"):
         packing.pack_state(fp, rest="int4")
-    with pytest.raises(packing.PackError, match="cannot pack a Conv2d"):
+    with pytest.raises(codec.PackError, match="cannot pack a Conv2d"):
         packing.pack_state(nn.Conv2d(3, 3, 3))
     tensors, meta = packing.pack_state(fp, require_ternary=False)  # INT8 / FP16 only
-    assert meta["ternary_layers"] == [] and set(packing.entry_kinds(tensors).values()) == {"int8", "fp16", "bn"}
+    assert meta["ternary_layers"] == [] and set(layout.entry_kinds(tensors).values()) == {"int8", "fp16", "bn"}
 
 
 def test_refuses_a_state_key_with_a_reserved_suffix(model80):
@@ -266,7 +268,7 @@ def test_refuses_a_state_key_with_a_reserved_suffix(model80):
 
     model = copy.deepcopy(model80)
     model.model[1].register_buffer("codes", torch.zeros(3))
-    with pytest.raises(packing.PackError, match="reserves"):
+    with pytest.raises(codec.PackError, match="reserves"):
         packing.pack_state(model)
 
 
@@ -276,22 +278,22 @@ def test_corrupt_truncated_and_foreign_files(packed80, tmp_path):
     raw = packed80.read_bytes()
     bad = tmp_path / "truncated.safetensors"
     bad.write_bytes(raw[: len(raw) // 2])
-    with pytest.raises(packing.PackError, match="corrupt or truncated"):
-        packing.load_packed(bad)
+    with pytest.raises(codec.PackError, match="corrupt or truncated"):
+        reader.load_packed(bad)
     bad.write_bytes(b"not a safetensors file at all")
-    with pytest.raises(packing.PackError, match="corrupt or truncated"):
-        packing.load_packed(bad)
+    with pytest.raises(codec.PackError, match="corrupt or truncated"):
+        reader.load_packed(bad)
     save_file({"x": torch.zeros(2)}, str(bad))
-    with pytest.raises(packing.PackError, match="not a packed YOLO-TQ model"):
-        packing.load_packed(bad)
+    with pytest.raises(codec.PackError, match="not a packed YOLO-TQ model"):
+        reader.load_packed(bad)
     with pytest.raises(FileNotFoundError):
-        packing.load_packed(tmp_path / "missing.safetensors")
+        reader.load_packed(tmp_path / "missing.safetensors")
 
 
 def _rewrite(tensors, meta, path):
     from safetensors.torch import save_file
 
-    save_file(tensors, str(path), metadata={"format": "pt", packing.META_KEY: json.dumps(meta)})
+    save_file(tensors, str(path), metadata={"format": "pt", metadata.META_KEY: json.dumps(meta)})
     return path
 
 
@@ -326,32 +328,32 @@ CORRUPTIONS = {  # name -> (change to the tensors and metadata, message)
 @pytest.fixture(scope="module")
 def rebuilt80(packed80):
     """The model packed80's metadata describes, built once (load_packed's first step)."""
-    return packing.build_model(packing.read_packed(packed80)[1])
+    return reader.build_model(reader.read_packed(packed80)[1])
 
 
 @pytest.mark.parametrize("case", list(CORRUPTIONS))
 def test_corrupt_entry_is_a_one_line_pack_error(packed80, rebuilt80, tmp_path, case):
     """Each step of load_packed after building the model: read, install BitLinear records, decode."""
-    tensors, meta = packing.read_packed(packed80)
+    tensors, meta = reader.read_packed(packed80)
     change, pattern = CORRUPTIONS[case]
     change(tensors, meta)
     path = _rewrite(tensors, meta, tmp_path / "bad.safetensors")
-    with pytest.raises(packing.PackError, match=pattern) as e:
-        tensors, meta = packing.read_packed(path)
-        packing.install_packed_modules(rebuilt80, meta["modules"])
-        packing.decode_state(tensors, rebuilt80)
+    with pytest.raises(codec.PackError, match=pattern) as e:
+        tensors, meta = reader.read_packed(path)
+        reader.install_packed_modules(rebuilt80, meta["modules"])
+        reader.decode_state(tensors, rebuilt80)
     assert "\n" not in str(e.value)
 
 
 def test_corrupt_file_fails_in_load_packed(packed80, tmp_path):
-    tensors, meta = packing.read_packed(packed80)
+    tensors, meta = reader.read_packed(packed80)
     bad = json.loads(json.dumps(meta))
     bad.update({"nc": 3, "yaml": {**meta["yaml"], "nc": 3}, "names": {"0": "a", "1": "b", "2": "c"}})
-    with pytest.raises(packing.PackError, match=r"model.23.cv3.* has shape \[80\], the model built from the yaml"):
-        packing.load_packed(_rewrite(tensors, bad, tmp_path / "nc.safetensors"))
+    with pytest.raises(codec.PackError, match=r"model.23.cv3.* has shape \[80\], the model built from the yaml"):
+        reader.load_packed(_rewrite(tensors, bad, tmp_path / "nc.safetensors"))
     tensors[INT8] = tensors[INT8].float()
-    with pytest.raises(packing.PackError, match="int8.*stores it as torch.int8") as e:
-        packing.load_packed(_rewrite(tensors, meta, tmp_path / "dtype.safetensors"))
+    with pytest.raises(codec.PackError, match="int8.*stores it as torch.int8") as e:
+        reader.load_packed(_rewrite(tensors, meta, tmp_path / "dtype.safetensors"))
     assert str(e.value).startswith(str(tmp_path / "dtype.safetensors")) and "\n" not in str(e.value)
 
 
@@ -409,9 +411,9 @@ def assert_unpacked_holds(pt, packed):
     from yolo_tq.io import load_model
 
     model, ckpt = load_model(pt)
-    tensors, meta = packing.read_packed(packed)
-    ref = packing.model_from_packed(tensors, meta).state_dict()
-    ternary = [k for k, kind in packing.entry_kinds(tensors).items() if kind == "ternary"]
+    tensors, meta = reader.read_packed(packed)
+    ref = reader.model_from_packed(tensors, meta).state_dict()
+    ternary = [k for k, kind in layout.entry_kinds(tensors).items() if kind == "ternary"]
     assert len(ternary) == 34 and ckpt["packed_source"] == str(packed)
     for k in ternary:
         assert torch.equal(model.state_dict()[k], ref[k].half().float()), k
@@ -447,10 +449,10 @@ def test_pack_command_packs_and_unpacks(yolo_tq, tiny_ternary_checkpoint, tmp_pa
     r = yolo_tq("pack", tiny_ternary_checkpoint["train"], out)
     assert r.returncode == 0, r.stderr
     assert "34/34 ternary tensors identical" in r.stdout
-    _, meta = packing.read_packed(out)
+    _, meta = reader.read_packed(out)
     assert meta["rest_precision"] == "int8" and meta["source"] == "train.pt"
     assert yolo_tq("pack", tiny_ternary_checkpoint["stock"], out16, "--fp16-rest").returncode == 0
-    assert packing.read_packed(out16)[1]["rest_precision"] == "fp16" and out16.stat().st_size > out.stat().st_size
+    assert reader.read_packed(out16)[1]["rest_precision"] == "fp16" and out16.stat().st_size > out.stat().st_size
     r = yolo_tq("pack", "--unpack", out, "--out", pt)
     assert r.returncode == 0, r.stderr
     assert_unpacked_holds(pt, out)
@@ -473,7 +475,7 @@ def test_cli_errors(cli, tiny_fp_checkpoint, packed80, tmp_path):
     bad.write_bytes(b"\x00" * 100)
     r = cli("--unpack", bad)
     assert r.returncode == 2 and "corrupt or truncated" in r.stderr
-    tensors, meta = packing.read_packed(packed80)
+    tensors, meta = reader.read_packed(packed80)
     tensors[INT8] = tensors[INT8].float()
     r = cli("--unpack", _rewrite(tensors, meta, bad))
     assert r.returncode == 2 and r.stderr.startswith("error:") and "stores it as torch.int8" in r.stderr
@@ -501,7 +503,7 @@ def write_raw(path, tensors, meta, huge: dict | None = None, meta_text: str | No
         entries[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     text = meta_text if meta_text is not None else json.dumps(meta)
-    header = json.dumps({"__metadata__": {"format": "pt", packing.META_KEY: text}, **entries}).encode()
+    header = json.dumps({"__metadata__": {"format": "pt", metadata.META_KEY: text}, **entries}).encode()
     header += b" " * (-len(header) % 8)
     with open(path, "wb") as f:
         f.write(len(header).to_bytes(8, "little") + header)
@@ -580,7 +582,7 @@ CRAFTED = {  # name -> (change to (tensors, metadata, tmp folder), message)
 
 
 def crafted_file(packed80, tmp_path, case):
-    tensors, meta = packing.read_packed(packed80)
+    tensors, meta = reader.read_packed(packed80)
     CRAFTED[case][0](tensors, meta, tmp_path)
     return write_raw(tmp_path / f"{case.replace(' ', '_')}.tq.safetensors", tensors, meta)
 
@@ -592,14 +594,14 @@ def assert_nothing_ran(tmp_path):
 @pytest.mark.parametrize("case", list(CRAFTED))
 def test_crafted_file_is_one_pack_error_and_runs_nothing(packed80, tmp_path, case):
     path = crafted_file(packed80, tmp_path, case)
-    for load in (packing.read_packed, packing.load_packed):
-        with pytest.raises(packing.PackError, match=CRAFTED[case][1]) as e:
+    for load in (reader.read_packed, reader.load_packed):
+        with pytest.raises(codec.PackError, match=CRAFTED[case][1]) as e:
             load(path)
         assert str(e.value).startswith(f"{path}: ") and "\n" not in str(e.value)
-    tensors, meta = packing.read_packed(packed80)
+    tensors, meta = reader.read_packed(packed80)
     CRAFTED[case][0](tensors, meta, tmp_path)
-    with pytest.raises(packing.PackError, match=CRAFTED[case][1]):  # the in-memory path checks the same
-        packing.model_from_packed(tensors, meta)
+    with pytest.raises(codec.PackError, match=CRAFTED[case][1]):  # the in-memory path checks the same
+        reader.model_from_packed(tensors, meta)
     assert_nothing_ran(tmp_path)
     assert (tmp_path / "trap.pt").exists() == (case == "layer named torch_safe_load")
 
@@ -608,7 +610,7 @@ TRAPS = """
 import sys
 from pathlib import Path
 from ultralytics.nn.tasks import parse_model
-from yolo_tq.formats.packed import reference_yaml
+from yolo_tq.formats.metadata import reference_yaml
 from test_packing import code_activation, loader_layer
 tmp, found = Path(sys.argv[1]), []
 for key, payload in (("backbone", loader_layer), ("activation", code_activation)):
@@ -633,7 +635,7 @@ def test_the_traps_are_real(tmp_path):
 
 
 def test_header_shapes_beyond_any_buffer_are_one_line(packed80, tmp_path):
-    tensors, meta = packing.read_packed(packed80)
+    tensors, meta = reader.read_packed(packed80)
     path = write_raw(tmp_path / "x.tq.safetensors", tensors, meta)
     raw = path.read_bytes()
     n = int.from_bytes(raw[:8], "little")
@@ -642,8 +644,8 @@ def test_header_shapes_beyond_any_buffer_are_one_line(packed80, tmp_path):
         header[CODES]["shape"] = shape
         text = json.dumps(header).encode()
         path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n:])
-        with pytest.raises(packing.PackError, match="not a readable packed file") as e:
-            packing.load_packed(path)
+        with pytest.raises(codec.PackError, match="not a readable packed file") as e:
+            reader.load_packed(path)
         assert "\n" not in str(e.value)
 
 
@@ -651,26 +653,26 @@ def test_header_shapes_beyond_any_buffer_are_one_line(packed80, tmp_path):
                                   '{"format": "yolo-tq-packed"', "null"],
                          ids=["5000-digit int", "deep nesting", "cut short", "null"])
 def test_metadata_json_that_python_refuses_is_one_line(packed80, tmp_path, text):
-    tensors, meta = packing.read_packed(packed80)
+    tensors, meta = reader.read_packed(packed80)
     path = write_raw(tmp_path / "j.tq.safetensors", tensors, meta, meta_text=text)
-    with pytest.raises(packing.PackError, match="not valid JSON|does not describe") as e:
-        packing.load_packed(path)
+    with pytest.raises(codec.PackError, match="not valid JSON|does not describe") as e:
+        reader.load_packed(path)
     assert "\n" not in str(e.value)
 
 
 FAST_FAIL = """
 import json, resource, sys, time
-from yolo_tq.formats import packed
-packed.reference_yaml("n")  # imports Ultralytics
+from yolo_tq.formats import codes as codec, metadata, reader
+metadata.reference_yaml("n")  # imports Ultralytics
 from ultralytics.nn.tasks import DetectionModel
-DetectionModel(packed.reference_yaml("n"), verbose=False)  # warm
+DetectionModel(metadata.reference_yaml("n"), verbose=False)  # warm
 out = {}
 for path in sys.argv[1:]:
     rss, t = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter()
     try:
-        packed.load_packed(path)
+        reader.load_packed(path)
         msg = "loaded"
-    except packed.PackError as e:
+    except codec.PackError as e:
         msg = str(e)
     out[path] = [time.perf_counter() - t, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss) / 1024, msg]
 print(json.dumps(out))
@@ -681,7 +683,7 @@ def test_huge_nc_and_huge_tensor_fail_fast_without_allocating(packed80, tmp_path
     """nc = 10^7 (4.5 GB before this check) and a 1 GiB code tensor the header declares (a sparse file:
     safetensors accepts it, reading it would allocate 1 GiB) are refused in well under 2 s, RSS growing little."""
     nc_file = crafted_file(packed80, tmp_path, "nc = 10^7")
-    tensors, meta = packing.read_packed(packed80)
+    tensors, meta = reader.read_packed(packed80)
     tensors.pop(CODES)
     big = write_raw(tmp_path / "big.tq.safetensors", tensors, meta, huge={CODES: ("U8", [2**30])})
     assert big.stat().st_size > 2**30 and big.stat().st_blocks * 512 < 2**24  # sparse on disk
@@ -716,11 +718,11 @@ def test_packer_refuses_what_the_loader_refuses(model80):
 
     model = copy.deepcopy(model80)
     model.yaml = {**model.yaml, "activation": "nn.ReLU()"}
-    with pytest.raises(packing.PackError, match="only builds Ultralytics YOLO11.*'activation'"):
+    with pytest.raises(codec.PackError, match="only builds Ultralytics YOLO11.*'activation'"):
         packing.pack_state(model)
     model.yaml = {k: v for k, v in model80.yaml.items()}
     model.names = {0: "only one"}
-    with pytest.raises(packing.PackError, match="'names' must map"):
+    with pytest.raises(codec.PackError, match="'names' must map"):
         packing.pack_bytes(model)
 
 
@@ -734,12 +736,12 @@ def test_shared_stage_1_3_packs_under_target(shared_weights, tmp_path):
     stock = export_ternary(model)
     path = packing.write_packed(stock, tmp_path / "s3.safetensors")
     assert os.path.getsize(path) <= 1_600_000
-    tensors, meta = packing.read_packed(path)
-    assert packing.verify_round_trip(stock, packing.model_from_packed(tensors, meta), tensors)["ok"]
+    tensors, meta = reader.read_packed(path)
+    assert verify.verify_round_trip(stock, reader.model_from_packed(tensors, meta), tensors)["ok"]
 
 
 def test_loader_needs_no_training_code(packed80):
-    code = ("import sys; from yolo_tq.formats.packed import load_packed; m = load_packed(sys.argv[1]); "
+    code = ("import sys; from yolo_tq.formats.reader import load_packed; m = load_packed(sys.argv[1]); "
             "bad = [k for k in sys.modules if k.startswith(('yolo_tq.train', 'yolo_tq.config', "
             "'ultralytics.engine.trainer'))]; print(type(m).__name__, bad, 'yolo_tq.quant.apply' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code, str(packed80)], capture_output=True, text=True, cwd=REPO,
@@ -757,11 +759,11 @@ def test_bitlinear_layers_round_trip(tmp_path, mode):
     paths = install_stage(train_model, c2psa_plan(mode))
     stock = stock_ternary_model(train_model).eval()
     path = packing.write_packed(stock, tmp_path / "bl.safetensors", "fp16")
-    tensors, meta = packing.read_packed(path)
+    tensors, meta = reader.read_packed(path)
     assert sorted(meta["modules"]) == sorted(paths) and len(paths) == 5
     assert {r["source_class"] for r in meta["modules"].values()} == {type(train_model.get_submodule(paths[0])).__name__}
-    model = packing.model_from_packed(tensors, meta)
-    check = packing.verify_round_trip(stock, model, tensors)
+    model = reader.model_from_packed(tensors, meta)
+    check = verify.verify_round_trip(stock, model, tensors)
     assert check["ternary"] == check["ternary_identical"] == 15 + 5 and check["ok"]
     for p in paths:
         q = model.get_submodule(p)

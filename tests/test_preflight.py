@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_one_line_error, run_here
+from conftest import StopTraining, assert_one_line_error, run_here, train_first_epoch_only
 from yolo_tq.config import ConfigError, load_config, stage_outputs
 from yolo_tq.plan import TrainPlan
 from yolo_tq.quant.apply import PlanError
@@ -83,15 +83,7 @@ def test_resume_keeps_the_teacher_the_plan_fixed(tmp_path, tiny_fp_checkpoint, t
     fixed = str(Path(tiny_fp_checkpoint).resolve())
     assert plan_stages(cfg, [1])[0].plan.distill.teacher == fixed
 
-    class Stop(Exception):
-        pass
-
-    def interrupt(trainer):
-        if trainer.epoch == 0:
-            raise Stop
-
-    with pytest.raises(Stop):
-        train_stages(cfg, [1], callbacks={"on_model_save": interrupt})
+    train_first_epoch_only(cfg)
     resumed = plan_stages(cfg, [1], resume=True)[0]
     assert resumed.start == str(stage_outputs(cfg, cfg.stages[0]).last) and resumed.resumed == (1, 2)
     assert resumed.plan.distill.teacher == fixed
@@ -100,8 +92,8 @@ def test_resume_keeps_the_teacher_the_plan_fixed(tmp_path, tiny_fp_checkpoint, t
     def capture(trainer):
         seen["teacher"] = trainer.plan.distill.teacher
         seen["loaded"] = trainer.model.criterion.teacher is not None
-        raise Stop
+        raise StopTraining
 
-    with pytest.raises(Stop):
+    with pytest.raises(StopTraining):
         train_stages(cfg, [1], resume=True, callbacks={"on_pretrain_routine_end": capture})
     assert seen == {"teacher": fixed, "loaded": True}

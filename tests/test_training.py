@@ -1,7 +1,6 @@
 """End-to-end training mechanics on a tiny generated dataset (no ../shared needed): cumulative stages, export,
 loss falls, resume, and the DDP re-launch path."""
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -10,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import StopTraining, train_first_epoch_only
 from yolo_tq.config import load_config, stage_outputs
 from yolo_tq.io import load_model
 from yolo_tq.quant.apply import quantized_modules, select_convs
@@ -64,7 +64,7 @@ def test_loss_falls(two_stages):
 
 def test_stage2_keeps_stage1_layers_ternary_and_carries_latents(two_stages):
     cfg, _, stage1_model = two_stages
-    out1, out2 = stage_outputs(cfg, cfg.stages[0]), stage_outputs(cfg, cfg.stages[1])
+    out2 = stage_outputs(cfg, cfg.stages[1])
     stage2_model, _ = load_model(out2.best)
     q1, q2 = quantized_modules(stage1_model), quantized_modules(stage2_model)
     expected1 = set(select_convs(stage1_model, STAGE1, True))
@@ -128,16 +128,7 @@ def test_ternary_export_is_stock_and_matches_training_model(two_stages, tmp_path
 
 def test_resume_restores_latents_scales_ema_and_optimizer(tmp_path, tiny_fp_checkpoint, tiny_data):
     cfg = load_config(write_config(tmp_path, tiny_fp_checkpoint, tiny_data, epochs=3))
-
-    class Stop(Exception):
-        pass
-
-    def interrupt(trainer):
-        if trainer.epoch == 0:
-            raise Stop
-
-    with pytest.raises(Stop):
-        train_stages(cfg, [1], callbacks={"on_model_save": interrupt})
+    train_first_epoch_only(cfg)
     last = stage_outputs(cfg, cfg.stages[0]).last
     saved = torch.load(last, weights_only=False)
     assert saved["epoch"] == 0
@@ -148,9 +139,9 @@ def test_resume_restores_latents_scales_ema_and_optimizer(tmp_path, tiny_fp_chec
         seen["model"] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
         seen["ema"] = {k: v.clone() for k, v in trainer.ema.ema.state_dict().items()}
         seen["opt"] = trainer.optimizer.state_dict()
-        raise Stop
+        raise StopTraining
 
-    with pytest.raises(Stop):
+    with pytest.raises(StopTraining):
         train_stages(cfg, [1], resume=True, callbacks={"on_pretrain_routine_end": capture})
     assert seen["epoch"] == 1
     ema_saved = saved["ema"].float().state_dict()

@@ -41,6 +41,17 @@ def input_file(text: str) -> str:
     return text
 
 
+def add_rest_args(p: argparse.ArgumentParser, dest: str = "rest") -> None:
+    """--rest int8|fp16: the precision of the non-ternary weights in a packed file, with the older spellings
+    --fp16-rest and --pack-fp16 kept as aliases of --rest fp16."""
+    from ..formats.metadata import REST_PRECISIONS
+
+    p.add_argument("--rest", dest=dest, choices=REST_PRECISIONS, default=None,
+                   help="non-ternary weights: int8 per output channel (default) or fp16")
+    p.add_argument("--fp16-rest", "--pack-fp16", dest=dest, action="store_const", const="fp16",
+                   help="the same as --rest fp16")
+
+
 def add_config_args(p: argparse.ArgumentParser, config_default: str | None) -> None:
     """Flags every training script shares. Each overrides the config value of the same name."""
     p.add_argument("--config", default=config_default, help=f"YAML stage config (default: {config_default})")

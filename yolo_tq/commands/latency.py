@@ -66,7 +66,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(a: argparse.Namespace) -> int:
     os.environ.setdefault("YOLO_OFFLINE", "1")
-    from ..deploy.bench import BenchOptions, format_table, run_benchmark
+    from ..deploy.bench import BenchOptions, run_benchmark
+    from ..deploy.results import format_table
     from ..deploy.results import save_record
 
     opts = BenchOptions(

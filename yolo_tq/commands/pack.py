@@ -1,11 +1,11 @@
 """Pack a ternary checkpoint into the packed ternary file (safetensors, no pickle), or unpack one.
 
-  yolo-tq pack CKPT OUT [--fp16-rest]       pack (a training checkpoint goes through its stock ternary export),
+  yolo-tq pack CKPT OUT [--rest fp16]       pack (a training checkpoint goes through its stock ternary export),
                                             then read the file back and check the round trip
   yolo-tq pack --unpack FILE --out PT       rebuild the model and save it as an ordinary Ultralytics .pt
 
 Ternary weights: base-3 codes, 5 per byte, with Wp/Wn per layer; other weights INT8 per output channel (FP16 with
---fp16-rest); biases and BatchNorm in FP16. The format is described in yolo_tq/formats/packed.py; `yolo-tq size`
+--rest fp16); biases and BatchNorm in FP16. The format is described in yolo_tq/formats/packed.py; `yolo-tq size`
 reports the sizes against the FP baseline.
 """
 
@@ -16,12 +16,11 @@ import os
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .args import input_file
+    from .args import add_rest_args, input_file
 
     p.add_argument("ckpt", nargs="?", type=input_file, metavar="CKPT", help="ternary checkpoint (.pt) to pack")
     p.add_argument("out", nargs="?", metavar="OUT", help="packed file to write (.safetensors)")
-    p.add_argument("--fp16-rest", action="store_true",
-                   help="store the non-ternary weights as FP16 instead of INT8 per output channel")
+    add_rest_args(p)
     p.add_argument("--unpack", metavar="FILE", type=input_file, help="unpack this packed file instead (needs --out)")
     p.add_argument("--out", dest="unpacked_pt", metavar="PT", help="with --unpack: the Ultralytics .pt to write")
 
@@ -29,8 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def argument_problem(a: argparse.Namespace) -> str | None:
     """What is wrong with a combination of arguments, if anything."""
     if a.unpack:
-        if a.ckpt or a.out or a.fp16_rest:
-            return "--unpack FILE --out PT takes no CKPT, OUT or --fp16-rest"
+        if a.ckpt or a.out or a.rest:
+            return "--unpack FILE --out PT takes no CKPT, OUT or --rest"
         return None if a.unpacked_pt else "--unpack FILE needs --out PT"
     if a.unpacked_pt:
         return "--out PT is for --unpack; to pack give CKPT OUT"
@@ -51,7 +50,7 @@ def pack(ckpt: str, out: str, rest: str) -> str:
 def run(a: argparse.Namespace) -> int:
     from ..io import check_writable
     from .args import UsageError
-    from ..formats.packed import unpack_to_checkpoint
+    from ..formats.reader import unpack_to_checkpoint
 
     problem = argument_problem(a)
     if problem:
@@ -60,5 +59,5 @@ def run(a: argparse.Namespace) -> int:
     if a.unpack:
         print(f"unpacked model written to {unpack_to_checkpoint(a.unpack, a.unpacked_pt)}")
     else:
-        print(pack(a.ckpt, a.out, "fp16" if a.fp16_rest else "int8"))
+        print(pack(a.ckpt, a.out, a.rest or "int8"))
     return 0

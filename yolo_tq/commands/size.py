@@ -13,7 +13,7 @@ weight and 32 (or 16) bits per other parameter. Real bytes: the baseline .pt, th
 packed file with INT8 and with FP16 for the non-ternary weights.
 
 Packed file: ternary weights as base-3 codes (5 per byte) with Wp/Wn per layer; other weights INT8 per output
-channel (symmetric) or FP16 with --pack-fp16; biases and BatchNorm (as a per-channel scale and shift) FP16;
+channel (symmetric) or FP16 with --rest fp16 (or --pack-fp16); biases and BatchNorm (as a per-channel scale and shift) FP16;
 BitLinear layers (C2PSA) as ternary codes plus FP16 LayerNorm/out_scale; one safetensors tensor per entry, and
 metadata (yaml, class names, stride, BitLinear settings) as JSON in the header. See yolo_tq/formats/packed.py.
 Packing checks the round trip (ternary tensors identical, INT8 within half a step).
@@ -26,15 +26,14 @@ import os
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .args import imgsz_arg, input_file, positive_int
+    from .args import add_rest_args, imgsz_arg, input_file, positive_int
 
     p.add_argument("--baseline", type=input_file, help="FP checkpoint (.pt) the ratios are measured against")
     p.add_argument("--quantized", type=input_file,
                    help="ternary checkpoint: training checkpoint or stock ternary export (.pt)")
     p.add_argument("--json", help="write the full report (per-layer rows, totals, sizes) to this JSON file")
     p.add_argument("--pack", metavar="OUT", help="also write the packed ternary file (.safetensors) here")
-    p.add_argument("--pack-fp16", action="store_true",
-                   help="with --pack: store the non-ternary weights as FP16 instead of INT8 per output channel")
+    add_rest_args(p)
     p.add_argument("--unpack", metavar="PACKED", type=input_file, help="read a packed file instead (no --baseline/"
                    "--quantized): check it loads; with --unpacked-pt write the unpacked model")
     p.add_argument("--unpacked-pt", metavar="OUT", help="write the unpacked model as an ordinary Ultralytics .pt")
@@ -51,8 +50,8 @@ def argument_problem(a: argparse.Namespace) -> str | None:
         return "--unpack reads a packed file; it takes no --baseline, --quantized or --pack"
     if not a.unpack and not (a.baseline and a.quantized):
         return "give --baseline and --quantized (or --unpack PACKED)"
-    if a.pack_fp16 and not a.pack:
-        return "--pack-fp16 needs --pack OUT"
+    if a.rest and not a.pack:
+        return "--rest (--pack-fp16) needs --pack OUT"
     if (a.unpacked_pt or a.val_data) and not (a.pack or a.unpack):
         return "--unpacked-pt and --val-data need --pack or --unpack"
     return None
@@ -70,7 +69,7 @@ def size_and_pack(a: argparse.Namespace) -> dict:
     report["files"] = real_file_sizes(a.baseline, a.quantized, quantized, stock, packed)
     print(format_size_report(report))
     if a.pack:
-        rest = "fp16" if a.pack_fp16 else "int8"
+        rest = a.rest or "int8"
         check = write_verified(stock, a.pack, rest, data=packed[rest])
         report["packed"] = {"path": str(a.pack), "bytes": os.path.getsize(a.pack), "rest": rest,
                             "round_trip": check}

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ConfigError, imgsz_problem
+from ..eval.validate import box_metrics
 from ..io import atomic_write_text
 from .agreement import REDUCED_MIN_AGREEMENT, check_inputs
 from .backends import (FAMILIES, TARGETS, Target, cpu_int8_features, make_runner, plan_targets, skip_line, target,
@@ -23,12 +24,12 @@ from .backends import (FAMILIES, TARGETS, Target, cpu_int8_features, make_runner
 from .deployable import export_deployable_artifact
 from .export import ExportError, captured_output, export_artifact, prepare_checkpoint
 from .memory import compressed_size_mb, file_size_mb
-from .results import (ABResult, ABSpec, Accuracy, BenchResult, Comparison, Environment, Interleaved, ModelInfo, Skip,
-                      TargetRow, WorkerSpec, save_arrays, save_record)
-from .stats import AA_TOLERANCE, CI_LEVEL, ratios, within_band
+from .results import (CI_TEXT, ABResult, ABSpec, Accuracy, BenchResult, Comparison, Environment, Interleaved,
+                      ModelInfo, Skip, TargetRow, WorkerSpec, fmt_cell, memory_mb, ratio_text, save_arrays,
+                      save_record)
+from .stats import AA_TOLERANCE, ratios, within_band
 
 LATENCY_FIGURES = ("mean_ms", "median_ms", "p95_ms", "throughput_ips")
-CI_TEXT = f"{CI_LEVEL:.0%} bootstrap interval"
 
 
 class BenchError(ConfigError):
@@ -170,8 +171,8 @@ def validate_artifact(path: Path, data: str, imgsz: int, batch: int, device: str
                                                   project=str(project), name="val", exist_ok=True)
     finally:
         LOGGER.setLevel(level)
-    p, r, map50, map5095 = m.box.mean_results()
-    return Accuracy(map50=float(map50), map50_95=float(map5095), precision=float(p), recall=float(r))
+    acc = box_metrics(m)
+    return Accuracy(map50=acc["mAP50"], map50_95=acc["mAP50-95"], precision=acc["precision"], recall=acc["recall"])
 
 
 def _validated(row: TargetRow, ov_default: str | None, o: BenchOptions, work: Path, log) -> TargetRow:
@@ -232,19 +233,13 @@ def comparisons(rows: list[TargetRow], interleaved: list[Interleaved] = ()) -> l
     return out
 
 
-def _memory_mb(r: TargetRow) -> float | None:
-    if r.memory is None:
-        return None
-    return r.memory.gpu_mem_mb if r.device == "cuda" else r.memory.peak_rss_mb
-
-
 def _row_line(r: TargetRow) -> str:
     head = f"{r.model:<9} {r.target:<17}"
     if r.status != "ok":
         return f"{head} {r.status}: {r.reason}"
     lat, a = r.latency, r.agreement
     return (f"{head} mean {lat.mean_ms:.2f} ms  median {lat.median_ms:.2f}  p95 {lat.p95_ms:.2f}  "
-            f"{lat.throughput_ips:.1f} img/s  mem {_fmt(_memory_mb(r), '.0f')} MB  max|Δ| {a.max_abs:.3g}  "
+            f"{lat.throughput_ips:.1f} img/s  mem {fmt_cell(memory_mb(r), '.0f')} MB  max|Δ| {a.max_abs:.3g}  "
             f"agree {a.det_agreement:.2f}")
 
 
@@ -306,10 +301,6 @@ def _time_model(t: Target, role: str, art, o: BenchOptions, work: Path, log, rou
     return row
 
 
-def _ratio_text(r: tuple[float, float, float] | None) -> str:
-    return "-" if r is None else f"{r[0]:.3f} [{r[1]:.3f}, {r[2]:.3f}]"
-
-
 def _time_pass(t: Target, models: list[tuple[str, str]], kind: str, o: BenchOptions, work: Path) -> ABResult:
     spec = ABSpec(target=t.name, models=tuple(models), inputs=str(work / "inputs.npz"), batch=o.batch,
                   num_runs=o.num_runs, warmup=o.warmup, openvino_int8_hint=o.openvino_int8_hint, kind=kind)
@@ -328,13 +319,13 @@ def _interleave(t: Target, pair: list[TargetRow], o: BenchOptions, work: Path, l
     if failed:
         i = Interleaved(t.name, "failed", "; ".join(failed), aa, ab)
     elif not within_band(aa_r[0], o.aa_tolerance):
-        i = Interleaved(t.name, "refused", f"A/A check read {_ratio_text(aa_r)}, outside 1.00 ± {o.aa_tolerance:g}: "
+        i = Interleaved(t.name, "refused", f"A/A check read {ratio_text(aa_r)}, outside 1.00 ± {o.aa_tolerance:g}: "
                                            "this target's timing is biased here", aa, ab)
     else:
         i = Interleaved(t.name, "ok", "", aa, ab)
     tail = "" if i.status == "ok" else f"; {i.status}: {i.reason}"
-    log(f"{'A/A, A/B':<9} {t.name:<17} A/A {_ratio_text(aa_r)}, A/B quantized/baseline "
-        f"{_ratio_text(ab.ratio('quantized'))} (paired median [{CI_TEXT}]){tail}")
+    log(f"{'A/A, A/B':<9} {t.name:<17} A/A {ratio_text(aa_r)}, A/B quantized/baseline "
+        f"{ratio_text(ab.ratio('quantized'))} (paired median [{CI_TEXT}]){tail}")
     return i
 
 
@@ -368,53 +359,3 @@ def run_benchmark(o: BenchOptions, log=print) -> BenchResult:
     env = replace(env, loadavg_after_timing=after_timing, loadavg_after=list(os.getloadavg()))
     return BenchResult(created=created, options=asdict(o), environment=env, models=infos, skipped=skipped, rows=rows,
                        interleaved=interleaved, comparisons=comparisons(rows, interleaved), workdir=str(work))
-
-
-# ------------------------------------------------------------------------------------------------------- table
-def _fmt(v, spec):
-    return "-" if v is None else format(v, spec)
-
-
-def _row_cells(row: TargetRow) -> str:
-    a, lat = row.agreement, row.latency
-    g = lambda obj, name: getattr(obj, name) if obj is not None else None  # noqa: E731
-    return (f"{row.model:<9} {row.target:<17} {row.precision:<5} {row.status:<8} "
-            f"{_fmt(g(a, 'max_abs'), '8.3g'):>8} {_fmt(g(a, 'det_agreement'), '5.2f'):>5} "
-            f"{_fmt(g(lat, 'mean_ms'), '8.2f'):>8} {_fmt(g(lat, 'median_ms'), '8.2f'):>8} "
-            f"{_fmt(g(lat, 'p95_ms'), '8.2f'):>8} {_fmt(g(lat, 'throughput_ips'), '7.1f'):>7} "
-            f"{_fmt(_memory_mb(row), '7.0f'):>7} {_fmt(row.file_mb, '7.2f'):>7} "
-            f"{_fmt(row.file_gz_mb, '6.2f'):>6} {_fmt(g(row.accuracy, 'map50_95'), '6.4f'):>6}")
-
-
-def _ratio_cells(c: Comparison) -> str:
-    q = c.ratios
-    return (f"{c.quantized + ' / ' + c.baseline:<36} {_fmt(q.get('mean_ms'), '6.3f'):>6} "
-            f"{_fmt(q.get('median_ms'), '6.3f'):>6} {_fmt(q.get('p95_ms'), '6.3f'):>6} "
-            f"{_fmt(q.get('throughput_ips'), '6.3f'):>6} {_fmt(q.get('gpu_mem_mb', q.get('peak_rss_mb')), '6.3f'):>6} "
-            f"{_fmt(q.get('file_mb'), '6.3f'):>6} {_fmt(q.get('file_gz_mb'), '6.3f'):>6} "
-            f"{_fmt(c.delta_map50_95, '+7.4f'):>7}")
-
-
-def _interleaved_cells(i: Interleaved) -> str:
-    ab = i.ab.ratio("quantized") if i.ab is not None else None
-    return (f"{i.target:<17} {_ratio_text(i.aa_ratio()):<22} {_ratio_text(ab):<22} "
-            + (i.status if i.status == "ok" else f"{i.status}: {i.reason}"))
-
-
-def format_table(r: BenchResult) -> str:
-    """The on-screen table: one line per (model, target); the interleaved ratios (A/A check, A/B); the ratios of
-    the separate runs; then every refused or failed row and every skipped target with its reason."""
-    cols = f"{'model':<9} {'target':<17} {'prec':<5} {'status':<8} {'max|Δ|':>8} {'agree':>5} {'mean ms':>8} " \
-           f"{'median':>8} {'p95':>8} {'img/s':>7} {'mem MB':>7} {'file MB':>7} {'gz MB':>6} {'mAP':>6}"
-    lines = [cols, "-" * len(cols), *map(_row_cells, r.rows)]
-    if r.interleaved:
-        head = f"{'interleaved':<17} {'A/A copy / baseline':<22} {'A/B quantized / base':<22} status"
-        lines += ["", f"paired median ratio [{CI_TEXT}]; the A/B counts only where the A/A reads 1.00 ± "
-                      f"{r.options.get('aa_tolerance', AA_TOLERANCE):g}", head, "-" * len(head),
-                  *map(_interleaved_cells, r.interleaved)]
-    if r.comparisons:
-        head = (f"{'quantized / baseline, separate runs':<36} {'mean':>6} {'median':>6} {'p95':>6} {'img/s':>6} "
-                f"{'mem':>6} {'file':>6} {'gz':>6} {'ΔmAP':>7}")
-        lines += ["", head, "-" * len(head), *map(_ratio_cells, r.comparisons)]
-    notes = [f"{x.status} {x.model} {x.target}: {x.reason}" for x in r.rows if x.status != "ok"]
-    return "\n".join(lines + [""] + notes + [skip_line(target(s.target), s.reason) for s in r.skipped])

@@ -44,7 +44,7 @@ class DeployResult:
 def _stock_input(path: Path, work: Path):
     """A PreparedModel for any input: a .pt (stock, training checkpoint, C2PSA output) or a packed file."""
     if path.name.endswith(".safetensors"):
-        from ..formats.packed import load_packed
+        from ..formats.reader import load_packed
 
         model = load_packed(path)
         stock = work / "unpacked.pt"

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..eval.validate import BOX_METRICS
+
 FORMAT = "openvino-int8"
 VALIDATION = "batch 1 and rect=False, as Ultralytics runs a fixed-shape export"
 
@@ -31,7 +33,8 @@ def folder_bytes(path: Path) -> int:
 
 
 def _accuracy(acc) -> dict:
-    return {"mAP50": acc.map50, "mAP50-95": acc.map50_95, "precision": acc.precision, "recall": acc.recall}
+    """An Accuracy under the validation metric names (eval.validate.BOX_METRICS)."""
+    return dict(zip(BOX_METRICS, (acc.precision, acc.recall, acc.map50, acc.map50_95)))
 
 
 def int8_reference(weights: str, data: str, imgsz: int, workdir: Path, log=print) -> dict:

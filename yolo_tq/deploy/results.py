@@ -12,11 +12,13 @@ import numpy as np
 
 from ..io import atomic_write_bytes, write_json
 from .agreement import Agreement
-from .stats import Latency
+from .backends import skip_line, target
+from .stats import AA_TOLERANCE, CI_LEVEL, Latency
 
 SCHEMA = "yolo-tq/latency/3"  # 2: rows hold typed parts (agreement, latency, memory, accuracy) instead of flat keys;
 # 3: per target an A/A check and the A/B pass (`interleaved`: Interleaved), ratios per rotation cycle with an interval
 STATUSES = ("ok", "refused", "failed")
+CI_TEXT = f"{CI_LEVEL:.0%} bootstrap interval"
 
 
 def save_arrays(path: str | Path, arrays: list[np.ndarray]) -> Path:
@@ -281,3 +283,63 @@ class BenchResult:
 
     def ok_row(self, model: str, target: str) -> TargetRow | None:
         return next((r for r in self.rows if r.model == model and r.target == target and r.status == "ok"), None)
+
+
+# ------------------------------------------------------------------------------------------------------- table
+def memory_mb(r: TargetRow) -> float | None:
+    if r.memory is None:
+        return None
+    return r.memory.gpu_mem_mb if r.device == "cuda" else r.memory.peak_rss_mb
+
+
+def ratio_text(r: tuple[float, float, float] | None) -> str:
+    return "-" if r is None else f"{r[0]:.3f} [{r[1]:.3f}, {r[2]:.3f}]"
+
+
+def fmt_cell(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def _row_cells(row: TargetRow) -> str:
+    a, lat = row.agreement, row.latency
+    g = lambda obj, name: getattr(obj, name) if obj is not None else None  # noqa: E731
+    return (f"{row.model:<9} {row.target:<17} {row.precision:<5} {row.status:<8} "
+            f"{fmt_cell(g(a, 'max_abs'), '8.3g'):>8} {fmt_cell(g(a, 'det_agreement'), '5.2f'):>5} "
+            f"{fmt_cell(g(lat, 'mean_ms'), '8.2f'):>8} {fmt_cell(g(lat, 'median_ms'), '8.2f'):>8} "
+            f"{fmt_cell(g(lat, 'p95_ms'), '8.2f'):>8} {fmt_cell(g(lat, 'throughput_ips'), '7.1f'):>7} "
+            f"{fmt_cell(memory_mb(row), '7.0f'):>7} {fmt_cell(row.file_mb, '7.2f'):>7} "
+            f"{fmt_cell(row.file_gz_mb, '6.2f'):>6} {fmt_cell(g(row.accuracy, 'map50_95'), '6.4f'):>6}")
+
+
+def _ratio_cells(c: Comparison) -> str:
+    q = c.ratios
+    return (f"{c.quantized + ' / ' + c.baseline:<36} {fmt_cell(q.get('mean_ms'), '6.3f'):>6} "
+            f"{fmt_cell(q.get('median_ms'), '6.3f'):>6} {fmt_cell(q.get('p95_ms'), '6.3f'):>6} "
+            f"{fmt_cell(q.get('throughput_ips'), '6.3f'):>6} {fmt_cell(q.get('gpu_mem_mb', q.get('peak_rss_mb')), '6.3f'):>6} "
+            f"{fmt_cell(q.get('file_mb'), '6.3f'):>6} {fmt_cell(q.get('file_gz_mb'), '6.3f'):>6} "
+            f"{fmt_cell(c.delta_map50_95, '+7.4f'):>7}")
+
+
+def _interleaved_cells(i: Interleaved) -> str:
+    ab = i.ab.ratio("quantized") if i.ab is not None else None
+    return (f"{i.target:<17} {ratio_text(i.aa_ratio()):<22} {ratio_text(ab):<22} "
+            + (i.status if i.status == "ok" else f"{i.status}: {i.reason}"))
+
+
+def format_table(r: BenchResult) -> str:
+    """The on-screen table: one line per (model, target); the interleaved ratios (A/A check, A/B); the ratios of
+    the separate runs; then every refused or failed row and every skipped target with its reason."""
+    cols = f"{'model':<9} {'target':<17} {'prec':<5} {'status':<8} {'max|Δ|':>8} {'agree':>5} {'mean ms':>8} " \
+           f"{'median':>8} {'p95':>8} {'img/s':>7} {'mem MB':>7} {'file MB':>7} {'gz MB':>6} {'mAP':>6}"
+    lines = [cols, "-" * len(cols), *map(_row_cells, r.rows)]
+    if r.interleaved:
+        head = f"{'interleaved':<17} {'A/A copy / baseline':<22} {'A/B quantized / base':<22} status"
+        lines += ["", f"paired median ratio [{CI_TEXT}]; the A/B counts only where the A/A reads 1.00 ± "
+                      f"{r.options.get('aa_tolerance', AA_TOLERANCE):g}", head, "-" * len(head),
+                  *map(_interleaved_cells, r.interleaved)]
+    if r.comparisons:
+        head = (f"{'quantized / baseline, separate runs':<36} {'mean':>6} {'median':>6} {'p95':>6} {'img/s':>6} "
+                f"{'mem':>6} {'file':>6} {'gz':>6} {'ΔmAP':>7}")
+        lines += ["", head, "-" * len(head), *map(_ratio_cells, r.comparisons)]
+    notes = [f"{x.status} {x.model} {x.target}: {x.reason}" for x in r.rows if x.status != "ok"]
+    return "\n".join(lines + [""] + notes + [skip_line(target(s.target), s.reason) for s in r.skipped])

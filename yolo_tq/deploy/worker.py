@@ -17,8 +17,6 @@ import time
 import traceback
 from pathlib import Path
 
-import numpy as np
-
 from .backends import Target, make_runner, target
 from .memory import MB, current_rss_mb, peak_rss_mb, reset_peak_rss
 from .results import ABResult, ABSpec, Memory, TargetRow, WorkerSpec, load_arrays, save_record

@@ -151,7 +151,8 @@ def stock_export_bytes(quantized_path, quantized: nn.Module, stock: nn.Module) -
 
 def packed_sizes(stock: nn.Module, source: str | None) -> dict[str, bytes]:
     """The packed file of a stock ternary model with each rest precision: rest -> bytes."""
-    from ..formats.packed import REST_PRECISIONS, pack_bytes
+    from ..formats.metadata import REST_PRECISIONS
+    from ..formats.packed import pack_bytes
 
     return {rest: pack_bytes(stock, rest, source=source) for rest in REST_PRECISIONS}
 
@@ -167,7 +168,7 @@ def real_file_sizes(baseline_path, quantized_path, quantized: nn.Module, stock: 
 
 
 def round_trip_line(path, rest: str, check: dict) -> str:
-    """One line: the packed file, its size and its round-trip check (yolo_tq.formats.packed.verify_round_trip)."""
+    """One line: the packed file, its size and its round-trip check (yolo_tq.formats.verify.verify_round_trip)."""
     import os
 
     return (f"packed: {path} ({os.path.getsize(path):,} bytes, rest {rest}); round trip: "
@@ -179,7 +180,8 @@ def describe_packed(path) -> dict:
     """A packed file checked by rebuilding its model: path, bytes, ternary tensors and its metadata (no yaml)."""
     import os
 
-    from ..formats.packed import entry_kinds, model_from_packed, read_packed
+    from ..formats.layout import entry_kinds
+    from ..formats.reader import model_from_packed, read_packed
 
     tensors, meta = read_packed(path)
     model_from_packed(tensors, meta, source=str(path))
@@ -203,7 +205,7 @@ def validate_unpacked(packed_path, unpacked_pt, val_data, imgsz: int, batch: int
     import os
     import tempfile
 
-    from ..formats.packed import unpack_to_checkpoint
+    from ..formats.reader import unpack_to_checkpoint
     from .validate import validate
 
     with tempfile.TemporaryDirectory() as tmp:

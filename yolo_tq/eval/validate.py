@@ -8,6 +8,13 @@ from pathlib import Path
 from ..config import check_dataset, check_device, dataset_errors
 from ..io import CheckpointError, load_model, safe_loading
 
+BOX_METRICS = ("precision", "recall", "mAP50", "mAP50-95")  # the order of Ultralytics' box.mean_results()
+
+
+def box_metrics(results) -> dict[str, float]:
+    """precision, recall, mAP50 and mAP50-95 of an Ultralytics DetMetrics, under this project's names."""
+    return dict(zip(BOX_METRICS, map(float, results.box.mean_results())))
+
 
 def validate(checkpoint: str | Path, data: str, imgsz: int = 640, batch: int = 16, device: str | None = None,
              split: str = "val", plots: bool = False, verbose: bool = False, project: str | None = None,
@@ -36,10 +43,8 @@ def validate(checkpoint: str | Path, data: str, imgsz: int = 640, batch: int = 1
         if project or not plots:  # without plots there is nothing to keep: Ultralytics' val-N folder goes to tmp
             kwargs["project"] = project or tmp
         m = model.val(**kwargs)
-    p, r, map50, map5095 = m.box.mean_results()
     out = {"checkpoint": str(checkpoint), "data": data, "imgsz": imgsz, "batch": batch, "split": split,
-           "precision": float(p), "recall": float(r), "mAP50": float(map50), "mAP75": float(m.box.map75),
-           "mAP50-95": float(map5095)}
+           **box_metrics(m), "mAP75": float(m.box.map75)}
     return {**out, "per_class": class_rows(m)} if per_class else out
 
 

@@ -7,11 +7,11 @@ same tensor as before):
 
   ternary      a weight whose every output channel holds at most {n_c, 0, p_c} (n_c < 0 < p_c): TTQ layers and
                BitLinear layers, after Ultralytics' Conv+BN fusion (which multiplies each channel by one factor).
-               Codes 0 -> 0, 1 -> p_c, 2 -> n_c, base 3, 5 per byte (1.6 bits; formats.packed.pack_trits), and a
+               Codes 0 -> 0, 1 -> p_c, 2 -> n_c, base 3, 5 per byte (1.6 bits; formats.codes.pack_trits), and a
                float32 table [C, 2] of (p_c, n_c). Decoded by Cast -> Gather(lut[243, 5]) -> Reshape -> Slice ->
                Reshape [C, K] -> GatherElements(Pad(table) [C, 3], axis 1) -> Reshape. A table lookup returns the
                stored float itself, so the decoded weight equals the fused weight bit for bit.
-  int8         any other conv weight (rest="int8"): symmetric per output channel (formats.packed.
+  int8         any other conv weight (rest="int8"): symmetric per output channel (formats.codes.
                quantize_int8_per_channel, FP16 scales), decoded by Cast(int32) -> Cast(float) -> Mul(scale
                [C, 1, 1, 1]). The detour through int32 costs nothing on disk: OpenVINO 2026.4 takes a direct
                Convert(i8) -> Multiply as its own compressed-weight pattern, and its ConvertWeightCompressedConv1x1
@@ -42,7 +42,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from ..io import CheckpointError
-from .packed import TRITS_PER_BYTE, pack_trits, quantize_int8_per_channel
+from .codes import TRITS_PER_BYTE, pack_trits, quantize_int8_per_channel
 
 REST_CHOICES = ("int8", "fp16", "fp32")
 META_KEY = "yolo_tq"  # metadata_props key holding the encoding summary (JSON)
