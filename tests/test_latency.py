@@ -20,11 +20,9 @@ from yolo_tq.deploy.agreement import (FP32_BOX_TOL_PX, AgreementError, compare_o
                                       match_detections, output_diffs, verdict)
 from yolo_tq.deploy.bench import BenchError, BenchOptions, reference_outputs, run_benchmark
 from yolo_tq.deploy.export import export_artifact, prepare_checkpoint
-from yolo_tq.deploy.memory import peak_rss_mb, reset_peak_rss
 from yolo_tq.deploy.results import (SCHEMA, ABResult, Interleaved, Memory, Skip, TargetRow, WorkerSpec, format_table,
                                     load_arrays, save_arrays)
-from yolo_tq.deploy.stats import latency_stats, ratio, ratios
-from yolo_tq.deploy.timing import PerfCounterClock, time_runs
+from yolo_tq.deploy.measure import PerfCounterClock, latency_stats, peak_rss_mb, ratio, ratios, reset_peak_rss, time_runs
 from yolo_tq.deploy.weights import channelwise_ternary, int8_rounding_error
 from yolo_tq.deploy.worker import measure_target
 from yolo_tq.io import load_model, save_stock_checkpoint
@@ -96,7 +94,7 @@ def test_ratios():
 def test_cycle_ratios_cancel_a_position_bias():
     """Whoever runs second pays 2 ms (another session's threads still busy): per-iteration ratios alternate
     between 1.2 and 0.83 and their median lands on either mode; per rotation cycle the bias cancels."""
-    from yolo_tq.deploy.stats import cycle_ratios
+    from yolo_tq.deploy.measure import cycle_ratios
 
     ref = [10.0, 12.0, 10.0, 12.0, 10.0]  # the baseline runs first in iterations 0, 2, 4
     test = [12.0, 10.0, 12.0, 10.0, 12.0]
@@ -109,7 +107,7 @@ def test_cycle_ratios_cancel_a_position_bias():
 
 
 def test_median_interval_and_aa_band():
-    from yolo_tq.deploy.stats import median_interval, within_band
+    from yolo_tq.deploy.measure import median_interval, within_band
 
     assert median_interval([1.02] * 7) == pytest.approx((1.02, 1.02, 1.02))
     values = [0.9, 0.95, 1.0, 1.0, 1.05, 1.1, 1.3]
@@ -503,7 +501,7 @@ def test_peak_rss_reset():
 
 def test_peak_reset_detects_an_ignored_write():
     """A kernel that takes the clear_refs write but keeps the old mark must not count as a reset."""
-    from yolo_tq.deploy.memory import _peak_follows_rss
+    from yolo_tq.deploy.measure import _peak_follows_rss
     assert _peak_follows_rss(1_000_000, 998_000, 4096)
     assert not _peak_follows_rss(1_199_000, 1_000_000, 4096)  # mark left 195 MB above the current RSS
     assert not _peak_follows_rss(None, 1_000_000, 4096)

@@ -108,7 +108,7 @@ def _latency_record():
     from yolo_tq.deploy.agreement import compare_outputs
     from yolo_tq.deploy.results import (SCHEMA, ABResult, BenchResult, Environment, Interleaved, Memory, Skip,
                                         TargetRow)
-    from yolo_tq.deploy.stats import latency_stats
+    from yolo_tq.deploy.measure import latency_stats
 
     ref = np.zeros((1, 6, 4), np.float32)
     agrees, disagrees = (compare_outputs([ref], [ref + d], "fp32") for d in (0.0, 1.45))

@@ -25,7 +25,7 @@ import os
 
 from ..deploy.agreement import REDUCED_MIN_AGREEMENT
 from ..deploy.backends import FAMILIES
-from ..deploy.stats import AA_TOLERANCE
+from ..deploy.measure import AA_TOLERANCE
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -23,6 +23,7 @@ class Target:
     artifact: str  # key of the export it runs (see export.ARTIFACTS)
     flag: str | None = None  # the option that asks for it: "fp16" (--export-fp16) or "int8" (--export-int8)
     baseline_artifact: str | None = None  # what the baseline runs here, where it differs from `artifact`
+    validated: bool = True  # --map validates it (Ultralytics' validator runs this export as it is timed here)
 
     def artifact_for(self, role: str) -> str:
         """The export key `role` (baseline | quantized) runs on this target."""
@@ -38,7 +39,7 @@ TARGETS = (
     Target("openvino-bf16", "openvino", "cpu", "bf16", "openvino", "fp16"),
     Target("openvino-int8", "openvino", "cpu", "int8", "openvino-int8", "int8"),
     Target("torch-cuda", "torch", "cuda", "fp32", "pt"),
-    Target("torch-cuda-fp16", "torch", "cuda", "fp16", "pt", "fp16"),
+    Target("torch-cuda-fp16", "torch", "cuda", "fp16", "pt", "fp16", validated=False),
     Target("onnxruntime-cuda", "onnxruntime", "cuda", "fp32", "onnx"),
     Target("tensorrt-fp16", "tensorrt", "cuda", "fp16", "engine-fp16", "fp16"),
     Target("tensorrt-int8", "tensorrt", "cuda", "int8", "engine-int8", "int8"),
@@ -149,7 +150,7 @@ class Runner:
         raise NotImplementedError
 
     def clock(self):
-        from .timing import PerfCounterClock
+        from .measure import PerfCounterClock
 
         return PerfCounterClock()
 
@@ -207,7 +208,7 @@ class TorchRunner(Runner):
             self.model(self.x)
 
     def clock(self):
-        from .timing import CudaEventClock, PerfCounterClock
+        from .measure import CudaEventClock, PerfCounterClock
 
         return CudaEventClock() if self.device.type == "cuda" else PerfCounterClock()
 

@@ -23,11 +23,10 @@ from .backends import (FAMILIES, TARGETS, Target, cpu_int8_features, make_runner
                        versions)
 from .deployable import export_deployable_artifact
 from .export import ExportError, captured_output, export_artifact, prepare_checkpoint
-from .memory import compressed_size_mb, file_size_mb
+from .measure import AA_TOLERANCE, compressed_size_mb, file_size_mb, ratios, within_band
 from .results import (CI_TEXT, ABResult, ABSpec, Accuracy, BenchResult, Comparison, Environment, Interleaved,
                       ModelInfo, Skip, TargetRow, WorkerSpec, fmt_cell, memory_mb, ratio_text, save_arrays,
                       save_record)
-from .stats import AA_TOLERANCE, ratios, within_band
 
 LATENCY_FIGURES = ("mean_ms", "median_ms", "p95_ms", "throughput_ips")
 
@@ -150,8 +149,7 @@ def map_runtime_matches(row: TargetRow, ov_default: str | None) -> bool:
         return False
     if row.family == "openvino":
         return ov_default is not None and row.inference_precision == ov_default
-    return row.target in ("torch-cpu", "onnxruntime-cpu", "onnxruntime-cpu-deploy", "torch-cuda", "onnxruntime-cuda", "tensorrt-fp16",
-                          "tensorrt-int8")
+    return target(row.target).validated
 
 
 def validate_artifact(path: Path, data: str, imgsz: int, batch: int, device: str, project: Path) -> Accuracy:

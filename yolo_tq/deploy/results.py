@@ -13,7 +13,7 @@ import numpy as np
 from ..io import atomic_write_bytes, write_json
 from .agreement import Agreement
 from .backends import skip_line, target
-from .stats import AA_TOLERANCE, CI_LEVEL, Latency
+from .measure import AA_TOLERANCE, CI_LEVEL, Latency
 
 SCHEMA = "yolo-tq/latency/3"  # 2: rows hold typed parts (agreement, latency, memory, accuracy) instead of flat keys;
 # 3: per target an A/A check and the A/B pass (`interleaved`: Interleaved), ratios per rotation cycle with an interval

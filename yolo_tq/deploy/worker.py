@@ -18,7 +18,7 @@ import traceback
 from pathlib import Path
 
 from .backends import Target, make_runner, target
-from .memory import MB, current_rss_mb, peak_rss_mb, reset_peak_rss
+from .measure import MB, current_rss_mb, peak_rss_mb, reset_peak_rss
 from .results import ABResult, ABSpec, Memory, TargetRow, WorkerSpec, load_arrays, save_record
 
 
@@ -60,8 +60,7 @@ def _memory(rss_base: float | None, reset: bool, cuda_used0: int | None) -> Memo
 
 def _measure(t: Target, spec: WorkerSpec, head: dict) -> TargetRow:
     from .agreement import compare_outputs
-    from .stats import latency_stats
-    from .timing import time_runs
+    from .measure import latency_stats, time_runs
 
     inputs, refs = load_arrays(spec.inputs), load_arrays(spec.refs)
     cuda_used0 = _cuda_start() if t.device == "cuda" else None
@@ -115,7 +114,7 @@ def measure_interleaved(spec: ABSpec) -> ABResult:
     """An interleaved pass (A/A or A/B) of one target on several models (spec.models: (model, artifact) pairs) in
     one process, so slow changes in machine load hit all alike. Returns per-model latency stats and, per model, the
     paired median ratio to the first model over rotation cycles (stats.cycle_ratios) with its bootstrap interval."""
-    from .stats import cycle_ratios, latency_stats, median_interval
+    from .measure import cycle_ratios, latency_stats, median_interval
 
     t = target(spec.target)
     x = load_arrays(spec.inputs)[0]
