@@ -20,7 +20,7 @@ from ..plan import FITNESS_MODES, TRAINABLE_MODES, StageOutputs, StagePlan
 from ..quant.spec import QuantSpec, SpecError
 from .original import original_layout
 from ..io import MODEL_SIZES
-from .schema import (_TRAIN_KEYS, C2PSA_MODES, PROJECT_SET_ARGS, REPO_ROOT, BaseConfig, ConfigError,
+from .schema import (_TRAIN_KEYS, C2PSA_MODES, PROJECT_SET_ARGS, WEIGHT_KINDS, REPO_ROOT, BaseConfig, ConfigError,
                      DistillConfig, ProjectConfig, QuantizationConfig, StageConfig, TrainConfig, _read_yaml, first_line,
                      imgsz_problem)
 
@@ -195,13 +195,22 @@ def stage_train_args(cfg: ProjectConfig, stage: StageConfig) -> dict:
 
 
 def stage_plan(cfg: ProjectConfig, stage: StageConfig) -> StagePlan:
-    """The typed plan of one stage: its layers and the QuantSpecs of what they become."""
+    """The typed plan of one stage: its layers and the QuantSpecs of what they become (TTQ, or with
+    `weights: {kind: int, bits: N}` LSQ integer weights; the C2PSA step's BitLinear layers take the TTQ settings)."""
     q = cfg.quantization
-    spec = QuantSpec("ttq", float(stage.threshold), q.threshold_rule, q.scale_grad, bool(q.per_channel),
-                     int(q.act_bits), bool(q.act_per_token), bool(q.restore_token_stats),
-                     learn_threshold=bool(q.learn_threshold), threshold_per_channel=bool(q.threshold_per_channel))
-    c2psa = None if stage.c2psa is None else spec.replace(kind=stage.c2psa, per_channel=False,
-                                                          threshold_per_channel=False)
+    ttq = QuantSpec("ttq", float(stage.threshold), q.threshold_rule, q.scale_grad, bool(q.per_channel),
+                    int(q.act_bits), bool(q.act_per_token), bool(q.restore_token_stats),
+                    learn_threshold=bool(q.learn_threshold), threshold_per_channel=bool(q.threshold_per_channel))
+    weights = dict(stage.weights or {})
+    unknown = sorted(set(weights) - {"kind", "bits"})
+    if unknown or weights.get("kind", "ttq") not in WEIGHT_KINDS:
+        raise SpecError(f"weights takes {{kind: {' | '.join(WEIGHT_KINDS)}, bits: N}} (bits with kind int), got "
+                        f"{weights}")
+    if "bits" in weights and weights.get("kind") != "int":
+        raise SpecError("weights.bits is for kind int")
+    spec = ttq if weights.get("kind", "ttq") == "ttq" else QuantSpec("int", bits=weights.get("bits", QuantSpec.bits))
+    c2psa = None if stage.c2psa is None else ttq.replace(kind=stage.c2psa, per_channel=False,
+                                                         threshold_per_channel=False)
     return StagePlan(stage.name, tuple(stage.layers), bool(stage.include_1x1), bool(stage.detect_head), spec, c2psa)
 
 

@@ -19,6 +19,7 @@ from ..quant.spec import BITLINEAR_KINDS, QuantSpec
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 C2PSA_MODES = BITLINEAR_KINDS
+WEIGHT_KINDS = ("ttq", "int")  # stages[i].weights.kind
 MAX_STRIDE = 32  # YOLO11's largest stride: Ultralytics rounds any other image size up to a multiple of it
 # Ultralytics arguments this project sets itself for every stage: train.ultralytics must not carry them
 PROJECT_SET_ARGS = {"model": "base.weights / --start", "data": "base.data / --data",
@@ -114,6 +115,8 @@ class StageConfig:
     threshold: float = QuantSpec.threshold
     detect_head: bool = StagePlan.detect_head  # also the Detect head's inner convs (its output convs and DFL stay FP)
     c2psa: Optional[str] = None  # bitlinear_ttq | bitlinear_standard: replace the convs inside C2PSA
+    weights: Dict[str, Any] = field(default_factory=dict)  # what the stage's convs become: {kind: ttq} (the default)
+    # or {kind: int, bits: 2..8} (LSQ integer weights, a learned step per output channel)
     train: Dict[str, Any] = field(default_factory=dict)  # overrides of the top-level `train` for this stage
 
 

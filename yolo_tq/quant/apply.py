@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch.nn as nn
 
-from .layers import QuantConv2d, TTQConv2d, quantized_layer
+from .layers import GridConv2d, QuantConv2d, quantized_layer
 from .spec import QuantSpec
 
 if TYPE_CHECKING:  # the plan lives a layer up (yolo_tq/plan.py); here it is only read
@@ -34,7 +34,7 @@ class PlanError(ValueError):
 
 
 class TernaryExport:
-    """quantize_ config: a TTQConv2d becomes the stock nn.Conv2d holding its current ternary weight."""
+    """quantize_ config: a grid conv (TTQConv2d, IntConv2d) becomes the stock nn.Conv2d holding its grid weight."""
 
 
 TERNARY_EXPORT = TernaryExport()
@@ -234,7 +234,7 @@ def export_ternary(model: nn.Module) -> nn.Module:
     """A deep copy in which every TTQConv2d is a plain nn.Conv2d holding its three values (BitLinear layers stay:
     they are not plain convs). The model itself is never changed."""
     out = copy.deepcopy(model)
-    quantize_(out, TERNARY_EXPORT, lambda m, _: isinstance(m, TTQConv2d))
+    quantize_(out, TERNARY_EXPORT, lambda m, _: isinstance(m, GridConv2d))
     return out
 
 

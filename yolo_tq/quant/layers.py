@@ -1,8 +1,9 @@
 """Quantized drop-in convolutions: one base (QuantConv2d) with an injected weight quantizer.
 
 Weight quantizers (nn.Modules, `module.quantizer`): TTQWeight (ternary {-Wn, 0, +Wp}, learned Wp/Wn, the TTQ math of
-`ternary.py`), AbsmeanWeight (BitNet b1.58, fixed absmean scale) and FixedWeight (a stored ternary tensor, for packed
-files). Layers: TTQConv2d (plain conv on the quantized weight), and the BitLinear family (BitConv2d: LayerNorm, 8-bit
+`ternary.py`), LSQWeight (integer codes of 2-8 bits, a learned step per output channel), AbsmeanWeight (BitNet b1.58,
+fixed absmean scale) and FixedWeight (a stored ternary tensor, for packed files). Layers: GridConv2d (plain conv on
+the quantized weight) as TTQConv2d and IntConv2d, and the BitLinear family (BitConv2d: LayerNorm, 8-bit
 absmax activations, conv on the quantized weight) as BitLinear_TTQ, BitLinear_Standard and PackedBitLinear.
 
 Every layer keeps the replaced conv's weight as the FP32 `latent_weight` parameter and exposes the weight its forward
@@ -39,8 +40,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .spec import QuantSpec, SpecError
-from .ternary import (absmax_quantize, absmean_ternarize, initial_scales, partial_ternarize, ternary_threshold,
-                      ttq_ternarize)
+from .ternary import (absmax_quantize, absmean_ternarize, initial_scales, lsq_initial_step, lsq_quantize,
+                      partial_ternarize, ternary_threshold, ttq_ternarize)
 
 
 # ------------------------------------------------------------------------------------------ BitLinear functions
@@ -153,12 +154,34 @@ class TTQWeight(nn.Module):
         return ttq_ternarize(latent, self.wp, self.wn, self.factor(), self.rule, self.scale_grad,
                              self.threshold_per_channel)
 
+    fixed = ternary  # the weight an export stores, as every grid quantizer names it
+
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         return partial_ternarize(latent, self.ternary(latent), self.share)
 
     def extra_repr(self) -> str:
         per = ", per channel" if self.threshold_per_channel else ""
         return f"threshold={float(self.threshold_factor):.3g}{per}, rule={self.rule}, scale_grad={self.scale_grad}"
+
+
+class LSQWeight(nn.Module):
+    """LSQ integer weights: codes -Qn..Qp of `bits` bits times a learned step per output channel (`step`),
+    initialised at 2·mean|w|/sqrt(Qp) (ternary.py: lsq_quantize)."""
+
+    def __init__(self, latent: torch.Tensor, spec: QuantSpec):
+        super().__init__()
+        self.bits = int(spec.bits)
+        self.step = nn.Parameter(lsq_initial_step(latent, self.bits))
+
+    def fixed(self, latent: torch.Tensor) -> torch.Tensor:
+        """The integer-grid weight (what an export stores)."""
+        return lsq_quantize(latent, self.step.abs().clamp_min(1e-8), self.bits)
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.fixed(latent)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, per-channel step"
 
 
 class AbsmeanWeight(nn.Module):
@@ -226,12 +249,10 @@ class QuantConv2d(nn.Conv2d):
         return [p for n, p in self.quantizer.named_parameters() if n == "threshold_factor"]
 
 
-class TTQConv2d(QuantConv2d):
-    """Trained Ternary Quantization conv: the forward convolves with the ternary shadow of `latent_weight`.
-    Assigning `weight` (Ultralytics' Conv+BN fusion) freezes the module into a plain nn.Conv2d holding it."""
-
-    def make_quantizer(self, latent, spec):
-        return TTQWeight(latent, spec)
+class GridConv2d(QuantConv2d):
+    """A plain conv on a weight from a fixed grid (ternary or integer codes times learned scales): the forward
+    convolves with `weight`; assigning `weight` (Ultralytics' Conv+BN fusion) freezes the module into a plain
+    nn.Conv2d holding it; to_plain_conv exports the stock conv holding the quantizer's grid weight."""
 
     def absorb_weight(self, weight: torch.Tensor) -> None:
         del self._parameters["latent_weight"]
@@ -246,14 +267,28 @@ class TTQConv2d(QuantConv2d):
                         self.padding, self.dilation, self.groups)
 
     def to_plain_conv(self) -> nn.Conv2d:
-        """A stock nn.Conv2d holding exactly the current ternary weights (three values per layer)."""
+        """A stock nn.Conv2d holding exactly the current grid weights (ternary: three values per layer)."""
         conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
                          self.dilation, self.groups, self.bias is not None, self.padding_mode)
         with torch.no_grad():
-            conv.weight.copy_(self.quantizer.ternary(self.latent_weight).detach())
+            conv.weight.copy_(self.quantizer.fixed(self.latent_weight).detach())
             if self.bias is not None:
                 conv.bias.copy_(self.bias.detach())
         return conv.to(self.latent_weight.device)
+
+
+class TTQConv2d(GridConv2d):
+    """Trained Ternary Quantization conv: the forward convolves with the ternary shadow of `latent_weight`."""
+
+    def make_quantizer(self, latent, spec):
+        return TTQWeight(latent, spec)
+
+
+class IntConv2d(GridConv2d):
+    """LSQ integer-weight conv (spec.bits bits, a learned step per output channel), beside TTQ on the same base."""
+
+    def make_quantizer(self, latent, spec):
+        return LSQWeight(latent, spec)
 
 
 class BitConv2d(QuantConv2d):
@@ -317,7 +352,8 @@ class PackedBitLinear(BitConv2d):
         return FixedWeight()
 
 
-LAYER_CLASSES = {"ttq": TTQConv2d, "bitlinear_ttq": BitLinear_TTQ, "bitlinear_standard": BitLinear_Standard}
+LAYER_CLASSES = {"ttq": TTQConv2d, "bitlinear_ttq": BitLinear_TTQ, "bitlinear_standard": BitLinear_Standard,
+                 "int": IntConv2d}
 
 
 def quantized_layer(conv: nn.Conv2d, spec: QuantSpec) -> QuantConv2d:

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 from .ternary import SCALE_GRAD_MODES, THRESHOLD_RULES
 
-KINDS = ("ttq", "bitlinear_ttq", "bitlinear_standard")
-BITLINEAR_KINDS = KINDS[1:]
+KINDS = ("ttq", "bitlinear_ttq", "bitlinear_standard", "int")
+BITLINEAR_KINDS = ("bitlinear_ttq", "bitlinear_standard")
+INT_BITS = (2, 8)  # the integer kind's bit widths, inclusive
 # A sane threshold factor per rule: mean|w|-based factors above 3 zero out (almost) every weight of a conv
 # (|w| rarely exceeds 3·mean|w| for more than a few weights); a max|w|-based factor must stay below 1.
 THRESHOLD_RANGES = {"mean": (0.0, 3.0), "max": (0.0, 1.0)}
@@ -26,12 +27,14 @@ class SpecError(ValueError):
 class QuantSpec:
     """What a chosen conv becomes.
 
-    kind: ttq (TTQConv2d) | bitlinear_ttq (BitLinear_TTQ) | bitlinear_standard (BitLinear, absmean scale).
+    kind: ttq (TTQConv2d) | bitlinear_ttq (BitLinear_TTQ) | bitlinear_standard (BitLinear, absmean scale) |
+    int (IntConv2d: LSQ integer weights of `bits` bits, a learned step per output channel).
     threshold, rule: Δ = threshold·mean|w| (rule 'mean') or threshold·max|w| (rule 'max', the paper's).
     scale_grad: 'paper' (summed gradients of Wp/Wn) or 'normalized'. per_channel: Wp/Wn per output channel.
     learn_threshold: the factor t of Δ is a learned parameter per layer, starting at `threshold` (beyond the paper).
     threshold_per_channel: Δ = t·mean|w| over each output channel instead of the whole layer (TTQ kind only).
     act_bits, act_per_token, restore_token_stats: the BitLinear activation path (bitlinear kinds only).
+    bits: the integer kind's weight bits (2..8); the other kinds ignore it.
     """
 
     kind: str = "ttq"
@@ -44,6 +47,7 @@ class QuantSpec:
     restore_token_stats: bool = True
     learn_threshold: bool = False
     threshold_per_channel: bool = False
+    bits: int = 4
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -62,6 +66,11 @@ class QuantSpec:
             raise SpecError("learn_threshold is for the TTQ kinds only (standard BitLinear has no threshold)")
         if self.kind != "ttq" and self.threshold_per_channel:
             raise SpecError("threshold_per_channel is for kind 'ttq' only (a BitLinear layer has one threshold)")
+        if self.kind == "int" and not (type(self.bits) is int and INT_BITS[0] <= self.bits <= INT_BITS[1]):
+            raise SpecError(f"bits must be an integer in {INT_BITS[0]}..{INT_BITS[1]} for kind 'int', got {self.bits!r}")
+        if self.kind == "int" and (self.learn_threshold or self.threshold_per_channel):
+            raise SpecError("learn_threshold and threshold_per_channel are for the TTQ kinds (integer weights have a "
+                            "learned step, no threshold)")
         if self.kind == "bitlinear_ttq" and self.per_channel:
             raise SpecError("per_channel scales are for kind 'ttq' only (BitLinear_TTQ has one Ap/An per layer)")
 

@@ -12,6 +12,13 @@ with learned positive scales Wp, Wn. Gradients (paper, eq. 7-8), with g = dL/dw_
 A learned threshold (beyond the paper) gets dL/dΔ from a window estimate (threshold_grad), since the step functions'
 derivative in Δ is zero almost everywhere.
 Wp/Wn may be scalars (one per layer, as in the paper) or per-output-channel tensors of shape (C_out, 1, 1, 1).
+
+LSQ (Esser et al. 2019, arXiv:1902.08153), the integer weights beside TTQ: a b-bit signed grid with codes in
+[-Qn, Qp] = [-2^(b-1), 2^(b-1) - 1] and a learned step s (here one per output channel),
+    v̂ = round(clip(v/s, -Qn, Qp))·s
+with the straight-through gradient for v (1 where -Qn < v/s < Qp, else 0) and, for s (paper, eq. 3),
+    dv̂/ds = -v/s + round(v/s)  where -Qn < v/s < Qp;   -Qn where v/s <= -Qn;   Qp where v/s >= Qp
+scaled by g = 1/sqrt(N·Qp), N the number of weights that share the step. s starts at 2·mean|v|/sqrt(Qp).
 """
 
 from __future__ import annotations
@@ -128,6 +135,56 @@ def ttq_ternarize(
     (a tensor `factor` that requires a gradient is learned), then TTQTernarize."""
     delta = ternary_threshold(weight, factor, rule, per_channel_threshold)
     return TTQTernarize.apply(weight, wp, wn, delta, mode)
+
+
+def lsq_levels(bits: int) -> tuple[int, int]:
+    """(Qn, Qp) of LSQ's signed b-bit grid: codes -Qn..Qp."""
+    if not 2 <= int(bits) <= 8:
+        raise ValueError(f"integer weights take 2 to 8 bits, got {bits}")
+    return 2 ** (int(bits) - 1), 2 ** (int(bits) - 1) - 1
+
+
+def lsq_initial_step(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """LSQ's initial step per output channel, 2·mean|v|/sqrt(Qp), shape (C_out, 1, ..., 1) (a tiny positive step
+    for an all-zero channel)."""
+    _, qp = lsq_levels(bits)
+    w = weight.detach().abs()
+    mean = w.mean(dim=tuple(range(1, w.dim())), keepdim=True)
+    return (2 * mean / math.sqrt(qp)).clamp_min(1e-8)
+
+
+def lsq_grad_scale(weights_per_step: int, bits: int) -> float:
+    """LSQ's step-gradient scale g = 1/sqrt(N·Qp)."""
+    return 1.0 / math.sqrt(max(int(weights_per_step), 1) * lsq_levels(bits)[1])
+
+
+class LSQQuantize(torch.autograd.Function):
+    """v̂ = clamp(round(v/s), -Qn, Qp)·s (for integer bounds the same as round(clip(v/s))), with LSQ's backward
+    (module docstring); s broadcasts against v (a scalar or one step per output channel)."""
+
+    @staticmethod
+    def forward(ctx, weight, step, qn, qp, grad_scale):
+        x = weight / step
+        ctx.save_for_backward(x, step)
+        ctx.qn, ctx.qp, ctx.grad_scale = qn, qp, grad_scale
+        return torch.clamp(torch.round(x), -qn, qp) * step
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, step = ctx.saved_tensors
+        low, high = x <= -ctx.qn, x >= ctx.qp
+        d_step = torch.where(low, torch.full_like(x, -ctx.qn),
+                             torch.where(high, torch.full_like(x, ctx.qp), torch.round(x) - x))
+        grad_w = grad * ~(low | high)
+        grad_s = _sum_to(grad * d_step, step.shape) * ctx.grad_scale
+        return grad_w, grad_s, None, None, None
+
+
+def lsq_quantize(weight: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
+    """The b-bit LSQ shadow of `weight` with step `step` (per output channel: g counts the weights of a channel)."""
+    qn, qp = lsq_levels(bits)
+    per_step = weight.numel() // max(step.numel(), 1)
+    return LSQQuantize.apply(weight, step, qn, qp, lsq_grad_scale(per_step, bits))
 
 
 def magnitude_mask(weight: torch.Tensor, share: float) -> torch.Tensor:
