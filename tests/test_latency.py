@@ -8,12 +8,13 @@ import subprocess
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, build_model, c2psa_plan, progressive_stage_plans, run_here
+from conftest import REPO, assert_one_line_error, build_model, c2psa_plan, progressive_stage_plans, run_here
 
 from yolo_tq.deploy import backends
 from yolo_tq.deploy.agreement import (FP32_BOX_TOL_PX, AgreementError, compare_outputs, f1_score, found_share,
@@ -598,3 +599,39 @@ def test_int8_reference_measures_ultralytics_export(tmp_path, tiny_fp_checkpoint
     assert calls[1:] == [("val", "baseline_int8_openvino_model", 1, "cpu"), ("val", "baseline.pt", 1, "cpu")]
     assert r["status"] == "ok" and r["bytes"] == 2_346_678 and r["mAP50-95"] == 0.301
     assert r["fp_same_validation"]["mAP50-95"] == 0.322 and r["export_s"] == 12.5
+
+
+# ----------------------------------------------------------------------------- the original README's INT8 command
+def test_int8_without_data_calibrates_on_ultralytics_default(tmp_path, tiny_fp_checkpoint, tiny_data, monkeypatch):
+    """`latency_benchmark.py --baseline … --export-int8` with no --data: coco128.yaml, as Ultralytics' INT8 export
+    does, with a note line; offline its download failure is one line naming --data (the dataset check is replaced
+    here by one that records the call and refuses, as Ultralytics does offline)."""
+    import yolo_tq.config as config
+
+    seen = []
+
+    def offline(data, splits=("val",)):
+        seen.append((data, splits))
+        raise config.ConfigError(f"data {data}: Download failure. Offline, pass a local data yaml: --data /path")
+
+    monkeypatch.setattr(config, "check_dataset", offline)
+    r = run_here("latency_benchmark.py", "--baseline", tiny_fp_checkpoint, "--export-int8", "--backends", "onnxruntime")
+    assert_one_line_error(r, "coco128.yaml", "--data")
+    assert "note: INT8 calibration on coco128.yaml" in r.stdout and seen == [("coco128.yaml", ("train", "val"))]
+    monkeypatch.setattr(config, "check_dataset", lambda data, splits=("val",): {"yaml_file": str(tiny_data)})
+    from yolo_tq.commands.latency import resolved_data
+
+    assert resolved_data(SimpleNamespace(data="coco128.yaml", export_int8=False)) == str(tiny_data)
+    assert resolved_data(SimpleNamespace(data=None, export_int8=False)) is None
+
+
+def test_a_missing_official_baseline_is_downloaded_or_named(tmp_path, monkeypatch):
+    """A bare official name is fetched through Ultralytics, as train.py does; offline, one line names --baseline."""
+    import ultralytics.utils.downloads as downloads
+
+    def no_network(name, *a, **k):
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(downloads, "attempt_download_asset", no_network)
+    r = run_here("latency_benchmark.py", "--baseline", "yolo11n.pt", cwd=tmp_path)
+    assert_one_line_error(r, "cannot download yolo11n.pt", "--baseline PATH")

@@ -172,9 +172,9 @@ def load_model(path: str | Path, safe: bool | None = None) -> tuple[nn.Module, d
     return model, ckpt
 
 
-def ensure_weights(name: str) -> str:
+def ensure_weights(name: str, flag: str = "--weights") -> str:
     """A local path for `name`: the file itself, or, for a bare official name such as 'yolo11n.pt', Ultralytics'
-    own download (into the current folder). Offline users pass a local path instead."""
+    own download (into the current folder). Offline users pass a local path instead (`flag` names the option)."""
     p = Path(name)
     if p.is_file():
         return str(p)
@@ -185,10 +185,10 @@ def ensure_weights(name: str) -> str:
     try:
         got = attempt_download_asset(name)
     except Exception as e:  # noqa: BLE001 - offline, or no such asset
-        raise CheckpointError(f"cannot download {name} ({type(e).__name__}); pass a local file with --weights PATH "
+        raise CheckpointError(f"cannot download {name} ({type(e).__name__}); pass a local file with {flag} PATH "
                               f"(or WEIGHTS=PATH for run.sh)") from e
     if not Path(got).is_file():
-        raise CheckpointError(f"cannot download {name}; pass a local file with --weights PATH (or WEIGHTS=PATH)")
+        raise CheckpointError(f"cannot download {name}; pass a local file with {flag} PATH (or WEIGHTS=PATH)")
     return str(got)
 
 

@@ -15,7 +15,9 @@ is reported as refused, with the A/A figure. Ratios of the separate per-model ru
 --device: like Ultralytics, the GPU when PyTorch sees one (CUDA targets), else the CPU.
 CPU targets (--device cpu): torch-cpu, onnxruntime-cpu, openvino-fp32, openvino-bf16 (--export-fp16),
 openvino-int8 (--export-int8). CUDA targets (--device 0): torch-cuda, torch-cuda-fp16 (--export-fp16),
-onnxruntime-cuda, tensorrt-fp16 (--export-fp16), tensorrt-int8 (--export-int8). INT8 needs --data for calibration.
+onnxruntime-cuda, tensorrt-fp16 (--export-fp16), tensorrt-int8 (--export-int8). INT8 calibrates on the train split
+of --data; without --data, on coco128.yaml, as Ultralytics' own INT8 export does (downloaded when missing; offline,
+give --data). A bare official --baseline name (yolo11n.pt) is downloaded when missing, as train.py does.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import os
 from ..deploy.agreement import REDUCED_MIN_AGREEMENT
 from ..deploy.backends import FAMILIES
 from ..deploy.measure import AA_TOLERANCE
+
+DEFAULT_CALIBRATION = "coco128.yaml"  # Ultralytics' own default for INT8 export calibration
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -64,16 +68,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbose", action="store_true", help="show the exporters' output")
 
 
+def resolved_data(a: argparse.Namespace) -> str | None:
+    """--data as a local yaml path; with --export-int8 and no --data, Ultralytics' default calibration set (a note
+    line; Ultralytics downloads it when missing, and offline the error names --data)."""
+    from ..config import check_dataset
+
+    data = a.data
+    if data is None and a.export_int8:
+        print(f"note: INT8 calibration on {DEFAULT_CALIBRATION} (Ultralytics' default); --data DATA to use your own")
+        data = DEFAULT_CALIBRATION
+    if data is None or os.path.isfile(data):
+        return data
+    return str(check_dataset(data, ("train", "val")).get("yaml_file") or data)
+
+
 def run(a: argparse.Namespace) -> int:
     os.environ.setdefault("YOLO_OFFLINE", "1")
     from ..deploy.bench import BenchOptions, run_benchmark
-    from ..deploy.results import format_table
-    from ..deploy.results import save_record
+    from ..deploy.results import format_table, save_record
+    from ..io import ensure_weights
 
     opts = BenchOptions(
-        baseline=a.baseline, quantized=a.quantized, export_fp16=a.export_fp16, export_int8=a.export_int8,
+        baseline=ensure_weights(a.baseline, "--baseline"), quantized=a.quantized, export_fp16=a.export_fp16, export_int8=a.export_int8,
         num_runs=a.num_runs, warmup=a.warmup, imgsz=a.imgsz, batch=a.batch, device=a.device,
-        backends=tuple(b.strip() for b in a.backends.split(",") if b.strip()), data=a.data, workdir=a.workdir,
+        backends=tuple(b.strip() for b in a.backends.split(",") if b.strip()), data=resolved_data(a), workdir=a.workdir,
         isolate=not a.no_isolate, interleave=not a.no_interleave, aa_tolerance=a.aa_tolerance,
         check_images=a.check_images,
         min_agreement=a.min_agreement, calib_split=a.calib_split, calib_fraction=a.calib_fraction, measure_map=a.map,
