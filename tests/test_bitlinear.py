@@ -637,3 +637,20 @@ def test_restore_token_stats_is_a_config_key():
     for dotlist, expected in (([], True), (["quantization.restore_token_stats=false"], False)):
         cfg = load_config(root / "configs" / "stage2_c2psa.yaml", None, dotlist)
         assert stage_plan(cfg, cfg.stages[0]).c2psa.restore_token_stats is expected
+
+
+def test_c2psa_blocks_first_replaces_only_the_first_psablock():
+    """yolo11x's C2PSA holds two PSABlocks: `c2psa_blocks: first` (the original's choice) replaces m[0] only."""
+    from yolo_tq.config import load_config, stage_plan
+
+    model = build_model("yolo11x.yaml")
+    every, first = c2psa_convs(model), c2psa_convs(model, first_block_only=True)
+    assert len(every) == 10 and len(first) == 5 and set(first) < set(every)
+    assert all(".m.0." in p for p in first)
+    cfg = load_config(REPO / "configs/original/stage2_c2psa.yaml")
+    plan = stage_plan(cfg, cfg.stages[0])
+    assert plan.c2psa_blocks == "first"
+    assert set(install_stage(model, plan)) == set(first)
+    assert load_config(REPO / "configs/stage2_c2psa.yaml").stages[0].c2psa_blocks == "all"
+    with pytest.raises(Exception, match="c2psa_blocks must be one of all, first"):
+        load_config(REPO / "configs/stage2_c2psa.yaml", dotlist=["stages[0].c2psa_blocks=second"])

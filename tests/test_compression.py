@@ -164,3 +164,26 @@ def test_real_files_and_packed_description(tmp_path, tiny_fp_checkpoint):
     assert d["source"] == "train.pt" and d["ternary_layers"] == [17, 19, 20, 22] and "yaml" not in d
     assert C.format_packed(d).startswith(f"{path}: {len(packed['int8']):,} bytes, DetectionModel (nc=2), "
                                          f"ternary layers [17, 19, 20, 22]")
+
+
+def test_original_counting_reproduces_the_original_reports():
+    """The original code counted conv weights only and saw no Conv2d in its BitLinear layers (0 bits): its reports
+    read 1.30 / 1.69 / 1.97 / 2.16 for yolo11n, and 2.79 (stages 1-3) and 2.94 (+ BitLinear on C2PSA's first
+    PSABlock) for yolo11x."""
+    from yolo_tq.plan import StagePlan
+    from yolo_tq.quant.spec import QuantSpec
+
+    want = {"n": ([1.30, 1.69, 1.97], 2.16), "x": ([None, None, 2.79], 2.94)}
+    for size, (stages, with_c2psa) in want.items():
+        torch.manual_seed(0)
+        base = build_model(f"yolo11{size}.yaml", 80)
+        base_bits = C.original_conv_bits(base)
+        q = build_model(f"yolo11{size}.yaml", 80)
+        q.load_state_dict(base.state_dict())
+        for plan, ratio in zip(STAGES, stages):
+            install_stage(q, plan)
+            if ratio is not None:
+                assert base_bits / C.original_conv_bits(export_ternary(q)) == pytest.approx(ratio, abs=0.005), size
+        install_stage(q, StagePlan("c2psa", (), c2psa=QuantSpec(kind="bitlinear_ttq"), c2psa_blocks="first"))
+        o = C.original_ratio(base, export_ternary(q))
+        assert o["ratio"] == pytest.approx(with_c2psa, abs=0.005) and o["ratio_bitlinear_at_2_bits"] < o["ratio"]

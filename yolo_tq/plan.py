@@ -17,6 +17,7 @@ from .quant.spec import QuantSpec
 RAMP_MODES = ("none", "magnitude", "layer_deep_first", "layer_early_first")  # train.ternary_ramp
 TRAINABLE_MODES = ("all", "stage")  # train.trainable (the first is the default)
 FITNESS_MODES = ("default", "map50")  # train.fitness (the first is the default)
+C2PSA_BLOCKS = ("all", "first")  # stages[i].c2psa_blocks: every PSABlock of a C2PSA, or its first (the original's)
 TERNARY_EXPORT_NAME = "ternary.pt"  # the stage's stock-loadable ternary export, in its output folder
 
 
@@ -39,6 +40,7 @@ class StagePlan:
     detect_head: bool = False  # also the Detect head's inner convs (its output convs and DFL stay FP)
     spec: QuantSpec = field(default_factory=QuantSpec)
     c2psa: QuantSpec | None = None
+    c2psa_blocks: str = C2PSA_BLOCKS[0]  # all: every PSABlock of each C2PSA ; first: only its first, m[0]
 
     def __post_init__(self):
         _set(self, "layers", tuple(self.layers))

@@ -16,7 +16,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ..plan import FITNESS_MODES, TRAINABLE_MODES, StageOutputs, StagePlan
+from ..plan import C2PSA_BLOCKS, FITNESS_MODES, TRAINABLE_MODES, StageOutputs, StagePlan
 from ..quant.spec import QuantSpec, SpecError
 from .original import original_layout
 from ..io import MODEL_SIZES
@@ -211,7 +211,10 @@ def stage_plan(cfg: ProjectConfig, stage: StageConfig) -> StagePlan:
     spec = ttq if weights.get("kind", "ttq") == "ttq" else QuantSpec("int", bits=weights.get("bits", QuantSpec.bits))
     c2psa = None if stage.c2psa is None else ttq.replace(kind=stage.c2psa, per_channel=False,
                                                          threshold_per_channel=False)
-    return StagePlan(stage.name, tuple(stage.layers), bool(stage.include_1x1), bool(stage.detect_head), spec, c2psa)
+    if stage.c2psa_blocks not in C2PSA_BLOCKS:
+        raise SpecError(f"c2psa_blocks must be one of {', '.join(C2PSA_BLOCKS)}, got {stage.c2psa_blocks!r}")
+    return StagePlan(stage.name, tuple(stage.layers), bool(stage.include_1x1), bool(stage.detect_head), spec, c2psa,
+                     str(stage.c2psa_blocks))
 
 
 def find_stage(cfg: ProjectConfig, key: int | str) -> tuple[int, StageConfig]:

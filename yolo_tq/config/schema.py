@@ -115,6 +115,7 @@ class StageConfig:
     threshold: float = QuantSpec.threshold
     detect_head: bool = StagePlan.detect_head  # also the Detect head's inner convs (its output convs and DFL stay FP)
     c2psa: Optional[str] = None  # bitlinear_ttq | bitlinear_standard: replace the convs inside C2PSA
+    c2psa_blocks: str = StagePlan.c2psa_blocks  # all: in every PSABlock ; first: only the first (the original's)
     weights: Dict[str, Any] = field(default_factory=dict)  # what the stage's convs become: {kind: ttq} (the default)
     # or {kind: int, bits: 2..8} (LSQ integer weights, a learned step per output channel)
     train: Dict[str, Any] = field(default_factory=dict)  # overrides of the top-level `train` for this stage

@@ -94,6 +94,33 @@ def theoretical_sizes(baseline_params: int, params: int, ternary_params: int, bu
     return out
 
 
+ORIGINAL_COUNTING = ("the original code's: conv weights only, 32 bits each in the baseline; in the quantized model "
+                     "2 bits per ternary conv weight, 32 per other conv weight, and BitLinear weights not counted")
+
+
+def original_conv_bits(model: nn.Module, bitlinear_bits: float = 0.0) -> float:
+    """Bits of the model's conv weights as the original code counted them: a plain conv weight is 2 bits per value
+    when it is ternary (judged from the weights), 32 otherwise; a BitLinear layer's weight `bitlinear_bits` (the
+    original's counter saw no Conv2d there, so 0); nothing else is counted."""
+    from ..formats.packed import is_ternary_tensor
+    from ..quant.layers import BitConv2d
+
+    bits = 0.0
+    for m in model.modules():
+        if isinstance(m, BitConv2d):
+            bits += m.latent_weight.numel() * bitlinear_bits
+        elif type(m) is nn.Conv2d:
+            bits += m.weight.numel() * (2 if is_ternary_tensor(m.weight) else 32)
+    return bits
+
+
+def original_ratio(baseline: nn.Module, quantized: nn.Module) -> dict:
+    """The original reports' compression ratio (ORIGINAL_COUNTING), and the same with BitLinear weights at 2 bits."""
+    base = original_conv_bits(baseline)
+    return {"definition": ORIGINAL_COUNTING, "ratio": base / original_conv_bits(quantized),
+            "ratio_bitlinear_at_2_bits": base / original_conv_bits(quantized, 2)}
+
+
 def stock_ternary_model(model: nn.Module) -> nn.Module:
     """The model with every quantized training module (TTQConv2d, ...) replaced by its stock export; the model
     itself if it holds none."""
@@ -108,7 +135,8 @@ def size_report(baseline: nn.Module, quantized: nn.Module) -> dict:
     cb, cq = count(baseline, rb), count(quantized, rq)
     return {"baseline": {"counts": cb, "layers": layer_rows(baseline, rows=rb)},
             "quantized": {"counts": cq, "layers": layer_rows(quantized, rows=rq), "coverage": coverage(cq)},
-            "theoretical": theoretical_sizes(cb["params"], cq["params"], cq["ternary_params"])}
+            "theoretical": theoretical_sizes(cb["params"], cq["params"], cq["ternary_params"]),
+            "original_counting": original_ratio(baseline, quantized)}
 
 
 # ------------------------------------------------------------------------------------------ checkpoints and files
@@ -234,6 +262,10 @@ def format_size_report(rep: dict) -> str:
     for t in rep["theoretical"]:
         lines.append(f"{t['budget']:<38} {t['baseline_bytes'] / 1e6:>12.3f} {t['quantized_bytes'] / 1e6:>13.3f} "
                      f"{t['ratio']:>6.2f}x")
+    o = rep.get("original_counting")
+    if o:
+        lines += [f"{'original counting (conv weights only)':<38} {'':>12} {'':>13} {o['ratio']:>6.2f}x",
+                  f"  ({o['definition']}; with BitLinear weights at 2 bits: {o['ratio_bitlinear_at_2_bits']:.2f}x)"]
     lines += ["", f"{'real file':<38} {'bytes':>12} {'MB':>8} {'vs baseline':>12}"]
     base = rep["files"]["baseline_pt"]
     for name, b in rep["files"].items():

@@ -147,17 +147,17 @@ def select_convs(model: nn.Module, layers, include_1x1: bool, detect_head: bool 
     return chosen
 
 
-def c2psa_convs(model: nn.Module) -> dict[str, nn.Conv2d]:
-    """Path -> conv (plain or already quantized) for the five convs of every PSABlock inside every C2PSA."""
+def c2psa_convs(model: nn.Module, first_block_only: bool = False) -> dict[str, nn.Conv2d]:
+    """Path -> conv (plain or already quantized) for the five convs of every PSABlock inside every C2PSA (with
+    `first_block_only`, of its first PSABlock only, as the original code chose)."""
     from ultralytics.nn.modules.block import C2PSA, PSABlock
 
     out = {}
     for name, c2psa in model.named_modules():
         if not isinstance(c2psa, C2PSA):
             continue
-        for sub, block in c2psa.named_modules():
-            if not isinstance(block, PSABlock):
-                continue
+        blocks = [(s, b) for s, b in c2psa.named_modules() if isinstance(b, PSABlock)]
+        for sub, block in blocks[:1] if first_block_only else blocks:
             for conv_path in PSA_CONVS:
                 conv = getattr(block.get_submodule(conv_path), "conv", None) if _has_submodule(block, conv_path) \
                     else None
@@ -193,7 +193,7 @@ def stage_targets(model: nn.Module, plan: "StagePlan") -> list[tuple[QuantSpec, 
     step, for the convs inside C2PSA (plan.c2psa)."""
     targets = [(plan.spec, list(select_convs(model, plan.layers, plan.include_1x1, plan.detect_head)))]
     if plan.c2psa is not None:
-        paths = list(c2psa_convs(model))
+        paths = list(c2psa_convs(model, plan.c2psa_blocks == "first"))
         if not paths:
             raise PlanError(f"{type(model).__name__} has no C2PSA block to replace")
         targets.append((plan.c2psa, paths))
