@@ -234,3 +234,36 @@ def test_safety_net_names_the_path(error, tmp_path, capsys):
         run_cli(fail)
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and err == [f"error: refused: {tmp_path / 'out.json'}"]
+
+
+# --- no output may be one of the command's inputs (issue 24): refused before any work, the input intact ---------
+OUTPUT_IS_INPUT = {
+    "test-json": ("test.py", "x.pt", "--json", "{out}"),
+    "validate-json": ("validate.py", "x.pt", "--data", "{data}", "--json", "{out}"),
+    "latency-json": ("latency_benchmark.py", "--baseline", "x.pt", "--json", "{out}"),
+    "post-training": ("train.py", "--weights", "x.pt", "--data", "{data}", "--post-training", "{out}"),
+    "size-pack": ("compression_calculation.py", "--baseline", "{fp}", "--quantized", "x.pt", "--pack", "{out}"),
+    "size-unpacked-pt": ("compression_calculation.py", "--unpack", "x.pt", "--unpacked-pt", "{out}"),
+    "pack-unpack": ("yolo-tq", "pack", "--unpack", "x.pt", "--out", "{out}"),
+    "pack": ("yolo-tq", "pack", "x.pt", "{out}"),
+    "export-out": ("export.py", "x.pt", "--out", "{out}"),
+    "export-json": ("export.py", "x.pt", "--json", "{out}"),
+}
+
+
+@pytest.mark.parametrize("link", ["same", "symlink", "hardlink"])
+@pytest.mark.parametrize("case", sorted(OUTPUT_IS_INPUT))
+def test_an_output_that_is_an_input_is_refused(case, link, tmp_path, tiny_fp_checkpoint, tiny_data):
+    x = tmp_path / "x.pt"
+    x.write_bytes(tiny_fp_checkpoint.read_bytes())
+    out = {"same": x, "symlink": tmp_path / "link.pt", "hardlink": tmp_path / "hard.pt"}[link]
+    if link == "symlink":
+        out.symlink_to(x)
+    elif link == "hardlink":
+        os.link(x, out)
+    before = x.read_bytes()
+    values = {"out": out.name, "data": tiny_data, "fp": tiny_fp_checkpoint}
+    args = [REPO / a if i == 0 and a.endswith(".py") else fill(a, values) for i, a in enumerate(OUTPUT_IS_INPUT[case])]
+    r = run_here(*args, cwd=tmp_path)
+    assert_one_line_error(r, "it is the input")
+    assert x.read_bytes() == before

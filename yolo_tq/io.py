@@ -273,9 +273,24 @@ def save_stock_checkpoint(model: nn.Module, path: str | Path, train_args: dict |
     return atomic_save(ckpt, path)
 
 
-def check_writable(path: str | Path, what: str = "output", folder: bool = False) -> None:
-    """Before any work, refuse an output that cannot be written: under a file, a folder where a file goes, or in a
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name one file: the same path after following symbolic links, or one inode (a hard link)."""
+    pa, pb = Path(a), Path(b)
+    if pa.resolve() == pb.resolve():
+        return True
+    try:
+        return pa.exists() and pb.exists() and os.path.samefile(pa, pb)
+    except OSError:
+        return False
+
+
+def check_writable(path: str | Path, what: str = "output", folder: bool = False, inputs=()) -> None:
+    """Before any work, refuse an output that cannot be written: one of the command's `inputs` (followed through
+    symbolic and hard links: writing it would destroy the input), under a file, a folder where a file goes, or in a
     folder without write permission. `folder`: `path` is a folder to be created. Creates nothing."""
+    for given in inputs:
+        if given and same_file(path, given):
+            raise OutputPathError(f"cannot write {what} {path}: it is the input {given}; choose another output path")
     p = Path(path).absolute()
     if not folder and p.is_dir():
         raise OutputPathError(f"cannot write {what} {path}: it is a folder")

@@ -69,8 +69,10 @@ def run(a: argparse.Namespace) -> int:
     from ..eval.compare import compare_checkpoints, format_table, write_rows
 
     m = models(a)
-    check_writable(a.json, "the JSON table")
-    check_writable(a.csv, "the CSV table")
+    inputs = [m["baseline"], m["ttq"], m["standard"], a.data]
+    for path, what in ((a.json, "the JSON table"), (a.csv, "the CSV table")):
+        if path:
+            check_writable(path, what, inputs=inputs)
     entries = [("baseline", m["baseline"]), ("BitLinear_TTQ", m["ttq"]), ("standard BitLinear", m["standard"])]
     rows = compare_checkpoints(entries, a.data, a.imgsz, a.batch, a.device)
     print(format_table(rows))

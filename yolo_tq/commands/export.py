@@ -20,7 +20,7 @@ import argparse
 import os
 from pathlib import Path
 
-from ..io import check_writable
+from ..io import check_writable, same_file
 from .args import imgsz_arg, input_file, positive_int
 from ..formats.deploy_onnx import REST_CHOICES
 
@@ -45,14 +45,6 @@ def default_out(ckpt: str) -> str:
     return str(p.with_name(name + ".onnx"))
 
 
-def same_file(a: str | Path, b: str | Path) -> bool:
-    """True when two paths name one file (symlinks and hard links followed)."""
-    pa, pb = Path(a), Path(b)
-    if pa.exists() and pb.exists():
-        return os.path.samefile(pa, pb)
-    return pa.resolve() == pb.resolve()
-
-
 def run(a: argparse.Namespace) -> int:
     os.environ.setdefault("YOLO_OFFLINE", "1")
     from ..config import ConfigError
@@ -63,9 +55,7 @@ def run(a: argparse.Namespace) -> int:
     out = a.out or default_out(a.checkpoint)
     for path, what in ((out, "the ONNX file"), (a.json, "the JSON report")):
         if path:
-            check_writable(path, what)
-            if same_file(path, a.checkpoint):
-                raise ConfigError(f"{what} {path} is the input checkpoint; choose another --{'out' if path == out else 'json'}")
+            check_writable(path, what, inputs=[a.checkpoint, a.data])
     if a.json and same_file(a.json, out):
         raise ConfigError("--json and --out name the same file")
     if not Path(a.checkpoint).is_file():

@@ -29,7 +29,7 @@ def run(a: argparse.Namespace) -> int:
     from ..deploy.reference import int8_reference
     from ..io import write_json
 
-    check_writable(a.json, "the reference JSON")
+    check_writable(a.json, "the reference JSON", inputs=[a.weights, a.data])
     check_writable(a.workdir, "the work folder", folder=True)
     os.environ.setdefault("YOLO_OFFLINE", "1")
     print(f"JSON: {write_json(int8_reference(a.weights, a.data, a.imgsz, Path(a.workdir)), a.json)}")

@@ -86,8 +86,10 @@ def run(a: argparse.Namespace) -> int:
     os.environ.setdefault("YOLO_OFFLINE", "1")
     from ..deploy.bench import BenchOptions, run_benchmark
     from ..deploy.results import format_table, save_record
-    from ..io import ensure_weights
+    from ..io import check_writable, ensure_weights
 
+    if a.json:
+        check_writable(a.json, "the results JSON", inputs=[a.baseline, a.quantized, a.data])
     opts = BenchOptions(
         baseline=ensure_weights(a.baseline, "--baseline"), quantized=a.quantized, export_fp16=a.export_fp16, export_int8=a.export_int8,
         num_runs=a.num_runs, warmup=a.warmup, imgsz=a.imgsz, batch=a.batch, device=a.device,

@@ -23,7 +23,7 @@ def run(a: argparse.Namespace) -> int:
     from ..io import load_model, write_json
 
     if a.json:
-        check_writable(a.json, "the JSON report")
+        check_writable(a.json, "the JSON report", inputs=[a.checkpoint])
     model, _ = load_model(a.checkpoint)
     rows = conv_rows(model)
     tot = totals(model, rows)

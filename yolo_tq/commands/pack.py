@@ -55,7 +55,8 @@ def run(a: argparse.Namespace) -> int:
     problem = argument_problem(a)
     if problem:
         raise UsageError(problem)
-    check_writable(a.unpacked_pt if a.unpack else a.out, "the unpacked .pt" if a.unpack else "the packed file")
+    check_writable(a.unpacked_pt if a.unpack else a.out, "the unpacked .pt" if a.unpack else "the packed file",
+                   inputs=[a.unpack or a.ckpt])
     if a.unpack:
         print(f"unpacked model written to {unpack_to_checkpoint(a.unpack, a.unpacked_pt)}")
     else:

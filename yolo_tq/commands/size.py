@@ -89,7 +89,7 @@ def run(a: argparse.Namespace) -> int:
     outputs = ((a.json, "the report JSON"), (a.pack, "the packed file"), (a.unpacked_pt, "the unpacked .pt"))
     for path, what in outputs:
         if path:
-            check_writable(path, what)
+            check_writable(path, what, inputs=[a.baseline, a.quantized, a.unpack, a.val_data])
     if a.unpack:
         report = {"packed": describe_packed(a.unpack)}
         print(format_packed(report["packed"]))

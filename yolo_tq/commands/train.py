@@ -39,7 +39,7 @@ def post_training(cfg, a: argparse.Namespace) -> int:
     from ..train.preflight import stage_start
     from ..train.stages import post_training_ternary
 
-    check_writable(a.post_training, "the post-training export")
+    check_writable(a.post_training, "the post-training export", inputs=[a.start, cfg.base.weights, cfg.base.data])
     last = stage_numbers(cfg, a.stage)[-1] - 1
     start = stage_start(cfg, 0, a.start)
     if cfg.quantization.bn_reestimate_images:

@@ -60,7 +60,7 @@ def run(a: argparse.Namespace) -> int:
     from ..io import write_json
 
     if a.json:
-        check_writable(a.json, "the metrics JSON")
+        check_writable(a.json, "the metrics JSON", inputs=[a.checkpoint, a.fp32, a.data])
     if a.fp32:
         r = validate_pair(a.fp32, a.checkpoint, a.data, a.imgsz, a.batch, a.device, a.split, a.per_class)
         print(f"{'baseline':<12} {a.fp32}\n{'checkpoint':<12} {a.checkpoint}\n\n{pair_table(r)}")
