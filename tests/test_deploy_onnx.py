@@ -233,7 +233,7 @@ def test_export_errors(tiny_models, tmp_path):
     assert not (tmp_path / "c.onnx").exists()
     src = tiny_models["ternary"]
     before = src.read_bytes()
-    assert_one_line_error(export(src, "--out", src), "is the input checkpoint")
+    assert_one_line_error(export(src, "--out", src), "it is the input")
     assert src.read_bytes() == before
     blocker = tmp_path / "file"
     blocker.write_text("x")
