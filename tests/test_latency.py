@@ -535,7 +535,7 @@ def test_cli_end_to_end_isolated(tmp_path, tiny_fp_checkpoint):
     assert (spec.model, spec.num_runs, spec.warmup, spec.target) == ("baseline", 3, 1, "onnxruntime-cpu")
     bad = subprocess.run([sys.executable, "latency_benchmark.py", "--baseline", str(tmp_path / "missing.pt")],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: checkpoint not found")
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: weights not found")
 
 
 # ---------------------------------------------------------------------------------------------- OpenVINO (optional)

@@ -210,14 +210,18 @@ def test_compare_bitlinear_positional_errors(args, needles, tmp_path, tiny_fp_ch
     assert not (tmp_path / "c.json").exists()
 
 
-def test_latency_benchmark_as_printed(chain, tiny_fp_checkpoint):
+def test_latency_benchmark_as_printed(chain, tiny_fp_checkpoint, tiny_data):
     """The original's flags (--export-fp16 --export-int8 --num-runs) on what every test machine has: ONNX Runtime
-    on the CPU (--device cpu, so that the test means the same with or without a GPU)."""
+    on the CPU (--device cpu, so that the test means the same with or without a GPU). Without --data the INT8
+    targets calibrate on coco128.yaml, as Ultralytics' INT8 export does: here a local coco128.yaml stands where
+    Ultralytics looks first (the working folder), holding the tiny dataset."""
+    (chain["work"] / "coco128.yaml").write_text(tiny_data.read_text())  # its path: is absolute
     r = run_here("latency_benchmark.py", "--baseline", tiny_fp_checkpoint, "--quantized",
                  chain["ternary"]["c2psa_bitlinear_ttq"], "--export-fp16", "--export-int8", "--num-runs", "3",
                  "--backends", "onnxruntime", "--device", "cpu", "--imgsz", "64", "--warmup", "1", "--no-interleave",
                  "--json", "lat.json", cwd=chain["work"])
     assert r.returncode == 0, r.stderr[-2000:]
+    assert "note: INT8 calibration on coco128.yaml" in r.stdout
     rows = json.loads((chain["work"] / "lat.json").read_text())["rows"]
     timed = {(row["model"], row["target"]) for row in rows if row["status"] == "ok"}
     assert {("baseline", "onnxruntime-cpu"), ("quantized", "onnxruntime-cpu")} <= timed
