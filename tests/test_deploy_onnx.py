@@ -125,6 +125,16 @@ def test_decoders_are_folded_by_default_session_options(small_onnx, tmp_path):
     assert "Conv" in ops or "FusedConv" in ops
 
 
+def test_short_names_keep_the_function(small_onnx):
+    enc, _ = dx.encode_model(small_onnx, "int8")
+    x = np.random.default_rng(1).random((1, 3, 16, 16), dtype=np.float32)
+    before, size = _run(enc, x), enc.ByteSize()
+    dx.short_names(enc)
+    onnx.checker.check_model(enc)
+    assert np.array_equal(_run(enc, x), before) and enc.ByteSize() < size
+    assert all(len(t.name) <= 2 for t in enc.graph.initializer) and dx.read_summary(enc) is not None
+
+
 def test_verification_catches_a_wrong_code(small_onnx):
     enc, done = dx.encode_model(small_onnx, "int8")
     codes = next(t for t in enc.graph.initializer if t.name == "a.weight.codes")
@@ -188,9 +198,13 @@ def test_export_round_trips_through_onnxruntime(tiny_models, tmp_path, kind, n_t
     ref = torch_output(tiny_models[kind], x)
     tol = 0.5 if kind == "bitlinear" else 1e-3  # BitLinear rounds activations (deploy.agreement docstring)
     assert np.abs(got - ref).max() < tol * max(1.0, np.abs(ref).max())
-    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    written = onnx.load(str(out))
+    meta = {p.key: p.value for p in written.metadata_props}
     assert meta["names"] == str({0: "c0", 1: "c1"}) and meta["imgsz"] == "[64, 64]"
     assert json.loads(meta["yolo_tq"])["ternary"]["tensors"] == n_ternary
+    g = written.graph  # short names everywhere but the graph's own inputs and outputs (dx.short_names)
+    assert max(len(t.name) for t in g.initializer) <= 3 and not any(n.name for n in g.node)
+    assert [x.name for x in g.input] == ["images"] and [x.name for x in g.output] == ["output0"]
 
 
 def test_int8_rest_is_smaller_and_stock_ultralytics_runs_it(tiny_models, tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..formats.deploy_onnx import (DeployOnnxError, REST_CHOICES, conv_weight_names, encode_model, encoding_counts,
-                                   rel_error, verify_encoding)
+                                   rel_error, short_names, verify_encoding)
 from ..io import CheckpointError, atomic_write_bytes, load_model, save_stock_checkpoint
 from .export import ExportError, PreparedModel, export_artifact, prepare_checkpoint
 
@@ -154,6 +154,8 @@ def export_deployable(source: str | Path, out: str | Path, imgsz: int = 640, res
         log(f"note: the ONNX graph has {counts['ternary']['tensors']} ternary conv weights, the fused model "
             f"{n_ternary} ternary convs")
     pt_err, pt_n = compare_with_pytorch(fp_model, [e.name for e in done if e.kind == "ternary"], fused_state(model))
+    short_names(encoded)  # after the checks that look tensors up by name; the output check below runs these bytes
+    onnx.checker.check_model(encoded)
     data_bytes = encoded.SerializeToString()
     rounding = prepared.summary.get("activation_rounding", False)
     outputs = output_check(fp_path, data_bytes, prepared.checkpoint, check_inputs(data, imgsz, batch, check_images),
