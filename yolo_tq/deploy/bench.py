@@ -21,7 +21,7 @@ from ..io import atomic_write_text
 from .agreement import REDUCED_MIN_AGREEMENT, check_inputs
 from .backends import (FAMILIES, TARGETS, Target, cpu_int8_features, make_runner, plan_targets, skip_line, target,
                        versions)
-from .deployable import export_deployable_artifact
+from . import deployable  # noqa: F401 - registers the onnx-deploy exporter with export_artifact
 from .export import ExportError, captured_output, export_artifact, prepare_checkpoint
 from .measure import AA_TOLERANCE, compressed_size_mb, file_size_mb, ratios, within_band
 from .results import (CI_TEXT, ABResult, ABSpec, Accuracy, BenchResult, Comparison, Environment, Interleaved,
@@ -270,11 +270,8 @@ def _prepare(o: BenchOptions, models: dict, runnable: list[Target], inputs: list
             f"{pm.summary['deploy']['fused_convs']} fused convs ternary per channel)")
         for key in dict.fromkeys(t.artifact_for(role) for t in runnable):
             try:
-                artifacts[role, key] = (
-                    export_deployable_artifact(pm, mdir / key, o.imgsz, o.batch, o.data, o.verbose)
-                    if key == "onnx-deploy" else
-                    export_artifact(pm, key, mdir, o.imgsz, o.batch, o.data, o.calib_split, o.calib_fraction,
-                                    o.verbose))
+                artifacts[role, key] = export_artifact(pm, key, mdir, o.imgsz, o.batch, o.data, o.calib_split,
+                                                       o.calib_fraction, o.verbose)
                 if key != "pt":
                     log(f"{role}: exported {key} in {artifacts[role, key][1]:.1f} s")
             except ExportError as e:

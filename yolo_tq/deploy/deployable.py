@@ -15,7 +15,7 @@ import numpy as np
 from ..formats.deploy_onnx import (DeployOnnxError, REST_CHOICES, conv_weight_names, encode_model, encoding_counts,
                                    rel_error, short_names, verify_encoding)
 from ..io import CheckpointError, atomic_write_bytes, load_model, save_stock_checkpoint
-from .export import ExportError, PreparedModel, export_artifact, prepare_checkpoint
+from .export import ExportError, PreparedModel, export_artifact, prepare_checkpoint, register_exporter
 
 DETECTOR_CLASSES = ("DetectionModel",)  # what the deployable export handles (Ultralytics' detection models)
 ORT_MIN_VERSION = "1.19"  # oldest onnxruntime tried that runs the deployable file (1.17.3, 1.18.1: no numpy 2)
@@ -244,3 +244,6 @@ def export_deployable_artifact(prepared: PreparedModel, folder: Path, imgsz: int
     except (CheckpointError, ValueError) as e:
         raise ExportError(f"onnx-deploy export failed: {e}") from e
     return out.resolve(), r.seconds
+
+
+register_exporter("onnx-deploy", export_deployable_artifact)

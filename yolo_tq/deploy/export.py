@@ -27,6 +27,13 @@ ARTIFACTS: dict[str, dict | None] = {
     "engine-fp16": {"format": "engine", "quantize": 16},
     "engine-int8": {"format": "engine", "quantize": 8},
 }
+# artifact key -> its own exporter (prepared, folder, imgsz, batch, data, verbose) -> (path, seconds), for artifacts
+# that are not an Ultralytics export: deploy/deployable.py registers "onnx-deploy"
+EXPORTERS: dict = {}
+
+
+def register_exporter(key: str, export) -> None:
+    EXPORTERS[key] = export
 
 
 class ExportError(RuntimeError):
@@ -122,8 +129,8 @@ def export_artifact(prepared: PreparedModel, key: str, workdir: Path, imgsz: int
     args = ARTIFACTS[key]
     if args is None:
         return prepared.checkpoint, 0.0
-    if args["format"] == "onnx-deploy":
-        raise ValueError("the deployable ONNX is written by deploy.deployable.export_deployable_artifact")
+    if key in EXPORTERS:
+        return EXPORTERS[key](prepared, workdir / key, imgsz, batch, data, verbose)
     from ultralytics import YOLO
     from ultralytics.utils import LOGGER
 
