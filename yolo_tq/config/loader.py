@@ -142,13 +142,32 @@ def _apply_dotlist(cfg, dotlist: list[str], source: str) -> None:
         cfg.merge_with_dotlist([item])
 
 
+def _read_extended(p: Path, source: str, seen: tuple[Path, ...] = ()) -> dict:
+    """A config file's mapping; with `extends: PATH` (relative to the file), the named config's mapping with this
+    file's keys merged over it (mappings merge, lists such as `stages` are replaced)."""
+    raw = original_layout(_read_yaml(p, source), source)
+    parent = raw.pop("extends", None) if isinstance(raw, dict) else None
+    if parent is None:
+        return raw
+    base = (p.parent / str(parent)).resolve()
+    if base in seen or base == p.resolve():
+        raise ConfigError(f"{source}: 'extends: {parent}' makes a loop ({' -> '.join(map(str, seen + (base,)))})")
+    if not base.is_file():
+        raise ConfigError(f"{source}: 'extends: {parent}' names no file ({base})")
+    under = _read_extended(base, str(base), seen + (p.resolve(),))
+    _check_keys(under, ProjectConfig, "", str(base))
+    _check_keys(raw, ProjectConfig, "", source)
+    return OmegaConf.to_container(OmegaConf.merge(under, raw))
+
+
 def load_config(path: str | Path | None, overrides: dict | None = None,
                 dotlist: list[str] | None = None) -> ProjectConfig:
     """Load a YAML config, apply overrides, resolve interpolation and validate.
 
     `overrides` maps flat names to values: model_size, weights, data, checkpoint_dir and any `train` key (epochs,
     imgsz, batch, device, ...). A train override applies to every stage (it replaces per-stage values too).
-    `dotlist` takes OmegaConf 'a.b=value' strings for anything else.
+    `dotlist` takes OmegaConf 'a.b=value' strings for anything else. A file may start from another with
+    `extends: PATH` (the plans under configs/plans/ do).
     """
     source = str(path) if path else "<defaults>"
     raw: dict = {}
@@ -156,7 +175,7 @@ def load_config(path: str | Path | None, overrides: dict | None = None,
         p = Path(path)
         if not p.is_file() and not p.is_absolute() and (REPO_ROOT / p).is_file():
             p = REPO_ROOT / p  # default configs resolve from any working directory
-        raw = original_layout(_read_yaml(p, source), source)
+        raw = _read_extended(p, source)
     _check_keys(raw, ProjectConfig, "", source)
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(ProjectConfig), raw)
