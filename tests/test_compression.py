@@ -118,7 +118,7 @@ def test_load_pair_errors(tmp_path, tiny_fp_checkpoint):
     other_path = save_stock_checkpoint(other, tmp_path / "nc3.pt")
     with pytest.raises(CheckpointError, match="not the same architecture"):
         C.load_pair(tiny_fp_checkpoint, other_path)
-    with pytest.raises(CheckpointError, match="no ternary weights"):
+    with pytest.raises(CheckpointError, match="no ternary or integer-grid weights"):
         C.load_pair(tiny_fp_checkpoint, tiny_fp_checkpoint)
     with pytest.raises(CheckpointError, match="not found"):
         C.load_pair(tiny_fp_checkpoint, tmp_path / "missing.pt")

@@ -253,7 +253,7 @@ def test_loads_without_unpickling(packed80, monkeypatch):
 # ------------------------------------------------------------------------------------------------------- errors
 def test_refuses_non_ternary_and_bad_options():
     fp = build_model("yolo11n.yaml", 2)
-    with pytest.raises(codec.PackError, match="no ternary weights"):
+    with pytest.raises(codec.PackError, match="no ternary or integer-grid weights"):
         packing.pack_state(fp)
     with pytest.raises(codec.PackError, match="unknown precision"):
         packing.pack_state(fp, rest="int4")

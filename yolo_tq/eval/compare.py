@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from ..io import atomic_write_text, write_json
 from ..quant.layers import BitConv2d
-from .size import BUDGETS, compression_ratio, count, model_bits
+from .size import BUDGETS, count, model_bits
 
 
 def model_summary(model: nn.Module, baseline_params: int | None = None, budget=BUDGETS[0]) -> dict:
@@ -23,11 +23,12 @@ def model_summary(model: nn.Module, baseline_params: int | None = None, budget=B
     `baseline_params` parameters (the model itself when None)."""
     c = count(model)
     base = c["params"] if baseline_params is None else baseline_params
-    bits = model_bits(c["params"], c["ternary_params"], budget.ternary_bits, budget.other_bits)
+    bits = model_bits(c["params"], c["ternary_params"], budget.ternary_bits, budget.other_bits, c["int_params"],
+                      c["int_weight_bits"])
     return {"params": c["params"], "ternary_params": c["ternary_params"], "ternary_convs": c["ternary_convs"],
             "bitlinear_layers": sum(isinstance(m, BitConv2d) for m in model.modules()),
             "theoretical_mb": bits / 8 / 1e6,
-            "compression": compression_ratio(base, c["params"], c["ternary_params"], budget)}
+            "compression": base * budget.baseline_bits / bits}
 
 
 def compare_checkpoints(entries: list[tuple[str, str]], data: str, imgsz: int = 640, batch: int = 16,

@@ -37,11 +37,14 @@ BUDGETS = (
 )
 
 
-def model_bits(params: int, ternary_params: int, ternary_bits: float, other_bits: float) -> float:
-    """Size in bits of a model with `params` parameters of which `ternary_params` are ternary."""
-    if not 0 <= ternary_params <= params:
-        raise ValueError(f"ternary parameters ({ternary_params}) must be between 0 and the total ({params})")
-    return ternary_params * ternary_bits + (params - ternary_params) * other_bits
+def model_bits(params: int, ternary_params: int, ternary_bits: float, other_bits: float, int_params: int = 0,
+               int_weight_bits: float = 0.0) -> float:
+    """Size in bits of a model with `params` parameters of which `ternary_params` are ternary and `int_params` on
+    integer grids taking `int_weight_bits` bits together (each at its own width)."""
+    if not (0 <= ternary_params and 0 <= int_params and ternary_params + int_params <= params):
+        raise ValueError(f"ternary ({ternary_params}) and integer ({int_params}) parameters must fit in the total "
+                         f"({params})")
+    return ternary_params * ternary_bits + int_weight_bits + (params - ternary_params - int_params) * other_bits
 
 
 def compression_ratio(baseline_params: int, params: int, ternary_params: int, budget: BitBudget = BUDGETS[0]) -> float:
@@ -71,9 +74,12 @@ def layer_rows(model: nn.Module, budget: BitBudget = BUDGETS[0], rows: list[dict
         params = sum(p.numel() for p in layer.parameters() if id(p) not in scale_ids)
         convs = by_layer.get(i, [])
         tern = sum(r["params"] for r in convs if r["ternary"])
+        ints = [r for r in convs if r["kind"] == "int"]
+        int_params, int_bits = sum(r["params"] for r in ints), sum(r["params"] * r["bits"] for r in ints)
         out.append({"layer": i, "type": type(layer).__name__, "params": params, "ternary_params": tern,
-                    "convs": len(convs), "ternary_convs": sum(r["ternary"] for r in convs),
-                    "bits": model_bits(params, tern, budget.ternary_bits, budget.other_bits)})
+                    "int_params": int_params, "convs": len(convs), "ternary_convs": sum(r["ternary"] for r in convs),
+                    "int_convs": len(ints), "weight_bits": sorted({r["bits"] for r in ints}),
+                    "bits": model_bits(params, tern, budget.ternary_bits, budget.other_bits, int_params, int_bits)})
     return out
 
 
@@ -82,12 +88,14 @@ def coverage(counts: dict) -> dict:
     return {"ternary_param_pct": counts["ternary_param_pct"], "ternary_conv_pct": counts["ternary_conv_pct"]}
 
 
-def theoretical_sizes(baseline_params: int, params: int, ternary_params: int, budgets=BUDGETS) -> list[dict]:
-    """For each bit budget: baseline and quantized size in bytes, and their ratio."""
+def theoretical_sizes(baseline_params: int, params: int, ternary_params: int, budgets=BUDGETS, int_params: int = 0,
+                      int_weight_bits: float = 0.0) -> list[dict]:
+    """For each bit budget: baseline and quantized size in bytes, and their ratio (integer-grid weights at their
+    own widths under every budget)."""
     out = []
     for b in budgets:
         base = baseline_params * b.baseline_bits / 8
-        quant = model_bits(params, ternary_params, b.ternary_bits, b.other_bits) / 8
+        quant = model_bits(params, ternary_params, b.ternary_bits, b.other_bits, int_params, int_weight_bits) / 8
         out.append({"budget": b.name, "baseline_bits_per_param": b.baseline_bits,
                     "ternary_bits": b.ternary_bits, "other_bits": b.other_bits,
                     "baseline_bytes": base, "quantized_bytes": quant, "ratio": base / quant})
@@ -135,7 +143,8 @@ def size_report(baseline: nn.Module, quantized: nn.Module) -> dict:
     cb, cq = count(baseline, rb), count(quantized, rq)
     return {"baseline": {"counts": cb, "layers": layer_rows(baseline, rows=rb)},
             "quantized": {"counts": cq, "layers": layer_rows(quantized, rows=rq), "coverage": coverage(cq)},
-            "theoretical": theoretical_sizes(cb["params"], cq["params"], cq["ternary_params"]),
+            "theoretical": theoretical_sizes(cb["params"], cq["params"], cq["ternary_params"],
+                                             int_params=cq["int_params"], int_weight_bits=cq["int_weight_bits"]),
             "original_counting": original_ratio(baseline, quantized)}
 
 
@@ -155,11 +164,9 @@ def load_pair(baseline_path, quantized_path) -> tuple[nn.Module, nn.Module, nn.M
     if _architecture(baseline) != _architecture(quantized):
         raise CheckpointError(f"{baseline_path} and {quantized_path} are not the same architecture "
                               f"(yaml or number of classes differ)")
-    from ..formats.packed import is_ternary_tensor
-
-    if not any(is_ternary_tensor(m.weight) for m in quantized.modules() if isinstance(m, nn.Conv2d)):
-        raise CheckpointError(f"{quantized_path} holds no ternary weights (judged from the weights): "
-                              f"not a ternary checkpoint")
+    if not any(r["kind"] != "FP" for r in conv_rows(quantized)):
+        raise CheckpointError(f"{quantized_path} holds no ternary or integer-grid weights (judged from the weights): "
+                              f"not a quantized checkpoint")
     return baseline, quantized, stock_ternary_model(quantized)
 
 
@@ -248,16 +255,19 @@ def validate_unpacked(packed_path, unpacked_pt, val_data, imgsz: int, batch: int
 
 def format_size_report(rep: dict) -> str:
     """Human-readable tables of a size report (yolo-tq size)."""
-    lines = [f"{'layer':>5} {'type':<10} {'params':>10} {'ternary':>10} {'convs':>6} {'tern':>5} "
-             f"{'bits (paper)':>13}"]
+    lines = [f"{'layer':>5} {'type':<10} {'params':>10} {'ternary':>10} {'integer':>10} {'int bits':>8} {'convs':>6} "
+             f"{'tern':>5} {'bits (paper)':>13}"]
     for r in rep["quantized"]["layers"]:
         if r["params"]:
+            widths = ",".join(str(b) for b in r["weight_bits"]) or "-"
             lines.append(f"{r['layer']:>5} {r['type']:<10} {r['params']:>10,} {r['ternary_params']:>10,} "
-                         f"{r['convs']:>6} {r['ternary_convs']:>5} {r['bits']:>13,.0f}")
+                         f"{r['int_params']:>10,} {widths:>8} {r['convs']:>6} {r['ternary_convs']:>5} "
+                         f"{r['bits']:>13,.0f}")
     cb, cq = rep["baseline"]["counts"], rep["quantized"]["counts"]
     lines += ["", f"baseline parameters: {cb['params']:,}   quantized model parameters: {cq['params']:,}",
               f"coverage: {cq['ternary_params']:,} ternary parameters ({cq['ternary_param_pct']:.1f}%), "
-              f"{cq['ternary_convs']} / {cq['convs']} convs ({cq['ternary_conv_pct']:.1f}%)", "",
+              f"{cq['ternary_convs']} / {cq['convs']} convs ({cq['ternary_conv_pct']:.1f}%); integer grids: "
+              f"{cq['int_params']:,} parameters in {cq['int_convs']} convs", "",
               f"{'theoretical size':<38} {'baseline MB':>12} {'quantized MB':>13} {'ratio':>7}"]
     for t in rep["theoretical"]:
         lines.append(f"{t['budget']:<38} {t['baseline_bytes'] / 1e6:>12.3f} {t['quantized_bytes'] / 1e6:>13.3f} "

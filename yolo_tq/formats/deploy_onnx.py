@@ -11,6 +11,11 @@ same tensor as before):
                float32 table [C, 2] of (p_c, n_c). Decoded by Cast -> Gather(lut[243, 5]) -> Reshape -> Slice ->
                Reshape [C, K] -> GatherElements(Pad(table) [C, 3], axis 1) -> Reshape. A table lookup returns the
                stored float itself, so the decoded weight equals the fused weight bit for bit.
+  grid         a weight whose every output channel is q·step_c for integers q of a 2- or 4-bit grid (LSQ layers,
+               fused or not): codes + 2^(B-1), 8/B per byte (formats.codes.pack_bits), and float32 steps [C].
+               Decoded by Cast -> Gather(lut[256, 8/B] of the signed codes) -> Reshape -> Slice -> Reshape [C, K] ->
+               Mul(steps [C, 1]) -> Reshape; equal to the fused weight up to float rounding, and to FP16 rounding
+               when the checkpoint stored its weights in FP16 as Ultralytics does (GRID_MAX_REL_ERROR).
   int8         any other conv weight (rest="int8"): symmetric per output channel (formats.codes.
                quantize_int8_per_channel, FP16 scales), decoded by Cast(int32) -> Cast(float) -> Mul(scale
                [C, 1, 1, 1]). The detour through int32 costs nothing on disk: OpenVINO 2026.4 takes a direct
@@ -23,12 +28,7 @@ same tensor as before):
 
 Biases and every small tensor stay float32; `keep_float` names weights that must stay exact (the DFL projection).
 
-Why not DequantizeLinear with INT2/UINT2 (ONNX 1.20, opset 25): onnxruntime keeps DequantizeLinear nodes in the
-graph (for its QDQ kernel fusion) and runs them on every inference, 1.4x the FP latency for yolo11n, unless the
-session option `session.disable_quant_qdq` is set, which `YOLO(path)` does not set; OpenVINO 2026.4 refuses INT2
-ONNX tensors; and two bits per code is larger than 1.6. Ordinary operators on initializers are constant-folded by
-onnxruntime's default (basic) graph optimisation at session creation, so the decoded graph then runs the dense
-kernels of the FP export. The measurements are in benchmarks/README.md ("Deployable ONNX").
+Why ordinary operators and not DequantizeLinear with INT2/INT4: docs/method.md ("The deployable ONNX").
 """
 
 from __future__ import annotations
@@ -42,13 +42,14 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from ..io import CheckpointError
-from .codes import TRITS_PER_BYTE, pack_trits, quantize_int8_per_channel
+from .codes import GRID_MAX_REL_ERROR, TRITS_PER_BYTE, grid_codes, pack_bits, pack_trits, quantize_int8_per_channel
 
 REST_CHOICES = ("int8", "fp16", "fp32")
 META_KEY = "yolo_tq"  # metadata_props key holding the encoding summary (JSON)
 MIN_OPSET = 13  # Slice, Pad and GatherElements with tensor inputs
 INT8_MAX_REL_ERROR = 0.5 / 127 * (1 + 2**-9)  # half a step; the FP16 scale is rounded up by at most 2^-10
 CODEBOOK_MIN_NUMEL, CODEBOOK_MAX_VALUES = 1024, 256
+KINDS = ("ternary", "grid", "int8", "fp16", "codebook")
 LUT_NAME = "yolo_tq.trit_lut"
 DECODER_PREFIX = "q"  # names of the decoder nodes (q1, q2, ...); the model's own nodes have none
 
@@ -59,13 +60,14 @@ class DeployOnnxError(CheckpointError):
 
 @dataclass(frozen=True)
 class Encoded:
-    """What one initializer became: kind (ternary | int8 | fp16 | codebook), element count, bytes before and after."""
+    """What one initializer became: kind (KINDS), its shape, bytes before and after, and the code width in bits."""
 
     name: str
     kind: str
     shape: tuple[int, ...]
     bytes_before: int
     bytes_after: int
+    bits: float = 32.0
 
 
 # ---------------------------------------------------------------------------------------------------- pure math
@@ -93,6 +95,12 @@ def trit_lut() -> np.ndarray:
     """[243, 5] int32: the five base-3 digits of each byte value pack_trits writes (first code least significant)."""
     v = np.arange(3**TRITS_PER_BYTE, dtype=np.int32)[:, None]
     return (v // 3 ** np.arange(TRITS_PER_BYTE, dtype=np.int32)) % 3
+
+
+def grid_lut(bits: int) -> np.ndarray:
+    """[256, 8/bits] float32: the signed codes in each byte value pack_bits writes (first code lowest)."""
+    per, v = 8 // bits, np.arange(256, dtype=np.int32)[:, None]
+    return ((v >> (bits * np.arange(per, dtype=np.int32))) % 2**bits - 2 ** (bits - 1)).astype(np.float32)
 
 
 def decode_ternary_np(packed: np.ndarray, table: np.ndarray, shape) -> np.ndarray:
@@ -147,6 +155,20 @@ class _Builder:
         x = self.node("GatherElements", [t, x], axis=1)
         self.node("Reshape", [x, self.ints(w.shape)], output=name)
 
+    def grid(self, name: str, w: np.ndarray, codes: np.ndarray, steps: np.ndarray, bits: int) -> None:
+        c, n = w.shape[0], w.size
+        lut = f"yolo_tq.grid{bits}_lut"
+        if lut not in {t.name for t in self.inits}:
+            self.init(lut, grid_lut(bits))
+        packed = pack_bits(torch.from_numpy(codes), bits).numpy()
+        x = self.node("Cast", [self.init(f"{name}.grid{bits}", packed)], to=TensorProto.INT32)
+        x = self.node("Gather", [lut, x], axis=0)
+        x = self.node("Reshape", [x, self.ints([-1])])
+        x = self.node("Slice", [x, self.ints([0]), self.ints([n])])
+        x = self.node("Reshape", [x, self.ints([c, n // c])])
+        x = self.node("Mul", [x, self.init(f"{name}.steps", steps.astype(np.float32).reshape(c, 1))])
+        self.node("Reshape", [x, self.ints(w.shape)], output=name)
+
     def int8(self, name: str, w: np.ndarray) -> None:
         """Per-channel INT8 with FP16 scales (as the packed file), FP32 scales where FP16 cannot hold one."""
         try:
@@ -186,24 +208,25 @@ def conv_weight_names(model: onnx.ModelProto) -> list[str]:
     return list(dict.fromkeys(n.input[1] for n in model.graph.node if n.op_type == "Conv" and n.input[1] in inits))
 
 
-def _encode_one(b: _Builder, name: str, a: np.ndarray, is_conv: bool, rest: str) -> str | None:
-    """Add the decoder of one initializer; returns its kind, or None if it stays as it is."""
+def _encode_one(b: _Builder, name: str, a: np.ndarray, is_conv: bool, rest: str) -> tuple[str, float] | None:
+    """Add the decoder of one initializer; returns (its kind, bits per weight), or None if it stays as it is."""
     if is_conv and a.dtype == np.float32 and a.ndim >= 2:
         table = channel_ternary_table(a)
         if table is not None:
             b.ternary(name, a, table)
-            return "ternary"
-        if rest == "int8":
-            b.int8(name, a)
-            return "int8"
-        if rest == "fp16":
-            b.fp16(name, a)
-            return "fp16"
+            return "ternary", 8 / TRITS_PER_BYTE
+        grid = grid_codes(torch.from_numpy(a.copy()))
+        if grid is not None:
+            b.grid(name, a, grid[0].numpy(), grid[1].numpy(), grid[2])
+            return "grid", float(grid[2])
+        if rest in ("int8", "fp16"):
+            getattr(b, rest)(name, a)
+            return rest, {"int8": 8.0, "fp16": 16.0}[rest]
         return None
     values = _codebook_values(a)
     if values is not None:
         b.codebook(name, a, values)
-        return "codebook"
+        return "codebook", 8.0
     return None
 
 
@@ -224,12 +247,12 @@ def encode_model(model: onnx.ModelProto, rest: str = "int8", keep_float=(), info
     kept = []
     for t in g.initializer:
         a, first = numpy_helper.to_array(t), len(b.inits)
-        kind = None if t.name in keep else _encode_one(b, t.name, a, t.name in convs, rest)
-        if kind is None:
+        coded = None if t.name in keep else _encode_one(b, t.name, a, t.name in convs, rest)
+        if coded is None:
             kept.append(t)
             continue
         after = sum(x.ByteSize() for x in b.inits[first:] if x.name.startswith(t.name + "."))
-        done.append(Encoded(t.name, kind, tuple(a.shape), t.ByteSize(), after))
+        done.append(Encoded(t.name, coded[0], tuple(a.shape), t.ByteSize(), after, coded[1]))
     del g.initializer[:]
     g.initializer.extend(kept + b.inits)
     nodes = list(g.node)
@@ -284,7 +307,7 @@ def _set_meta(model: onnx.ModelProto, key: str, value: str) -> None:
 def encoding_counts(done: list[Encoded]) -> dict:
     """Per kind: how many tensors, and their bytes before and after."""
     out = {}
-    for kind in ("ternary", "int8", "fp16", "codebook"):
+    for kind in KINDS:
         xs = [e for e in done if e.kind == kind]
         out[kind] = {"tensors": len(xs), "bytes_before": sum(e.bytes_before for e in xs),
                      "bytes_after": sum(e.bytes_after for e in xs)}
@@ -339,7 +362,8 @@ def rel_error(a: np.ndarray, b: np.ndarray) -> float:
 
 def verify_encoding(source: onnx.ModelProto, encoded: onnx.ModelProto, done: list[Encoded]) -> dict:
     """Decode every encoded tensor in onnxruntime and compare it with the source's: the largest relative error per
-    kind. Ternary and codebook tensors must come back exactly, INT8 within half a step of its channel."""
+    kind. Ternary and codebook tensors must come back exactly, grid ones within float rounding, INT8 within half a
+    step of its channel."""
     src = {t.name: numpy_helper.to_array(t) for t in source.graph.initializer}
     got = decoded_tensors(encoded, [e.name for e in done])
     worst: dict[str, float] = {}
@@ -348,8 +372,9 @@ def verify_encoding(source: onnx.ModelProto, encoded: onnx.ModelProto, done: lis
         worst[e.kind] = max(worst.get(e.kind, 0.0), err)
         if e.kind in ("ternary", "codebook") and not np.array_equal(got[e.name], src[e.name]):
             raise DeployOnnxError(f"{e.name}: the decoded {e.kind} tensor differs from the source (rel {err:.3g})")
-        if e.kind == "int8" and err > INT8_MAX_REL_ERROR:
-            raise DeployOnnxError(f"{e.name}: INT8 decoding error {err:.3g} exceeds half a step")
+        limit = {"int8": INT8_MAX_REL_ERROR, "grid": GRID_MAX_REL_ERROR}.get(e.kind)
+        if limit is not None and err > limit:
+            raise DeployOnnxError(f"{e.name}: {e.kind} decoding error {err:.3g} exceeds {limit:.3g}")
     return {f"max_rel_error_{k}": v for k, v in sorted(worst.items())}
 
 

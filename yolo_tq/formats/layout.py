@@ -6,10 +6,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .codes import PackError, packed_trit_bytes
+from .codes import GRID_BITS, PackError, packed_bit_bytes, packed_trit_bytes
 from .metadata import short_repr
 
-KIND_SUFFIXES = {"ternary": (".codes", ".scales"), "int8": (".int8", ".scale"), "bn": (".bn_scale", ".bn_shift")}
+KIND_SUFFIXES = {"ternary": (".codes", ".scales"), **{f"grid{b}": (f".grid{b}", ".steps") for b in GRID_BITS},
+                 "int8": (".int8", ".scale"), "bn": (".bn_scale", ".bn_shift")}
 RESERVED_SUFFIXES = tuple(s for pair in KIND_SUFFIXES.values() for s in pair)
 Layout = dict  # entry name -> (allowed dtypes, shape) expected, or (dtype, shape) found
 
@@ -25,7 +26,8 @@ def owner_path(key: str, owners: dict[str, nn.Module]) -> str | None:
 
 
 def entry_kinds(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
-    """State key (BatchNorm: module path) -> ternary | int8 | bn | fp16 | raw, from the names and dtypes."""
+    """State key (BatchNorm: module path) -> ternary | grid2 | grid4 | int8 | bn | fp16 | raw, from the names and
+    dtypes."""
     kinds = {name[:-len(pair[0])]: kind for name in tensors for kind, pair in KIND_SUFFIXES.items()
              if name.endswith(pair[0])}
     parts = {key + s for key, kind in kinds.items() for s in KIND_SUFFIXES[kind]}
@@ -40,6 +42,10 @@ def stored_entries(key: str, target: torch.Tensor, names: set[str]) -> Layout:
     if f"{key}.codes" in names:
         return {f"{key}.codes": ((torch.uint8,), (packed_trit_bytes(target.numel()),)),
                 f"{key}.scales": ((torch.float32,), (2,))}
+    for b in GRID_BITS:
+        if f"{key}.grid{b}" in names and target.dim() >= 2:
+            return {f"{key}.grid{b}": ((torch.uint8,), (packed_bit_bytes(target.numel(), b),)),
+                    f"{key}.steps": ((torch.float32,), tuple(target.shape[:1]))}
     if f"{key}.int8" in names and target.dim() >= 2:
         return {f"{key}.int8": ((torch.int8,), tuple(target.shape)),
                 f"{key}.scale": ((torch.float16, torch.float32), tuple(target.shape[:1]))}

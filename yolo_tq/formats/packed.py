@@ -5,6 +5,8 @@ dtype, shape and offset, and JSON metadata under the header key `yolo_tq`. For a
 
   K.codes, K.scales    ternary weight: uint8 base-3 codes, 5 per byte (1.6 bits each; 0 -> 0, 1 -> +Wp, 2 -> -Wn,
                        padded to a whole byte), and float32 (Wp, Wn)
+  K.gridB, K.steps     integer-grid weight (LSQ, B = 2 or 4 bits): uint8 codes, 8/B per byte (offset by 2^(B-1)),
+                       and a float32 step per output channel; decoded weight = code x step, exactly
   K.int8, K.scale      other weights (ndim >= 2): int8 codes in [-127, 127] of K's shape, symmetric per output
                        channel, and a float16 scale per output channel (float32 where one would overflow FP16 or
                        be subnormal)
@@ -48,7 +50,7 @@ from ..io import atomic_write_bytes
 from ..quant.apply import is_quantized
 from ..quant.layers import BitConv2d
 from ..quant.ternary import ternary_values
-from .codes import PackError, bn_affine, pack_trits, quantize_int8_per_channel, ternary_codes
+from .codes import PackError, bn_affine, grid_codes, pack_bits, pack_trits, quantize_int8_per_channel, ternary_codes
 from .layout import RESERVED_SUFFIXES, is_batchnorm, owner_path
 from .metadata import (FORMAT_NAME, FORMAT_VERSION, META_KEY, REST_PRECISIONS, SUPPORTED_MODEL_CLASSES, check_metadata,
                        known_architecture)
@@ -114,6 +116,11 @@ def ternary_entries(key: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
     return {f"{key}.codes": pack_trits(codes), f"{key}.scales": torch.tensor([wp, wn], dtype=torch.float32)}
 
 
+def grid_entries(key: str, codes: torch.Tensor, steps: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
+    """K.grid<bits> (8/bits codes per byte) and K.steps (float32 per output channel) of an integer-grid tensor."""
+    return {f"{key}.grid{bits}": pack_bits(codes, bits), f"{key}.steps": steps.float().contiguous()}
+
+
 def int8_entries(key: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
     """K.int8 (w's shape) and K.scale (per output channel: FP16, or FP32 where a scale does not fit FP16)."""
     try:
@@ -152,8 +159,9 @@ def bitlinear_record(m: BitConv2d) -> dict:
 
 
 def plain_entries(key: str, t: torch.Tensor, rest: str, in_dfl: bool) -> dict[str, torch.Tensor]:
-    """A tensor outside BatchNorm and BitLinear: ternary if it is a ternary weight, else INT8 (weights, with
-    rest='int8') or FP16; non-float tensors as they are."""
+    """A tensor outside BatchNorm and BitLinear: ternary if it is a ternary weight, integer-grid codes if it is on a
+    2- or 4-bit grid per output channel (LSQ), else INT8 (weights, with rest='int8') or FP16; non-float tensors as
+    they are."""
     if key.endswith(RESERVED_SUFFIXES):
         raise PackError(f"state key {key!r} ends with a suffix the format reserves ({', '.join(RESERVED_SUFFIXES)})")
     if not t.is_floating_point():
@@ -161,6 +169,9 @@ def plain_entries(key: str, t: torch.Tensor, rest: str, in_dfl: bool) -> dict[st
     weight_like = key.endswith(".weight") and t.dim() >= 2 and not in_dfl
     if weight_like and is_ternary_tensor(t):
         return ternary_entries(key, t)
+    grid = grid_codes(t) if weight_like else None
+    if grid is not None:
+        return grid_entries(key, *grid)
     if weight_like and rest == "int8":
         return int8_entries(key, t)
     return {key: _to_fp16(t, key)}
@@ -187,8 +198,9 @@ def pack_state(model: nn.Module, rest: str = "int8", source: str | None = None,
     for key, t in model.state_dict().items():
         if owner_path(key, owners) is None:
             _add(tensors, plain_entries(key, t.detach().cpu(), rest, _inside_dfl(key.rpartition(".")[0], modules)))
-    if require_ternary and not any(k.endswith(".codes") for k in tensors):
-        raise PackError("no ternary weights found (judged from the weights): this is not a ternary model")
+    if require_ternary and not any(k.endswith((".codes", ".steps")) for k in tensors):
+        raise PackError("no ternary or integer-grid weights found (judged from the weights): this is not a "
+                        "low-bit model")
     records = {p: bitlinear_record(m) for p, m in owners.items() if is_bitlinear(m)}
     return tensors, pack_metadata(model, rest, source, tensors, records)
 
@@ -203,7 +215,8 @@ def pack_metadata(model: nn.Module, rest: str, source: str | None, tensors: dict
         "stride": [float(s) for s in stride] if stride is not None else None,
         "rest_precision": rest,
         "ternary_layers": sorted({_layer_of(k) for k in tensors if k.endswith(".codes")} - {None}),
-        "codes": {"ternary": "base-3, 5 per byte, 0->0 1->+Wp 2->-Wn", "int8": "symmetric per output channel"},
+        "codes": {"ternary": "base-3, 5 per byte, 0->0 1->+Wp 2->-Wn", "int8": "symmetric per output channel",
+                  "grid": "B-bit codes + 2^(B-1), 8/B per byte, times a step per output channel"},
         "modules": records, "source": source,
     }
 

@@ -12,7 +12,8 @@ import torch.nn as nn
 
 from ..quant.apply import paths_filter, quantize_, register_builder
 from ..quant.layers import PackedBitLinear
-from .codes import PackError, bn_from_affine, decode_ternary, dequantize_int8, unpack_trits
+from .codes import GRID_BITS, PackError, bn_from_affine, decode_grid, decode_ternary, dequantize_int8, unpack_bits, \
+    unpack_trits
 from .layout import batchnorms, owner_path, stored_key, check_layout, expected_layout
 from .metadata import META_KEY, PackedBitLinearConfig, short_repr, check_metadata
 
@@ -77,6 +78,12 @@ def decode_tensor(tensors: dict[str, torch.Tensor], key: str, target: torch.Tens
             raise PackError(f"{key}: ternary scales must be finite and >= 0 (got {wp}, {wn})")
         codes = unpack_trits(tensors[f"{key}.codes"], target.numel())
         return decode_ternary(codes, wp, wn, target.shape)
+    for b in GRID_BITS:
+        if f"{key}.grid{b}" in tensors and target.dim() >= 2:
+            steps = tensors[f"{key}.steps"]
+            if not (torch.isfinite(steps).all() and (steps >= 0).all()):
+                raise PackError(f"{key}: grid steps must be finite and >= 0")
+            return decode_grid(unpack_bits(tensors[f"{key}.grid{b}"], target.numel(), b).reshape(target.shape), steps)
     if f"{key}.int8" in tensors and target.dim() >= 2:
         return dequantize_int8(tensors[f"{key}.int8"], tensors[f"{key}.scale"])
     return tensors[key].float() if target.is_floating_point() else tensors[key]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .codes import bn_affine, quantize_int8_per_channel
+from .codes import GRID_MAX_REL_ERROR, bn_affine, quantize_int8_per_channel
 from .layout import entry_kinds
 
 class _TensorView:
@@ -41,14 +41,17 @@ def _bn_rel_err(a: nn.Module, b: nn.Module) -> float:
 @torch.no_grad()
 def verify_round_trip(source: nn.Module, unpacked: nn.Module, tensors: dict[str, torch.Tensor]) -> dict:
     """Compare an unpacked model with the model it was packed from, entry by entry of the file's `tensors`:
-    ternary tensors must be equal, INT8 ones within half a quantization step (per output channel), FP16 ones
+    ternary tensors must be equal, integer-grid ones equal up to float (FP16 storage) rounding (GRID_MAX_REL_ERROR), INT8 ones within half a quantization step (per output channel), FP16 ones
     within FP16 rounding; each BatchNorm is compared as the affine map it computes in eval mode."""
     src, out = _TensorView(source), _TensorView(unpacked)
-    rep = {"ternary": 0, "ternary_identical": 0, "int8": 0, "int8_max_err_steps": 0.0, "fp16": 0,
+    rep = {"ternary": 0, "ternary_identical": 0, "grid": 0, "grid_identical": 0, "grid_max_rel_err": 0.0, "int8": 0, "int8_max_err_steps": 0.0, "fp16": 0,
            "fp16_max_rel_err": 0.0, "bn": 0, "bn_max_rel_err": 0.0}
     for name, kind in entry_kinds(tensors).items():
-        if kind == "ternary":
-            rep["ternary_identical"] += int(torch.equal(src[name].float(), out[name].float()))
+        kind = "grid" if kind.startswith("grid") else kind
+        if kind in ("ternary", "grid"):
+            rep[f"{kind}_identical"] += int(torch.equal(src[name].float(), out[name].float()))
+        if kind == "grid":
+            rep["grid_max_rel_err"] = max(rep["grid_max_rel_err"], _rel(out[name], src[name]))
         elif kind == "int8":
             rep["int8_max_err_steps"] = max(rep["int8_max_err_steps"], _int8_err_steps(src[name], out[name]))
         elif kind == "fp16":
@@ -58,5 +61,5 @@ def verify_round_trip(source: nn.Module, unpacked: nn.Module, tensors: dict[str,
                                                                            unpacked.get_submodule(name)))
         if kind in rep:
             rep[kind] += 1
-    rep["ok"] = rep["ternary_identical"] == rep["ternary"] and rep["int8_max_err_steps"] <= 0.5 + 1e-3
+    rep["ok"] = rep["ternary_identical"] == rep["ternary"] and rep["grid_max_rel_err"] <= GRID_MAX_REL_ERROR and rep["int8_max_err_steps"] <= 0.5 + 1e-3
     return rep
