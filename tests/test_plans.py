@@ -1,0 +1,70 @@
+"""The plans under configs/plans/ and the loader's `extends:`: every plan loads, a plan is its base config with its
+own stages, a bad `extends` is one line, and plans that share a stage name mean the same stage by it (the rule
+benchmarks/front.py trains shared checkpoints by)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import pytest
+
+from conftest import REPO
+from yolo_tq.config import ConfigError, load_config, stage_plan
+
+PLANS = sorted((REPO / "configs" / "plans").glob("*.yaml"))
+
+
+def front_module():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("front", REPO / "benchmarks" / "front.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_plan_loads_and_extends_the_default_config():
+    base = load_config(REPO / "configs" / "stage1_progressive.yaml")
+    assert {p.stem for p in PLANS} >= {"ttq", "int4", "int2", "ttq12_int4_stage3", "ttq123_int4_rest"}
+    for path in PLANS:
+        cfg = load_config(path)
+        assert cfg.train == base.train and cfg.distill == base.distill and cfg.quantization == base.quantization
+    assert load_config(REPO / "configs" / "plans" / "ttq.yaml") == base  # the default plan, as it is
+    int4 = load_config(REPO / "configs" / "plans" / "int4.yaml")
+    assert [stage_plan(int4, s).spec.bits for s in int4.stages] == [4, 4, 4]
+    assert [s.layers for s in int4.stages] == [s.layers for s in base.stages]
+
+
+def test_extends_merges_mappings_and_replaces_lists(tmp_path):
+    (tmp_path / "base.yaml").write_text("extends: plans/ttq.yaml\ntrain: {epochs: 3}\n")  # relative to the file
+    (tmp_path / "plans").mkdir()
+    (tmp_path / "plans" / "ttq.yaml").write_text(f"extends: {REPO / 'configs' / 'stage1_progressive.yaml'}\n")
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\ntrain: {batch: 4}\nstages:\n"
+                                         "  - {name: only, layers: [2], weights: {kind: int, bits: 4}}\n")
+    cfg = load_config(tmp_path / "child.yaml")
+    assert (cfg.train.epochs, cfg.train.batch, cfg.train.imgsz) == (3, 4, 640)
+    assert [s.name for s in cfg.stages] == ["only"]
+
+
+@pytest.mark.parametrize("text, needle", [("extends: missing.yaml\n", "names no file"),
+                                          ("extends: self.yaml\n", "makes a loop"),
+                                          ("extends: other.yaml\n", "makes a loop"),
+                                          ("extends: bad.yaml\n", "unknown config key 'trian'")])
+def test_bad_extends_is_one_line(tmp_path, text, needle):
+    (tmp_path / "self.yaml").write_text("extends: self.yaml\n")
+    (tmp_path / "other.yaml").write_text("extends: start.yaml\n")
+    (tmp_path / "bad.yaml").write_text("trian: {epochs: 1}\n")
+    (tmp_path / "start.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=needle):
+        load_config(tmp_path / "start.yaml")
+
+
+def test_shared_stage_names_mean_the_same_stage():
+    front = front_module()
+    plans = {p.stem: load_config(p) for p in PLANS}
+    users = front.check_shared_names(plans)
+    assert set(users["stage1"]) >= {"ttq", "ttq12_int4_stage3", "ttq123_int4_rest"}
+    assert set(users["stage3"]) >= {"ttq", "ttq123_int4_rest"}
+    changed = load_config(REPO / "configs" / "plans" / "ttq12_int4_stage3.yaml", dotlist=["stages[1].threshold=0.5"])
+    with pytest.raises(SystemExit, match="'stage2' means different stages"):
+        front.check_shared_names({**plans, "changed": changed})
