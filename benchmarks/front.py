@@ -94,8 +94,9 @@ def train_plan_stages(cfg, log: dict) -> list[str]:
     return used
 
 
-def measure(ckpt: str, name: str, a, work: Path) -> dict:
-    """The deployable ONNX of a checkpoint: bytes, and mAP50-95 read from it by stock Ultralytics at each size."""
+def measure(ckpt: str, name: str, a, work: Path, plain: dict | None = None) -> dict:
+    """The deployable ONNX of a checkpoint: bytes, and mAP50-95 read from it by stock Ultralytics at each size.
+    `plain`, if given, receives the same of the plain FP32 ONNX it was made from."""
     from yolo_tq.deploy.deployable import export_deployable
     from yolo_tq.eval.validate import validate
 
@@ -104,18 +105,22 @@ def measure(ckpt: str, name: str, a, work: Path) -> dict:
         d = work / name / str(size)
         r = export_deployable(ckpt, d / "deploy.onnx", size, "int8", workdir=d / "work", data=str(a.data),
                               log=lambda s: None)
-        row["bytes"] = r.bytes
-        row["encoding"] = r.encoding
+        row.update(bytes=r.bytes, encoding=r.encoding)
         row[f"mAP50-95@{size}"] = validate(str(d / "deploy.onnx"), str(a.data), size, 1, "cpu")["mAP50-95"]
+        if plain is not None:
+            plain.update(bytes=r.fp_onnx_bytes)
+            plain[f"mAP50-95@{size}"] = validate(r.fp_onnx, str(a.data), size, 1, "cpu")["mAP50-95"]
     return row
 
 
 def references(a, work: Path) -> list[dict]:
-    """The FP model (its deployable ONNX: FP weights kept, the convs INT8 like every plan's rest) and Ultralytics'
-    own OpenVINO INT8 export, each at --val-imgsz."""
+    """The FP model as its plain FP32 ONNX and as the deployable ONNX (every conv INT8 per channel, as every plan's
+    rest), and Ultralytics' own OpenVINO INT8 export (weights and activations), each at --val-imgsz."""
     from yolo_tq.deploy.reference import int8_reference
 
-    rows = [{"plan": "FP (INT8 rest)", "seed": None, **measure(str(a.weights), "fp", a, work)}]
+    fp32 = {"plan": "FP32 ONNX", "seed": None}
+    rows = [{"plan": "FP weights INT8 (deployable)", "seed": None, **measure(str(a.weights), "fp", a, work, fp32)},
+            fp32]
     ref = {"plan": "Ultralytics OpenVINO INT8", "seed": None}
     for size in a.val_imgsz:
         r = int8_reference(str(a.weights), str(a.data), size, work / "int8" / str(size))

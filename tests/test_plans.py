@@ -68,3 +68,17 @@ def test_shared_stage_names_mean_the_same_stage():
     changed = load_config(REPO / "configs" / "plans" / "ttq12_int4_stage3.yaml", dotlist=["stages[1].threshold=0.5"])
     with pytest.raises(SystemExit, match="'stage2' means different stages"):
         front.check_shared_names({**plans, "changed": changed})
+
+
+def test_front_summary_and_points_by_hand():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from front_plot import front, summarize
+
+    rows = [{"plan": "a", "seed": 0, "bytes": 1_000_000, "mAP50-95@640": 0.30},
+            {"plan": "a", "seed": 1, "bytes": 1_000_000, "mAP50-95@640": 0.32},
+            {"plan": "b", "seed": 0, "bytes": 2_000_000, "mAP50-95@640": 0.29}]
+    s = summarize(rows, [640])
+    assert [r["plan"] for r in s] == ["a", "b"] and s[0]["MB"] == 1.0
+    assert s[0]["mean@640"] == pytest.approx(0.31) and s[0]["seeds@640"] == "0.3000 / 0.3200"
+    # b is larger and less accurate than a: off the front; c and d trade size for accuracy; e ties a's size
+    assert front([(1.0, 0.31), (2.0, 0.29), (0.5, 0.2), (3.0, 0.4), (1.0, 0.30)]) == [2, 0, 3]
