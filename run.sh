@@ -15,6 +15,9 @@
 #   DEVICE                     training, validation and latency device
 #   RECONSTRUCT_STEPS          feature-reconstruction steps before each stage (default: the configs', 100)
 #   LATENCY_RUNS, BACKENDS     latency benchmark runs and backends
+#   SAVED_MODELS=saved_models  where the original code's result names are linked (<dir>/yolo11<size>/stage1.pt,
+#                              stage1-2.pt, stage1-3.pt, stage1-3+bitlinear_ttq.pt, stage1-3+bitlinear_standard.pt)
+#   ALLOW_DOWNLOAD_SCRIPT=1    let the data yaml's `download:` script run if its dataset is missing (never otherwise)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 PROFILE=${1:-quick}
@@ -28,6 +31,7 @@ CK="$RUN_DIR/checkpoints"
 OUT="$CK/yolo11${SIZE}"
 mkdir -p "$RUN_DIR/logs" "$RUN_DIR/.done" "$RUN_DIR/results"
 export YOLO_OFFLINE=${YOLO_OFFLINE:-}
+[ -n "${ALLOW_DOWNLOAD_SCRIPT:-}" ] && export YOLO_TQ_ALLOW_DOWNLOAD_SCRIPT=1
 
 TRAIN=(--model-size "$SIZE" --checkpoint-dir "$CK")
 [ -n "${RECONSTRUCT_STEPS:-}" ] && TRAIN+=(--set "distill.reconstruct_steps=$RECONSTRUCT_STEPS")
@@ -76,6 +80,12 @@ step c2psa_standard python train_c2psa_standard.py --config configs/stage2_c2psa
 declare -A MODEL=([stage1]="$OUT/stage1/ternary.pt" [stage2]="$OUT/stage2/ternary.pt" [stage3]="$OUT/stage3/ternary.pt"
                   [c2psa_ttq]="$OUT/c2psa_bitlinear_ttq/ternary.pt" [c2psa_standard]="$OUT/c2psa_bitlinear_standard/ternary.pt")
 STEPS=(stage1 stage2 stage3 c2psa_ttq c2psa_standard)
+SAVED="${SAVED_MODELS:-saved_models}/yolo11${SIZE}"  # the original's result names, linked to the stage outputs
+mkdir -p "$SAVED"
+for pair in stage1:stage1 stage1-2:stage2 stage1-3:stage3 stage1-3+bitlinear_ttq:c2psa_ttq \
+            stage1-3+bitlinear_standard:c2psa_standard; do
+  ln -sfn "$(cd "$(dirname "${MODEL[${pair#*:}]}")" && pwd)/ternary.pt" "$SAVED/${pair%%:*}.pt"
+done
 step val_fp python validate.py "$WEIGHTS_PATH" "${VAL[@]}" --json "$RUN_DIR/results/val_fp.json"
 for s in "${STEPS[@]}"; do
   step "val_$s" python validate.py "${MODEL[$s]}" "${VAL[@]}" --json "$RUN_DIR/results/val_$s.json"

@@ -267,3 +267,20 @@ def test_an_output_that_is_an_input_is_refused(case, link, tmp_path, tiny_fp_che
     r = run_here(*args, cwd=tmp_path)
     assert_one_line_error(r, "it is the input")
     assert x.read_bytes() == before
+
+
+def test_a_download_script_in_a_data_yaml_never_runs_unless_asked(tmp_path, tiny_fp_checkpoint):
+    """A data yaml whose dataset is missing and whose `download:` is a script: validate and train refuse in one line
+    naming the flag, and the script does not run; with --allow-download-script it runs (and the dataset is still
+    missing, which is the next line)."""
+    marker = tmp_path / "ran"
+    data = tmp_path / "data.yaml"
+    data.write_text(f"path: {tmp_path / 'nowhere'}\ntrain: images/train\nval: images/val\nnames: {{0: a}}\n"
+                    f"download: |\n  open({str(marker)!r}, 'w').write('x')\n")
+    for r in (run_here("validate.py", tiny_fp_checkpoint, "--data", data, cwd=tmp_path),
+              run_here("train.py", "--weights", tiny_fp_checkpoint, "--data", data, "--checkpoint-dir", tmp_path / "ck",
+                       cwd=tmp_path)):
+        assert_one_line_error(r, "`download:` entry is a script", "--allow-download-script")
+        assert not marker.exists()
+    r = run_here("validate.py", tiny_fp_checkpoint, "--data", data, "--allow-download-script", cwd=tmp_path)
+    assert r.returncode != 0 and marker.read_text() == "x"

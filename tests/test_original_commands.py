@@ -75,7 +75,7 @@ def test_train_c2psa_original_path_without_our_output(tmp_path, tiny_fp_checkpoi
 
 
 def test_original_stage_folders_map_to_our_stages(tmp_path):
-    from yolo_tq.commands.c2psa import original_stage_output
+    from yolo_tq.commands.args import original_stage_output
 
     for folder, n in (("stage1_progressive", 1), ("stage1_progressive_middle", 2), ("stage1_progressive_final", 3)):
         got = original_stage_output(f"ttq_checkpoints/yolo11s/{folder}/best.pt", tmp_path / "ck")
@@ -225,3 +225,21 @@ def test_latency_benchmark_as_printed(chain, tiny_fp_checkpoint, tiny_data):
     rows = json.loads((chain["work"] / "lat.json").read_text())["rows"]
     timed = {(row["model"], row["target"]) for row in rows if row["status"] == "ok"}
     assert {("baseline", "onnxruntime-cpu"), ("quantized", "onnxruntime-cpu")} <= timed
+
+
+def test_original_result_paths_read_ours_or_name_the_command(tmp_path, tiny_fp_checkpoint):
+    """saved_models/yolo11<size>/<name>.pt (the original's result files, run.sh's links) resolve to our stage output
+    with a note where run.sh has not linked them; a missing one is one line naming what writes it."""
+    import shutil
+
+    ours = tmp_path / "checkpoints" / "yolo11n" / "stage1" / "ternary.pt"
+    ours.parent.mkdir(parents=True)
+    shutil.copy(tiny_fp_checkpoint, ours)
+    r = run_here("test.py", "saved_models/yolo11n/stage1.pt", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "note: original path saved_models/yolo11n/stage1.pt -> checkpoints/yolo11n/stage1/ternary.pt" in r.stdout
+    r = run_here("validate.py", "saved_models/yolo11n/stage1-3+bitlinear_ttq.pt", cwd=tmp_path)
+    assert_one_line_error(r, "saved_models/yolo11n/stage1-3+bitlinear_ttq.pt not found",
+                          "checkpoints/yolo11n/c2psa_bitlinear_ttq/ternary.pt", "bash run.sh")
+    r = run_here("test.py", "ttq_checkpoints/yolo11n/stage1_progressive/best.pt", cwd=tmp_path)
+    assert_one_line_error(r, "checkpoints/yolo11n/stage1/weights/best.pt")

@@ -21,7 +21,9 @@ STEPS = [key for key, _ in PIPELINE_STEPS[1:]]  # the FP row is not a step of it
 def run_pipeline(run_dir: Path, weights: Path, data: Path):
     env = {**os.environ, "WEIGHTS": str(weights), "DATA": str(data), "RUN_DIR": str(run_dir), "EPOCHS": "1",
            "C2PSA_EPOCHS": "1", "RECONSTRUCT_STEPS": "2", "IMGSZ": "64", "BATCH": "4", "LATENCY_RUNS": "3",
-           "BACKENDS": "torch", "YOLO_OFFLINE": "1", "DEVICE": "cpu"}  # the latency step's default is the GPU where there is one
+           "BACKENDS": "torch", "YOLO_OFFLINE": "1",
+           "DEVICE": "cpu",  # the latency step's default is the GPU where there is one
+           "SAVED_MODELS": str(run_dir / "saved_models")}
     return subprocess.run(["bash", str(REPO / "run.sh"), "quick", "n"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=900)
 
@@ -52,6 +54,11 @@ def test_pipeline_writes_every_artefact(pipeline):
         assert dep["bytes"] == (res / f"{s}.onnx").stat().st_size < 0.4 * dep["fp_onnx_bytes"]
         assert (dep["encoding"]["ternary"]["tensors"] > 0) == (s != "fp")
         assert json.loads((res / f"deploy_val_{s}.json").read_text())["checkpoint"].endswith(f"{s}.onnx")
+    from yolo_tq.io import load_model
+
+    for name in ("stage1", "stage1-2", "stage1-3", "stage1-3+bitlinear_ttq", "stage1-3+bitlinear_standard"):
+        link = run_dir / "saved_models" / "yolo11n" / f"{name}.pt"  # the original code's result names
+        assert link.is_symlink() and link.resolve().name == "ternary.pt" and load_model(link)[0] is not None
     compare = json.loads((res / "compare_bitlinear.json").read_text())
     assert [r["model"] for r in compare["rows"]] == ["baseline", "BitLinear_TTQ", "standard BitLinear"]
     latency = json.loads((res / "latency.json").read_text())

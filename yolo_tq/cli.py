@@ -59,6 +59,9 @@ def command_parser(name: str, prog: str | None = None) -> argparse.ArgumentParse
     p.add_argument("--safe-load", action="store_true",
                    help="open .pt files with torch.load(weights_only=True) and an allowlist of torch.nn, Ultralytics "
                         "and yolo_tq classes; anything else is refused (also: YOLO_TQ_SAFE_LOAD=1)")
+    p.add_argument("--allow-download-script", action="store_true",
+                   help="let a data yaml's `download:` script run when its dataset is missing (it is code from a "
+                        "file; without this flag it never runs; also: YOLO_TQ_ALLOW_DOWNLOAD_SCRIPT=1)")
     return p
 
 
@@ -70,6 +73,10 @@ def script(name: str, argv: list[str] | None = None, prog: str | None = None) ->
         from .io import set_safe_load
 
         set_safe_load(True)
+    if args.allow_download_script:
+        from .config.checks import ALLOW_SCRIPT_ENV
+
+        os.environ[ALLOW_SCRIPT_ENV] = "1"  # the processes this one starts (DDP, workers) inherit it
 
     def run():
         try:

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 from ..config import MODEL_SIZES, imgsz_problem
+
+
+PROGRESSIVE_CONFIG = "configs/stage1_progressive.yaml"
+# The original code's stage folders (its configs' logging.save_dir, best.pt directly inside): stage 3's is '..._final'
+ORIGINAL_STAGE_FOLDERS = {"stage1_progressive": 1, "stage1_progressive_middle": 2, "stage1_progressive_final": 3}
 
 
 class UsageError(ValueError):
@@ -34,11 +40,56 @@ def positive_int(text: str) -> int:
     return value
 
 
+# The original code's result files (its README's commands read them): saved_models/yolo11<size>/<name>.pt, which
+# run.sh writes as links to its stage outputs; name -> the stage folder of ours that holds it (ternary.pt)
+ORIGINAL_RESULTS = {"stage1": "stage1", "stage1-2": "stage2", "stage1-3": "stage3",
+                    "stage1-3+bitlinear_ttq": "c2psa_bitlinear_ttq", "stage1-3+bitlinear_standard": "c2psa_bitlinear_standard"}
+DEFAULT_CHECKPOINT_DIR = "checkpoints"  # config base.checkpoint_dir's default, where train.py writes
+
+
+def original_result(path: str | Path, checkpoint_dir: str | Path = DEFAULT_CHECKPOINT_DIR) -> Path | None:
+    """For saved_models/yolo11<size>/<ORIGINAL_RESULTS key>.pt: our file holding that model (the stage's ternary
+    export under `checkpoint_dir`), else None."""
+    p = Path(path)
+    size = re.fullmatch(rf"yolo11([{''.join(MODEL_SIZES)}])", p.parent.name)
+    if p.parent.parent.name != "saved_models" or size is None or p.suffix != ".pt" or p.stem not in ORIGINAL_RESULTS:
+        return None
+    return Path(checkpoint_dir) / p.parent.name / ORIGINAL_RESULTS[p.stem] / "ternary.pt"
+
+
+def original_stage_output(path: str | Path, checkpoint_dir: str | Path) -> tuple[int, Path] | None:
+    """For a path in the original code's training layout, <dir>/yolo11<size>/<ORIGINAL_STAGE_FOLDERS key>/{best,
+    last}.pt: the stage number and our output of that stage of PROGRESSIVE_CONFIG under `checkpoint_dir`."""
+    from ..config import load_config, stage_outputs
+
+    p = Path(path)
+    size = re.fullmatch(rf"yolo11([{''.join(MODEL_SIZES)}])", p.parent.parent.name)
+    number = ORIGINAL_STAGE_FOLDERS.get(p.parent.name)
+    if size is None or number is None or p.name not in ("best.pt", "last.pt"):
+        return None
+    cfg = load_config(PROGRESSIVE_CONFIG, {"checkpoint_dir": str(checkpoint_dir), "model_size": size.group(1)})
+    outputs = stage_outputs(cfg, cfg.stages[number - 1])
+    return number, outputs.best if p.stem == "best" else outputs.last
+
+
 def input_file(text: str) -> str:
-    """argparse type of an input file: a folder is refused here; a missing file is reported by its loader."""
+    """argparse type of an input file: a folder is refused here; a missing file is reported by its loader. A missing
+    path of the original code's (saved_models/..., ttq_checkpoints/...) is read as our file that holds it, with a
+    note; when ours is missing too, one line names it and the command that writes it."""
     if Path(text).is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a folder, not a file")
-    return text
+    if Path(text).exists():
+        return text
+    saved, stage = original_result(text), original_stage_output(text, DEFAULT_CHECKPOINT_DIR)
+    ours = saved if saved is not None else stage[1] if stage is not None else None
+    if ours is None:
+        return text
+    if not ours.is_file():
+        raise argparse.ArgumentTypeError(
+            f"{text} not found: the original code's path for what this project writes to {ours} (train.py, "
+            f"train_c2psa.py) and bash run.sh links as saved_models/; run bash run.sh, or the training commands")
+    print(f"note: original path {text} -> {ours}")
+    return str(ours)
 
 
 def add_rest_args(p: argparse.ArgumentParser, dest: str = "rest") -> None:

@@ -15,36 +15,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .args import add_config_args, config_overrides
+from .args import PROGRESSIVE_CONFIG, add_config_args, config_overrides, original_stage_output
 
 DEFAULT_CONFIG = "configs/stage2_c2psa.yaml"
 MODE = "bitlinear_ttq"
-PROGRESSIVE_CONFIG = "configs/stage1_progressive.yaml"
-# The original code's stage folders (its configs' logging.save_dir, best.pt directly inside): stage 3's is '..._final'
-ORIGINAL_STAGE_FOLDERS = {"stage1_progressive": 1, "stage1_progressive_middle": 2, "stage1_progressive_final": 3}
 
 
 def add_arguments(p: argparse.ArgumentParser, default_config: str = DEFAULT_CONFIG) -> None:
     add_config_args(p, default_config)
     p.add_argument("--model", help="start checkpoint (default: the config's base.weights)")
     p.add_argument("--resume", action="store_true", help="resume the stage from its last.pt")
-
-
-def original_stage_output(path: str | Path, checkpoint_dir: str | Path) -> tuple[int, Path] | None:
-    """For a path in the original code's layout, <dir>/yolo11<size>/<ORIGINAL_STAGE_FOLDERS key>/{best,last}.pt: the
-    stage number and our output of that stage of PROGRESSIVE_CONFIG under `checkpoint_dir`. None for other paths."""
-    import re
-
-    from ..config import MODEL_SIZES, load_config, stage_outputs
-
-    p = Path(path)
-    size = re.fullmatch(rf"yolo11([{''.join(MODEL_SIZES)}])", p.parent.parent.name)
-    number = ORIGINAL_STAGE_FOLDERS.get(p.parent.name)
-    if size is None or number is None or p.name not in ("best.pt", "last.pt"):
-        return None
-    cfg = load_config(PROGRESSIVE_CONFIG, {"checkpoint_dir": str(checkpoint_dir), "model_size": size.group(1)})
-    outputs = stage_outputs(cfg, cfg.stages[number - 1])
-    return number, outputs.best if p.stem == "best" else outputs.last
 
 
 def start_checkpoint(cfg, model: str | None) -> str | None:

@@ -29,8 +29,10 @@ def check_device(device: Any) -> None:
 
 
 def check_dataset(data: str, splits: tuple[str, ...] = ("val",)) -> dict:
-    """The data yaml parsed and checked by Ultralytics (check_det_dataset, which downloads a known dataset that is
-    missing, as the trainer would), with every split in `splits` present; any problem is one ConfigError."""
+    """The data yaml parsed and checked by Ultralytics (check_det_dataset, which downloads a dataset that is missing
+    from its archive URL, as the trainer would), with every split in `splits` present; any problem is one
+    ConfigError. A `download:` script in a local yaml is never run unless allowed (--allow-download-script); every
+    command checks its data here before Ultralytics sees it, so Ultralytics never finds it missing."""
     from ultralytics.data.utils import check_det_dataset
 
     data = str(data)
@@ -38,16 +40,40 @@ def check_dataset(data: str, splits: tuple[str, ...] = ("val",)) -> dict:
     if data.endswith((".yaml", ".yml")) and (os.sep in data or data.startswith(".")) and not local:
         raise ConfigError(f"data yaml not found: {data}")
     info: dict = {}
+    script = False
     try:
         if local:  # Ultralytics reports a syntax error on several lines: this names the problem and where
-            yaml.safe_load(Path(data).read_text(encoding="utf-8"))
+            script = download_script(yaml.safe_load(Path(data).read_text(encoding="utf-8")))
+        fetch = not script or download_scripts_allowed()  # a script in a file is code: never run unless asked
         for split in splits:
-            info = check_det_dataset(data, split=split)
+            info = check_det_dataset(data, autodownload=fetch, split=split)
     except Exception as e:  # noqa: BLE001 - anything wrong with the data yaml or its folders means the same to the user
+        if script and not download_scripts_allowed() and isinstance(e, FileNotFoundError):
+            raise ConfigError(f"data {data}: the dataset is missing and the yaml's `download:` entry is a script, "
+                              f"which is never run unless you ask: pass --allow-download-script (run.sh: "
+                              f"ALLOW_DOWNLOAD_SCRIPT=1), or put the dataset in place yourself") from e
         hint = "" if local or "download" not in str(e).lower() else (
             " Offline, pass a local data yaml: --data /path/data.yaml (run.sh: DATA=/path/data.yaml).")
         raise ConfigError(f"data {data}: {first_line(e)}{hint}") from e
     return info
+
+
+ALLOW_SCRIPT_ENV = "YOLO_TQ_ALLOW_DOWNLOAD_SCRIPT"  # set by --allow-download-script
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".gz", ".tgz", ".xz", ".bz2", ".txz", ".tbz2")  # what Ultralytics fetches as a URL
+
+
+def download_script(parsed: Any) -> bool:
+    """True when a data yaml's `download:` entry is code (a Python or bash script Ultralytics would run when the
+    dataset is missing), as opposed to an archive URL or nothing."""
+    s = parsed.get("download") if isinstance(parsed, dict) else None
+    if not s:
+        return False
+    s = str(s).strip()
+    return not (s.lower().startswith(("http://", "https://")) and s.split("?")[0].lower().endswith(ARCHIVE_SUFFIXES))
+
+
+def download_scripts_allowed() -> bool:
+    return os.environ.get(ALLOW_SCRIPT_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 DATASET_ERRORS = ("No valid images found", "No labels found", "Dataset '")

@@ -47,11 +47,9 @@ def split_image_batches(data: str, split: str = "train", imgsz: int = 640, batch
     (rectangular batches, no augmentation). For re-estimation outside a trainer (post-training ternarisation)."""
     from ultralytics.cfg import get_cfg
     from ultralytics.data import build_dataloader, build_yolo_dataset
-    from ultralytics.data.utils import check_det_dataset
+    from ..config import ConfigError, check_dataset
 
-    from ..config import ConfigError
-
-    info = check_det_dataset(data)
+    info = check_dataset(data, (split,))
     if not info.get(split):
         raise ConfigError(f"{data} has no '{split}' split to re-estimate BatchNorm statistics on")
     cfg = get_cfg(overrides={"imgsz": imgsz, "batch": batch, "workers": workers, "data": data})
