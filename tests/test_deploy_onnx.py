@@ -177,9 +177,9 @@ def export(*args, cwd=REPO):
 
 
 def torch_output(ckpt, x: np.ndarray) -> np.ndarray:
-    from yolo_tq.deploy.backends import make_runner, target
+    from yolo_tq.deploy.backends import target
 
-    return make_runner(target("torch-cpu"), ckpt).infer(x)
+    return target("torch-cpu").runner(ckpt).infer(x)
 
 
 @pytest.mark.parametrize("kind, n_ternary", [("ternary", 34), ("bitlinear", 39), ("fp", 0)])

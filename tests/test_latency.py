@@ -19,12 +19,13 @@ from conftest import REPO, assert_one_line_error, build_model, c2psa_plan, progr
 from yolo_tq.deploy import backends
 from yolo_tq.deploy.agreement import (FP32_BOX_TOL_PX, AgreementError, compare_outputs, f1_score, found_share,
                                       match_detections, output_diffs, verdict)
-from yolo_tq.deploy.bench import BenchError, BenchOptions, reference_outputs, run_benchmark
+from yolo_tq.deploy.backends import reference_outputs
+from yolo_tq.deploy.bench import BenchError, BenchOptions, run_benchmark
 from yolo_tq.deploy.export import export_artifact, prepare_checkpoint
 from yolo_tq.deploy.results import (SCHEMA, ABResult, Interleaved, Memory, Skip, TargetRow, WorkerSpec, format_table,
                                     load_arrays, save_arrays)
 from yolo_tq.deploy.measure import PerfCounterClock, latency_stats, peak_rss_mb, ratio, ratios, reset_peak_rss, time_runs
-from yolo_tq.deploy.weights import channelwise_ternary, int8_rounding_error
+from yolo_tq.eval.fused import channelwise_ternary, int8_rounding_error
 from yolo_tq.deploy.worker import measure_target
 from yolo_tq.io import load_model, save_stock_checkpoint
 from yolo_tq.quant.apply import export_ternary, install_stage, quantized_modules, ternarize_
@@ -152,7 +153,7 @@ def _pass(kind, ratio, status="ok"):
 def test_ab_ratio_counts_only_after_the_aa_check(monkeypatch, aa, ab_status, status, reason):
     """The A/A pass times the baseline against a second copy of its own export; the A/B ratio is accepted only
     when the A/A reads 1.00 ± 0.03, else it is refused with the A/A figure as the reason."""
-    from yolo_tq.deploy import bench
+    from yolo_tq.deploy import bench, results
 
     seen = []
 
@@ -173,7 +174,7 @@ def test_ab_ratio_counts_only_after_the_aa_check(monkeypatch, aa, ab_status, sta
     assert i.ratio() == ((0.95, 0.94, 0.96) if status == "ok" else None)
     assert Interleaved.from_dict(json.loads(json.dumps(asdict(i)))) == i
     if status == "ok":
-        assert bench.interleaved_ratios(i)["aa_paired_median"] == aa
+        assert results.interleaved_ratios(i)["aa_paired_median"] == aa
 
 
 def test_device_default_follows_cuda(monkeypatch):
@@ -376,7 +377,7 @@ def test_disagreeing_export_is_refused_not_timed(tmp_path, tiny_fp_checkpoint, i
 
 
 def test_timing_loop_on_tiny_model(tiny_fp_checkpoint):
-    runner = backends.make_runner(backends.target("torch-cpu"), tiny_fp_checkpoint)
+    runner = backends.target("torch-cpu").runner(tiny_fp_checkpoint)
     runner.bind(np.zeros((1, 3, IMGSZ, IMGSZ), np.float32))
     samples = time_runs(runner.run, 12, 2, runner.clock())
     s = latency_stats(samples)
@@ -388,17 +389,21 @@ def test_missing_backends_give_one_skip_line(monkeypatch):
     real = backends._importable
     monkeypatch.setattr(backends, "_importable", lambda m: False if m in ("openvino", "tensorrt", "nncf") else real(m))
     monkeypatch.setattr(backends, "cuda_available", lambda: False)
-    plan = dict((t.name, r) for t, r in backends.plan_targets("cpu", True, True, "data.yaml"))
+    def plan_targets(device, fp16, int8, data):
+        o = BenchOptions(baseline="b", quantized="q", device=device, export_fp16=fp16, export_int8=int8, data=data)
+        return {t.name: t.skip_reason(o) for t in backends.TARGETS}
+
+    plan = plan_targets("cpu", True, True, "data.yaml")
     assert plan["torch-cpu"] is None and plan["onnxruntime-cpu"] is None
     for name in ("openvino-fp32", "openvino-int8"):
         assert "not installed" in plan[name] and "pip install" in plan[name]
     assert "--device 0" in plan["tensorrt-fp16"]
-    gpu = dict((t.name, r) for t, r in backends.plan_targets("cuda", True, True, "data.yaml"))
+    gpu = plan_targets("cuda", True, True, "data.yaml")
     assert "no CUDA device" in gpu["torch-cuda"] and "--device cpu" in gpu["torch-cpu"]
-    no_flags = dict((t.name, r) for t, r in backends.plan_targets("cpu", False, False, None))
+    no_flags = plan_targets("cpu", False, False, None)
     assert "--export-int8" in no_flags["openvino-int8"] and "--export-fp16" in no_flags["openvino-bf16"]
-    assert "--data" in dict((t.name, r) for t, r in backends.plan_targets("cpu", False, True, None))["openvino-int8"]
-    line = backends.skip_line(backends.target("tensorrt-int8"), plan["tensorrt-int8"])
+    assert "--data" in plan_targets("cpu", False, True, None)["openvino-int8"]
+    line = Skip("tensorrt-int8", plan["tensorrt-int8"]).line()
     assert line.startswith("skip tensorrt-int8: ") and "\n" not in line
 
 
@@ -573,8 +578,7 @@ def test_int8_reference_without_deploy_extras(tmp_path, tiny_fp_checkpoint, tiny
 def test_int8_reference_measures_ultralytics_export(tmp_path, tiny_fp_checkpoint, tiny_data, monkeypatch):
     """With the extras: Ultralytics' OpenVINO INT8 export (the exporter replaced here), its size on disk as
     measured, and its mAP and the FP model's from the validator run the same way."""
-    from yolo_tq.deploy import bench, export, reference
-    from yolo_tq.deploy.results import Accuracy
+    from yolo_tq.deploy import export, reference
 
     calls = []
 
@@ -586,14 +590,14 @@ def test_int8_reference_measures_ultralytics_export(tmp_path, tiny_fp_checkpoint
         (folder / "baseline.bin").write_bytes(b"w" * 2_345_678)
         return folder, 12.5
 
-    def fake_val(path, data, imgsz, batch, device, project):
+    def fake_val(path, data, imgsz, batch, device, **kw):
         calls.append(("val", Path(path).name, batch, device))
         m = 0.301 if "openvino" in str(path) else 0.322
-        return Accuracy(map50=m + 0.1, map50_95=m, precision=0.5, recall=0.4)
+        return {"mAP50": m + 0.1, "mAP50-95": m, "precision": 0.5, "recall": 0.4, "mAP75": 0.0}
 
     monkeypatch.setattr(reference, "unavailable", lambda data: None)
     monkeypatch.setattr(export, "export_artifact", fake_export)
-    monkeypatch.setattr(bench, "validate_artifact", fake_val)
+    monkeypatch.setattr(reference, "validate", fake_val)
     r = reference.int8_reference(str(tiny_fp_checkpoint), str(tiny_data), IMGSZ, tmp_path / "w", log=lambda s: None)
     assert calls[0] == ("openvino-int8", IMGSZ, 1, str(tiny_data), "train", "baseline")
     assert calls[1:] == [("val", "baseline_int8_openvino_model", 1, "cpu"), ("val", "baseline.pt", 1, "cpu")]

@@ -1,38 +1,12 @@
-"""Does an exported model reproduce the PyTorch model? Raw-output differences and detection agreement.
-
-Raw outputs are the detector's (B, 4 + nc, N) prediction tensor before NMS: box centre/size in input pixels, then
-class scores in [0, 1].
-
-Criteria (stated, not tuned per model):
-- FP32 backends must reproduce PyTorch FP32 closely: max |Δ| over all boxes <= FP32_BOX_TOL_PX input pixels and over
-  all scores <= FP32_SCORE_TOL. Reordered FP32 sums differ by ~1e-3 px on yolo11n at 640 (measured on CPU: ONNX
-  Runtime 0.002 px, OpenVINO with an f32 hint 0.003 px; scores 5e-6). The bounds leave 100x room for GPU convolution
-  algorithms (Winograd / FFT are less exact) while still catching a wrong graph, a wrong input layout or a silent
-  FP16 / BF16 fallback (OpenVINO BF16 moved boxes by 48 px and scores by 0.07 on the same input).
-- Reduced-precision backends (FP16, BF16, INT8) move some raw values a lot: INT8 yolo11n moved a box by 129 px, but
-  on an anchor no detection comes from (2 px on anchors scoring >= 0.25). A raw max |Δ| is reported but cannot be the
-  test. What a deployment sees is the detections after NMS, so those are compared, with hysteresis: every detection
-  one side is sure of (score >= CONF_SURE) must be found by the other side at score >= CONF_LOOSE (same class,
-  IoU >= 0.5); the share of sure detections found both ways must be >= REDUCED_MIN_AGREEMENT over the check images.
-  A plain F1 at one threshold (also reported, det_f1) counts score jitter across the threshold as disagreement: on
-  the trained stage 1-3 ternary model (mAP50-95 0.11, many detections scoring 0.25-0.35) OpenVINO INT8 reached F1
-  0.77 on 4 images and 0.88 on 16 while the hysteresis agreement was 0.97 and 0.99. A wrong graph, a lost object or
-  a wrong class still fails it. Accuracy of such exports is judged in the end by mAP (latency_benchmark.py --map).
-- A model that rounds its activations (BitLinear's 8-bit absmax codes) is judged by that same detection agreement
-  on every precision, FP32 included. Its raw outputs are not reproducible between FP32 implementations: an input
-  of round() that lies within an ulp of a .5 boundary flips to the next code when the sums before it are ordered
-  differently, and one flipped code moves everything after it. On the stage 1-3 + BitLinear_TTQ yolo11n at 320,
-  ONNX Runtime's inputs of round() in the first BitLinear layer differed from PyTorch's by at most 1e-3 (on a
-  scale of 127), which flipped 3 codes of 102,400 over 8 images (one lay 7.6e-6 from the boundary); the flips
-  spread through the later BitLinear layers and moved boxes by 0.25-0.30 px. PyTorch itself moved them by 0.31 px between 1 and 2
-  threads (the FP model: 0.002 px). The graph is right; a tolerance on raw values cannot tell.
-"""
+"""Does an export reproduce the PyTorch model? Raw-output differences of the (B, 4 + nc, N) prediction before NMS
+and detection agreement after it, judged by the criterion for the export's precision (docs/method.md, "Agreement")."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -52,8 +26,7 @@ class AgreementError(ValueError):
 
 
 def output_diffs(ref: np.ndarray, out: np.ndarray, conf: float = CONF) -> dict:
-    """Max |out - ref| over the whole tensor, over box and score channels, and over anchors where the reference's
-    best class score is >= conf."""
+    """Max |out - ref| overall, over box and score channels, and over anchors the reference scores >= conf."""
     ref = np.asarray(ref, dtype=np.float32)
     out = np.asarray(out, dtype=np.float32)
     if ref.shape != out.shape:
@@ -90,9 +63,8 @@ def detections(pred: np.ndarray, conf: float = CONF, iou: float = NMS_IOU) -> li
 
 
 def match_detections(ref: np.ndarray, out: np.ndarray, iou_thr: float = MATCH_IOU) -> int:
-    """Number of one-to-one matches (same class, IoU >= iou_thr) by Ultralytics' validator: box_iou, then
-    match_predictions (each detection of `out`, most confident first, takes the best unclaimed one of `ref`).
-    Rows: x1, y1, x2, y2, score, cls."""
+    """One-to-one matches (same class, IoU >= iou_thr) of rows x1, y1, x2, y2, score, cls, by Ultralytics'
+    validator (match_predictions: each of `out`, most confident first, takes the best unclaimed one of `ref`)."""
     from ultralytics.engine.validator import BaseValidator
     from ultralytics.utils.metrics import box_iou
 
@@ -114,8 +86,7 @@ def f1_score(matched: int, n_ref: int, n_out: int) -> float:
 
 def found_share(sure_a: list[np.ndarray], loose_b: list[np.ndarray], sure_b: list[np.ndarray],
                 loose_a: list[np.ndarray]) -> tuple[int, int]:
-    """(found, total): sure detections of a found among b's loose ones, plus sure ones of b found among a's, summed
-    over images."""
+    """(found, total) over images: a's sure detections found among b's loose ones, and b's among a's."""
     found = total = 0
     for sa, lb, sb, la in zip(sure_a, loose_b, sure_b, loose_a):
         found += match_detections(sa, lb) + match_detections(sb, la)
@@ -123,8 +94,7 @@ def found_share(sure_a: list[np.ndarray], loose_b: list[np.ndarray], sure_b: lis
     return found, total
 
 
-@dataclass(frozen=True)
-class Verdict:
+class Verdict(NamedTuple):
     passed: bool
     criterion: str
 
@@ -132,27 +102,24 @@ class Verdict:
 def verdict(precision: str, diffs: dict, det_agreement: float, min_agreement: float = REDUCED_MIN_AGREEMENT,
             box_tol: float = FP32_BOX_TOL_PX, score_tol: float = FP32_SCORE_TOL,
             activation_rounding: bool = False) -> Verdict:
-    """Pass/fail of an export against PyTorch under the criterion for its precision, or for a model that rounds
-    its activations (see the module docstring)."""
-    if precision == "fp32" and activation_rounding:
-        return Verdict(det_agreement >= min_agreement,
-                       f"fp32 with rounded activations (BitLinear; raw outputs flip at rounding boundaries): >= "
-                       f"{min_agreement:g} of the detections either side scores >= {CONF_SURE:g} are found by the "
-                       f"other at >= {CONF_LOOSE:g} (same class, IoU >= {MATCH_IOU:g})")
-    if precision == "fp32":
+    """Pass/fail of an export against PyTorch under the criterion for its precision; FP32 of a model that rounds
+    its activations (BitLinear) is judged by detections too."""
+    if precision not in ("fp32", "fp16", "bf16", "int8"):
+        raise ValueError(f"unknown precision {precision!r}")
+    if precision == "fp32" and not activation_rounding:
         ok = diffs["max_abs_box"] <= box_tol and diffs["max_abs_score"] <= score_tol
         return Verdict(ok, f"fp32: max|Δbox| <= {box_tol:g} px and max|Δscore| <= {score_tol:g}")
-    if precision in ("fp16", "bf16", "int8"):
-        return Verdict(det_agreement >= min_agreement,
-                       f"{precision}: >= {min_agreement:g} of the detections either side scores >= {CONF_SURE:g} are "
-                       f"found by the other at >= {CONF_LOOSE:g} (same class, IoU >= {MATCH_IOU:g})")
-    raise ValueError(f"unknown precision {precision!r}")
+    head = "fp32 with rounded activations (BitLinear; raw outputs flip at rounding boundaries)" \
+        if precision == "fp32" else precision
+    return Verdict(det_agreement >= min_agreement,
+                   f"{head}: >= {min_agreement:g} of the detections either side scores >= {CONF_SURE:g} are found by "
+                   f"the other at >= {CONF_LOOSE:g} (same class, IoU >= {MATCH_IOU:g})")
 
 
 @dataclass(frozen=True)
 class Agreement:
-    """How an export's outputs compare with PyTorch's: raw differences (output_diffs, merged over the check inputs),
-    detections at CONF and their F1, the hysteresis agreement, and the verdict."""
+    """An export's outputs against PyTorch's: raw differences (output_diffs over the check inputs), detections at
+    CONF and their F1, the hysteresis agreement, and the verdict."""
 
     max_abs: float
     max_abs_box: float
@@ -174,8 +141,7 @@ class Agreement:
 
 def compare_outputs(refs: list[np.ndarray], outs: list[np.ndarray], precision: str,
                     min_agreement: float = REDUCED_MIN_AGREEMENT, activation_rounding: bool = False) -> Agreement:
-    """Diffs, detection agreement (and plain F1 at CONF) and verdict of an export's outputs against PyTorch's;
-    `activation_rounding`: the model rounds activations (BitLinear), so FP32 is judged by detections too."""
+    """The Agreement of an export's outputs with PyTorch's; `activation_rounding`: the model rounds activations."""
     diffs = merge_diffs([output_diffs(r, o) for r, o in zip(refs, outs)])
     dets = {(side, c): [d for x in xs for d in detections(x, conf=c)]
             for side, xs in (("ref", refs), ("out", outs)) for c in (CONF, CONF_SURE, CONF_LOOSE)}
@@ -190,38 +156,31 @@ def compare_outputs(refs: list[np.ndarray], outs: list[np.ndarray], precision: s
                      det_agreement=agreement, criterion=v.criterion, passed=v.passed)
 
 
-def letterbox_input(image_bgr: np.ndarray, imgsz: int) -> np.ndarray:
-    """(3, imgsz, imgsz) float32 RGB in [0, 1], letterboxed as Ultralytics does for a fixed-size export."""
-    from ultralytics.data.augment import LetterBox
-
-    im = LetterBox((imgsz, imgsz), auto=False)(image=image_bgr)
-    return np.ascontiguousarray(im[..., ::-1].transpose(2, 0, 1), dtype=np.float32) / 255.0
-
-
 def check_image_paths(data: str | None, n: int) -> list[Path]:
     """The first n images of the data yaml's val split (sorted), or Ultralytics' bundled sample images."""
-    if data:
-        from ultralytics.data.utils import IMG_FORMATS, check_det_dataset
+    if not data:
+        from ultralytics.utils import ASSETS
 
-        d = check_det_dataset(data)
-        roots = d["val"] if isinstance(d["val"], list) else [d["val"]]
-        files: list[Path] = []
-        for r in map(Path, roots):
-            files += sorted(p for p in r.rglob("*") if p.suffix[1:].lower() in IMG_FORMATS) if r.is_dir() else [r]
-        if not files:
-            raise FileNotFoundError(f"no images in the val split of {data}")
-        return files[:n]
-    from ultralytics.utils import ASSETS
+        return sorted(p for p in Path(ASSETS).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[:n]
+    from ultralytics.data.utils import IMG_FORMATS, check_det_dataset
 
-    files = sorted(p for p in Path(ASSETS).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    d = check_det_dataset(data)
+    files: list[Path] = []
+    for r in map(Path, d["val"] if isinstance(d["val"], list) else [d["val"]]):
+        files += sorted(p for p in r.rglob("*") if p.suffix[1:].lower() in IMG_FORMATS) if r.is_dir() else [r]
+    if not files:
+        raise FileNotFoundError(f"no images in the val split of {data}")
     return files[:n]
 
 
 def check_inputs(data: str | None, imgsz: int, batch: int, n_images: int = 4) -> list[np.ndarray]:
-    """Inputs for the agreement check: (batch, 3, imgsz, imgsz) arrays made of real images (cycled if too few)."""
+    """Inputs for the agreement check: (batch, 3, imgsz, imgsz) float32 RGB in [0, 1] of real images (cycled if too
+    few), letterboxed as Ultralytics does for a fixed-size export."""
     import cv2
+    from ultralytics.data.augment import LetterBox
 
-    paths = check_image_paths(data, max(n_images, batch))
-    ims = [letterbox_input(cv2.imread(str(p)), imgsz) for p in paths]
+    box = LetterBox((imgsz, imgsz), auto=False)
+    ims = [np.ascontiguousarray(box(image=cv2.imread(str(p)))[..., ::-1].transpose(2, 0, 1), dtype=np.float32) / 255.0
+           for p in check_image_paths(data, max(n_images, batch))]
     n_inputs = max(1, n_images // batch)
     return [np.stack([ims[(i * batch + k) % len(ims)] for k in range(batch)]) for i in range(n_inputs)]

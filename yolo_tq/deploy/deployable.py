@@ -1,10 +1,8 @@
-"""The deployable ONNX of any model this project makes: export through Ultralytics (Conv+BN fused, onnxslim, its
-metadata), store the weights as low-bit codes (formats.deploy_onnx), and verify the result before it is written:
-decoded weights against the FP export's and against PyTorch's fused weights, outputs against PyTorch's."""
+"""The deployable ONNX of any model this project makes (docs/method.md, "The deployable ONNX"): Ultralytics' FP ONNX
+with its weights stored as low-bit codes (formats.deploy_onnx), verified before it is written; and its TensorRT engine."""
 
 from __future__ import annotations
 
-import copy
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -12,10 +10,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..formats.deploy_onnx import (DeployOnnxError, REST_CHOICES, conv_weight_names, encode_model, encoding_counts,
-                                   rel_error, short_names, verify_encoding)
+from ..eval.fused import fused_state
+from ..formats.deploy_onnx import (DeployOnnxError, REST_CHOICES, encode_model, encoding_counts, rel_error, short_names,
+                                   verify_encoding)
 from ..io import CheckpointError, atomic_write_bytes, load_model, save_stock_checkpoint
-from .export import ExportError, PreparedModel, export_artifact, prepare_checkpoint, register_exporter
+from .agreement import check_inputs, compare_outputs
+from .backends import reference_outputs
+from .export import ExportError, PreparedModel, export_artifact, prepare_checkpoint
 
 DETECTOR_CLASSES = ("DetectionModel",)  # what the deployable export handles (Ultralytics' detection models)
 ORT_MIN_VERSION = "1.19"  # oldest onnxruntime tried that runs the deployable file (1.17.3, 1.18.1: no numpy 2)
@@ -42,7 +43,7 @@ class DeployResult:
 
 
 def _stock_input(path: Path, work: Path):
-    """A PreparedModel for any input: a .pt (stock, training checkpoint, C2PSA output) or a packed file."""
+    """(PreparedModel, model) of any input: a .pt (stock, training checkpoint, C2PSA output) or a packed file."""
     if path.name.endswith(".safetensors"):
         from ..formats.reader import load_packed
 
@@ -66,16 +67,6 @@ def dfl_weight_names(model) -> set[str]:
     return {f"{path}.conv.weight" for path, m in model.named_modules() if type(m).__name__ == "DFL"}
 
 
-def fused_state(model) -> dict[str, np.ndarray]:
-    """The Conv+BN-fused model's float tensors, as the ONNX export holds them."""
-    import torch
-
-    fused = copy.deepcopy(model).float().eval()
-    with torch.no_grad():
-        fused = fused.fuse(verbose=False) if hasattr(fused, "fuse") else fused
-        return {k: v.detach().cpu().numpy() for k, v in fused.state_dict().items() if v.is_floating_point()}
-
-
 def compare_with_pytorch(source_onnx, encoded_names: list[str], state: dict[str, np.ndarray]) -> tuple[float, int]:
     """Largest relative difference between the export's tensors and PyTorch's fused ones of the same name."""
     from onnx import numpy_helper
@@ -91,19 +82,14 @@ def compare_with_pytorch(source_onnx, encoded_names: list[str], state: dict[str,
 
 
 def output_check(fp_onnx: Path, deploy_bytes: bytes, checkpoint: Path, inputs, rounding: bool, rest: str) -> dict:
-    """Outputs of the deployable file on `inputs` against PyTorch's (the latency benchmark's agreement check) and
-    against the plain FP ONNX's."""
+    """Outputs of the deployable file against PyTorch's (the latency benchmark's agreement check) and the FP ONNX's."""
     import onnxruntime as ort
 
-    from .agreement import compare_outputs
-    from .backends import make_runner, target
-
-    torch_runner = make_runner(target("torch-cpu"), checkpoint)
-    refs = [torch_runner.infer(x) for x in inputs]
+    refs = reference_outputs(checkpoint, inputs)
     sessions = [ort.InferenceSession(src, providers=["CPUExecutionProvider"]) for src in (str(fp_onnx), deploy_bytes)]
     name = sessions[0].get_inputs()[0].name
     fp, dep = ([np.asarray(s.run(None, {name: x})[0], np.float32) for x in inputs] for s in sessions)
-    agree = compare_outputs(refs, dep, "fp32" if rest == "fp32" else rest, activation_rounding=rounding)
+    agree = compare_outputs(refs, dep, rest, activation_rounding=rounding)
     return {"max_abs_vs_pytorch": agree.max_abs, "det_agreement_vs_pytorch": agree.det_agreement,
             "agreement_passed": agree.passed, "criterion": agree.criterion,
             "max_abs_vs_fp_onnx": float(max(np.abs(a - b).max() for a, b in zip(fp, dep))),
@@ -127,9 +113,6 @@ def export_deployable(source: str | Path, out: str | Path, imgsz: int = 640, res
     """Write the deployable ONNX of `source` to `out` (atomically, only after every check passed)."""
     import onnx
 
-    from .agreement import check_inputs
-    from .weights import deploy_weight_summary, single_thread
-
     if rest not in REST_CHOICES:
         raise DeployOnnxError(f"--rest must be one of {', '.join(REST_CHOICES)}, got {rest!r}")
     check_onnxruntime()
@@ -137,8 +120,7 @@ def export_deployable(source: str | Path, out: str | Path, imgsz: int = 640, res
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="yolo_tq_export_"))
     prepared, model = _stock_input(src, work)
     check_detector(model, src)
-    with single_thread():
-        n_ternary = deploy_weight_summary(model)["ternary_convs"]
+    n_ternary = prepared.summary["deploy"]["ternary_convs"]
     log(f"{src}: {n_ternary} of the fused model's convs are ternary per channel")
     try:
         fp_path, _ = export_artifact(prepared, "onnx", work, imgsz, batch)
@@ -148,8 +130,7 @@ def export_deployable(source: str | Path, out: str | Path, imgsz: int = 640, res
     info = {"source": src.name, "imgsz": imgsz, "ternary_convs_model": n_ternary}
     encoded, done = encode_model(fp_model, rest, keep_float=dfl_weight_names(model), info=info)
     onnx.checker.check_model(encoded)
-    errors = verify_encoding(fp_model, encoded, done)
-    counts = encoding_counts(done)
+    errors, counts = verify_encoding(fp_model, encoded, done), encoding_counts(done)
     if counts["ternary"]["tensors"] != n_ternary:
         log(f"note: the ONNX graph has {counts['ternary']['tensors']} ternary conv weights, the fused model "
             f"{n_ternary} ternary convs")
@@ -157,9 +138,8 @@ def export_deployable(source: str | Path, out: str | Path, imgsz: int = 640, res
     short_names(encoded)  # after the checks that look tensors up by name; the output check below runs these bytes
     onnx.checker.check_model(encoded)
     data_bytes = encoded.SerializeToString()
-    rounding = prepared.summary.get("activation_rounding", False)
     outputs = output_check(fp_path, data_bytes, prepared.checkpoint, check_inputs(data, imgsz, batch, check_images),
-                           rounding, rest)
+                           prepared.summary.get("activation_rounding", False), rest)
     if not outputs["agreement_passed"]:
         raise DeployOnnxError(f"the encoded model's detections disagree with PyTorch's ({outputs['criterion']}: "
                               f"agreement {outputs['det_agreement_vs_pytorch']:.3f}); nothing written")
@@ -188,14 +168,9 @@ def format_result(r: DeployResult) -> str:
     return "\n".join(lines)
 
 
-def result_dict(r: DeployResult) -> dict:
-    return asdict(r)
+result_dict = asdict
 
 
-__all__ = ["DeployResult", "conv_weight_names", "export_deployable", "format_result", "result_dict"]
-
-
-# ----------------------------------------------------------------------------------------------------- TensorRT
 def tensorrt_available() -> bool:
     import importlib.util
 
@@ -203,9 +178,8 @@ def tensorrt_available() -> bool:
 
 
 def build_tensorrt_engine(onnx_path: str | Path, out: str | Path, fp16: bool = True) -> tuple[bool, str]:
-    """Parse the deployable ONNX with TensorRT's ONNX parser and build an engine, written as Ultralytics writes its
-    .engine exports (4-byte little-endian length, the metadata as JSON, the serialized engine), so that
-    `ultralytics.YOLO(out)` runs it. Returns (built, one line: what was written, or TensorRT's own refusal)."""
+    """A TensorRT engine of the deployable ONNX, written as Ultralytics writes its .engine exports (4-byte length,
+    metadata JSON, engine) so that `ultralytics.YOLO(out)` runs it; (built, one line: the file or TensorRT's refusal)."""
     import json
 
     import onnx
@@ -235,7 +209,7 @@ def build_tensorrt_engine(onnx_path: str | Path, out: str | Path, fp16: bool = T
 
 
 def export_deployable_artifact(prepared: PreparedModel, folder: Path, imgsz: int, batch: int, data: str | None,
-                       verbose: bool) -> tuple[Path, float]:
+                               verbose: bool) -> tuple[Path, float]:
     """The latency benchmark's 'onnx-deploy' artifact of `prepared` in `folder` (INT8 rest); (path, seconds)."""
     out = folder / f"{prepared.role}.onnx"
     try:
@@ -245,5 +219,3 @@ def export_deployable_artifact(prepared: PreparedModel, folder: Path, imgsz: int
         raise ExportError(f"onnx-deploy export failed: {e}") from e
     return out.resolve(), r.seconds
 
-
-register_exporter("onnx-deploy", export_deployable_artifact)

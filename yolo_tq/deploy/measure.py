@@ -1,6 +1,5 @@
-"""Measuring: the timing loop and its clocks (perf_counter on CPU after an optional device synchronisation, CUDA
-events on a CUDA stream), the pure statistics of latency samples and of quantized/baseline ratios (with the A/A
-band and paired bootstrap intervals), and memory and size figures (peak resident memory, GPU memory, file sizes)."""
+"""Measuring: the timing loop and its clocks, the statistics of latency samples and of quantized/baseline ratios (the
+A/A band, paired bootstrap intervals), and memory and size figures (docs/method.md, "Timing")."""
 
 from __future__ import annotations
 
@@ -15,17 +14,22 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+AA_TOLERANCE = 0.03  # an A/A check (baseline against itself) must read 1.00 ± this for a target's A/B to count
+CI_LEVEL = 0.95
+BOOTSTRAP_RESAMPLES = 2000
+MB = 1024 * 1024
+RATIO_FIGURES = ("mean_ms", "median_ms", "p95_ms", "throughput_ips", "peak_rss_mb", "added_rss_mb", "gpu_mem_mb",
+                 "file_mb", "file_gz_mb")
+
 
 # ------------------------------------------------------------------------------------------------------- timing
 class PerfCounterClock:
-    """Wall clock (time.perf_counter). `sync`, if given, is called before reading the clock at both ends, so work
-    queued on an asynchronous device is inside the measured interval."""
+    """Wall clock; `sync`, if given, runs before both readings, so work queued on a device is inside the interval."""
 
     name = "perf_counter"
 
     def __init__(self, sync: Callable[[], Any] | None = None):
-        self.sync = sync
-        self._t0 = 0.0
+        self.sync, self._t0 = sync, 0.0
         if sync is not None:
             self.name = "perf_counter+sync"
 
@@ -41,37 +45,32 @@ class PerfCounterClock:
 
 
 class CudaEventClock:
-    """CUDA events recorded on `stream` (torch's current stream if None): the GPU's own time between the two
-    events, read after synchronising on the end event."""
+    """CUDA events on torch's current stream: the GPU's own time between them, read after the end event."""
 
     name = "cuda_events"
 
-    def __init__(self, stream=None):
+    def __init__(self):
         import torch
 
-        self.stream = stream
-        self._start = torch.cuda.Event(enable_timing=True)
-        self._end = torch.cuda.Event(enable_timing=True)
+        self._start, self._end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
 
     def start(self) -> None:
-        self._start.record(self.stream)
+        self._start.record()
 
     def stop(self) -> float:
-        self._end.record(self.stream)
+        self._end.record()
         self._end.synchronize()
         return self._start.elapsed_time(self._end) / 1e3
 
 
 def time_runs(run: Callable[[], Any], num_runs: int, warmup: int, clock=None) -> list[float]:
     """Call `run` `warmup` times untimed, then `num_runs` times timed; returns the per-run seconds."""
-    if num_runs < 1:
-        raise ValueError(f"num_runs must be >= 1, got {num_runs}")
-    if warmup < 0:
-        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    if num_runs < 1 or warmup < 0:
+        raise ValueError(f"need num_runs >= 1 and warmup >= 0, got {num_runs} and {warmup}")
     clock = clock or PerfCounterClock()
     for _ in range(warmup):
         run()
-    if warmup and hasattr(clock, "sync") and clock.sync is not None:
+    if warmup and getattr(clock, "sync", None) is not None:
         clock.sync()
     samples = []
     for _ in range(num_runs):
@@ -97,11 +96,9 @@ class Latency:
 
 
 def latency_stats(samples_s: Sequence[float], batch: int = 1) -> Latency:
-    """Mean, median, p95, min, max, std (ms) and throughput (images/s) of per-run latencies given in seconds."""
-    if len(samples_s) == 0:
-        raise ValueError("no latency samples")
-    if batch < 1:
-        raise ValueError(f"batch must be >= 1, got {batch}")
+    """Latency of per-run latencies given in seconds."""
+    if len(samples_s) == 0 or batch < 1:
+        raise ValueError(f"need latency samples and batch >= 1, got {len(samples_s)} samples and batch {batch}")
     ms = np.asarray(samples_s, dtype=np.float64) * 1e3
     if not np.all(np.isfinite(ms)) or np.any(ms < 0):
         raise ValueError("latency samples must be finite and non-negative")
@@ -118,28 +115,17 @@ def ratio(quantized: float | None, baseline: float | None) -> float | None:
     return float(quantized) / float(baseline)
 
 
-RATIO_FIGURES = ("mean_ms", "median_ms", "p95_ms", "throughput_ips", "peak_rss_mb", "added_rss_mb", "gpu_mem_mb",
-                 "file_mb", "file_gz_mb")
-
-
 def ratios(quantized: Mapping[str, float | None], baseline: Mapping[str, float | None],
            figures: Sequence[str] = RATIO_FIGURES) -> dict[str, float]:
-    """Figure -> quantized/baseline for every figure both sides have (figure name -> value mappings)."""
+    """Figure -> quantized/baseline for every figure both sides have."""
     return {f: ratio(quantized.get(f), baseline.get(f)) for f in figures
             if quantized.get(f) is not None and baseline.get(f) is not None}
 
 
-# ------------------------------------------------------------------------------------------ interleaved (A/A, A/B)
-AA_TOLERANCE = 0.03  # an A/A check (baseline against itself) must read 1.00 ± this for a target's A/B to count
-CI_LEVEL = 0.95
-BOOTSTRAP_RESAMPLES = 2000
-
-
 def cycle_ratios(test_s: Sequence[float], ref_s: Sequence[float], cycle: int) -> np.ndarray:
-    """Per rotation cycle of an interleaved pass (`cycle` iterations, in which every model ran once in every
-    position): sum of the test model's times / sum of the reference's. A model that runs right after the other
-    pays for it (caches, thread pools waking up); over a full cycle both pay alike, so the ratio loses that bias.
-    Falls back to per-iteration ratios when there is no full cycle."""
+    """Per rotation cycle of an interleaved pass (`cycle` iterations: every model once in every position), the test
+    model's summed time / the reference's, which cancels the cost of running right after the other model; per
+    iteration where there is no full cycle."""
     t, r = np.asarray(test_s, np.float64), np.asarray(ref_s, np.float64)
     if t.shape != r.shape or t.size == 0:
         raise ValueError("paired samples must be non-empty and of equal length")
@@ -151,13 +137,12 @@ def cycle_ratios(test_s: Sequence[float], ref_s: Sequence[float], cycle: int) ->
 
 def median_interval(values: Sequence[float], level: float = CI_LEVEL, resamples: int = BOOTSTRAP_RESAMPLES,
                     seed: int = 0) -> tuple[float, float, float]:
-    """(median, lower, upper): the median and its percentile-bootstrap interval at `level` (resampling the values
-    with replacement, a fixed seed so a result file can be recomputed exactly)."""
+    """(median, lower, upper): the median and its percentile-bootstrap interval at `level` (fixed seed: a result
+    file can be recomputed exactly)."""
     v = np.asarray(values, np.float64)
     if v.size == 0:
         raise ValueError("no values")
-    idx = np.random.default_rng(seed).integers(0, v.size, (resamples, v.size))
-    meds = np.median(v[idx], axis=1)
+    meds = np.median(v[np.random.default_rng(seed).integers(0, v.size, (resamples, v.size))], axis=1)
     lo, hi = np.percentile(meds, [50 * (1 - level), 50 * (1 + level)])
     return float(np.median(v)), float(lo), float(hi)
 
@@ -168,9 +153,6 @@ def within_band(value: float | None, tolerance: float = AA_TOLERANCE) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ memory, size
-MB = 1024 * 1024
-
-
 def _status_kb(field: str) -> int | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -182,9 +164,9 @@ def _status_kb(field: str) -> int | None:
 
 
 def reset_peak_rss(tolerance_kb: int = 4096) -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) of this process to its current RSS (Linux: clear_refs 5).
-    Returns True only when the mark then reads within `tolerance_kb` of the current RSS: some kernels (sandboxes)
-    accept the write and ignore it. On False, peak_rss_mb() is the peak since process start."""
+    """Reset this process's peak-RSS mark (VmHWM) to its current RSS (Linux: clear_refs 5); True only when the mark
+    then reads within `tolerance_kb` of it (some kernels take the write and ignore it). On False, peak_rss_mb() is
+    the peak since process start."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -194,7 +176,6 @@ def reset_peak_rss(tolerance_kb: int = 4096) -> bool:
 
 
 def _peak_follows_rss(peak_kb: int | None, rss_kb: int | None, tolerance_kb: int) -> bool:
-    """Whether a just-reset peak mark is the current RSS (a mark left at an earlier, larger peak means no reset)."""
     return peak_kb is not None and rss_kb is not None and peak_kb <= rss_kb + tolerance_kb
 
 
@@ -206,31 +187,30 @@ def current_rss_mb() -> float | None:
 def peak_rss_mb() -> float:
     """Peak resident set size of this process (VmHWM; getrusage's ru_maxrss where /proc is absent)."""
     kb = _status_kb("VmHWM")
-    if kb is None:
-        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return kb / 1024
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss if kb is None else kb) / 1024  # KiB on Linux
 
 
-def _files(path: Path) -> list[Path]:
-    if path.is_dir():
-        return sorted(p for p in path.rglob("*") if p.is_file())
-    return [path]
+def _files(path: str | Path) -> list[Path]:
+    p = Path(path).resolve()
+    if not p.exists():
+        raise FileNotFoundError(f"model file not found: {path}")
+    return sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+
+
+def file_bytes(path: str | Path) -> int:
+    """Size on disk of a model file, or of all files of a model folder (OpenVINO's .xml + .bin + metadata)."""
+    return sum(os.path.getsize(f) for f in _files(path))
 
 
 def file_size_mb(path: str | Path) -> float:
-    """Size on disk of a model file, or of all files of a model folder (OpenVINO's .xml + .bin + metadata)."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"model file not found: {p}")
-    return sum(os.path.getsize(f) for f in _files(p.resolve())) / MB
+    return file_bytes(path) / MB
 
 
 def compressed_size_mb(path: str | Path, level: int = 6) -> float:
-    """Size of the model's files after zlib compression: shows what a ternary model's low-entropy weights would save
-    in storage or download, which dense formats (and their runtime memory) do not."""
-    p = Path(path).resolve()
+    """Size of the model's files after zlib compression: what low-entropy (ternary) weights save in storage or
+    download, which dense formats and their runtime memory do not."""
     total = 0
-    for f in _files(p):
+    for f in _files(path):
         c = zlib.compressobj(level)
         with open(f, "rb") as fh:
             while chunk := fh.read(1 << 22):

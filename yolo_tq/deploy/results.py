@@ -1,6 +1,5 @@
-"""The latency benchmark's typed records: what a worker is asked (specs), what it measures (rows), and the whole
-result. Each is a dataclass that refuses to be built wrong; `dataclasses.asdict` turns it into the JSON the
-benchmark writes (schema SCHEMA), and `from_dict` rebuilds a worker's answer from that JSON."""
+"""The latency benchmark's typed records (worker specs, rows, passes, the result), each refusing to be built wrong;
+`dataclasses.asdict` of them is the JSON (schema SCHEMA), `from_dict` reads it back. Then comparisons and the table."""
 
 from __future__ import annotations
 
@@ -12,13 +11,13 @@ import numpy as np
 
 from ..io import atomic_write_bytes, write_json
 from .agreement import Agreement
-from .backends import skip_line, target
-from .measure import AA_TOLERANCE, CI_LEVEL, Latency
+from .measure import AA_TOLERANCE, CI_LEVEL, Latency, ratios, within_band
 
 SCHEMA = "yolo-tq/latency/3"  # 2: rows hold typed parts (agreement, latency, memory, accuracy) instead of flat keys;
 # 3: per target an A/A check and the A/B pass (`interleaved`: Interleaved), ratios per rotation cycle with an interval
 STATUSES = ("ok", "refused", "failed")
 CI_TEXT = f"{CI_LEVEL:.0%} bootstrap interval"
+LATENCY_FIGURES = ("mean_ms", "median_ms", "p95_ms", "throughput_ips")
 
 
 def save_arrays(path: str | Path, arrays: list[np.ndarray]) -> Path:
@@ -34,11 +33,15 @@ def load_arrays(path: str | Path) -> list[np.ndarray]:
 
 
 def save_record(record, path: str | Path) -> str:
-    """A spec, row or result as JSON (dataclasses.asdict), written atomically."""
+    """A spec, row or result as JSON, written atomically."""
     return write_json(asdict(record), path)
 
 
-# ------------------------------------------------------------------------------------------------------ specs
+def _need(ok: bool, row, what: str) -> None:
+    if not ok:
+        raise ValueError(f"{type(row).__name__} {getattr(row, 'model', '')} {row.target} ({row.status}): {what}")
+
+
 @dataclass(frozen=True)
 class TimingSpec:
     """What every worker job shares: the target, the check inputs (.npz; the first is the timed one), timing."""
@@ -64,18 +67,15 @@ class WorkerSpec(TimingSpec):
 
 @dataclass(frozen=True)
 class ABSpec(TimingSpec):
-    """Time `target` on several models in alternation in one process: `models` are (model, artifact) pairs, the
-    first the reference of the ratios. `kind`: "A/A" (the baseline against a second copy of itself) or "A/B"."""
+    """Time `target` on (model, artifact) pairs in alternation, the first the ratios' reference; `kind` A/A or A/B."""
 
     models: tuple
     kind: str = "A/B"
 
 
-# ------------------------------------------------------------------------------------------------------- rows
 @dataclass(frozen=True)
 class Memory:
-    """Peak resident memory of the measuring process (since `peak_rss_reset`, else since its start), and on CUDA
-    the device memory the target added and torch's peak allocation."""
+    """Peak RSS of the measuring process (since its reset, else its start); on CUDA the device memory added."""
 
     peak_rss_mb: float
     rss_base_mb: float | None = None
@@ -87,23 +87,21 @@ class Memory:
 
 @dataclass(frozen=True)
 class Accuracy:
-    """Ultralytics' validator on the val split: mAP50, mAP50-95, precision, recall."""
+    """Ultralytics' validator on the val split."""
 
     map50: float
     map50_95: float
     precision: float
     recall: float
 
-
-def _need(ok: bool, row, what: str) -> None:
-    if not ok:
-        raise ValueError(f"{type(row).__name__} {getattr(row, 'model', '')} {row.target} ({row.status}): {what}")
+    @classmethod
+    def of(cls, metrics: dict) -> Accuracy:  # eval.validate's metrics
+        return cls(metrics["mAP50"], metrics["mAP50-95"], metrics["precision"], metrics["recall"])
 
 
 @dataclass(frozen=True)
 class TargetRow:
-    """One model on one target. ok: agreed with PyTorch and was timed; refused: disagreed (not timed); failed:
-    could not export, load or run (reason says why)."""
+    """One model on one target. ok: agreed with PyTorch, timed; refused: disagreed, not timed; failed: see reason."""
 
     model: str
     target: str
@@ -140,22 +138,34 @@ class TargetRow:
             _need(self.agreement is not None and not self.agreement.passed, self, "a refused row failed agreement")
         _need(ok or self.accuracy is None, self, "only an ok row is validated")
 
+    @classmethod
+    def of(cls, t, model: str, **kw) -> TargetRow:  # t: backends.Target
+        return cls(model=model, target=t.name, family=t.family, device=t.device, precision=t.precision, **kw)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TargetRow:
+        parts = {"agreement": Agreement, "latency": Latency, "memory": Memory, "accuracy": Accuracy}
+        return cls(**{k: parts[k](**v) if k in parts and v is not None else v for k, v in d.items()})
+
     def figures(self) -> dict[str, float | None]:
-        """Figure name -> value (latency, memory, file size) for quantized/baseline ratios."""
+        """Figure -> value (latency, memory, file size), for ratios."""
         parts = [asdict(p) for p in (self.latency, self.memory) if p is not None]
         return {**{k: v for p in parts for k, v in p.items()}, "file_mb": self.file_mb, "file_gz_mb": self.file_gz_mb}
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "TargetRow":
-        parts = {"agreement": Agreement, "latency": Latency, "memory": Memory, "accuracy": Accuracy}
-        return cls(**{k: parts[k](**v) if k in parts and v is not None else v for k, v in d.items()})
+    def line(self) -> str:
+        head = f"{self.model:<9} {self.target:<17}"
+        if self.status != "ok":
+            return f"{head} {self.status}: {self.reason}"
+        lat, a = self.latency, self.agreement
+        return (f"{head} mean {lat.mean_ms:.2f} ms  median {lat.median_ms:.2f}  p95 {lat.p95_ms:.2f}  "
+                f"{lat.throughput_ips:.1f} img/s  mem {fmt_cell(memory_mb(self), '.0f')} MB  max|Δ| {a.max_abs:.3g}  "
+                f"agree {a.det_agreement:.2f}")
 
 
 @dataclass(frozen=True)
 class ABResult:
-    """One interleaved pass (A/A or A/B) on one target: latency per model, and per model the paired median ratio
-    (median over rotation cycles of its time / the first model's, stats.cycle_ratios) with its bootstrap interval
-    (stats.median_interval: [lower, upper] at stats.CI_LEVEL)."""
+    """One interleaved pass on one target: per model its latency and its paired median ratio to the first model
+    over rotation cycles (measure.cycle_ratios) with the bootstrap interval."""
 
     target: str
     status: str
@@ -176,7 +186,7 @@ class ABResult:
               "an ok pass has latency, a paired ratio and its interval for every model, and its clock")
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ABResult":
+    def from_dict(cls, d: dict) -> ABResult:
         return cls(**{**d, "stats": {m: Latency(**s) for m, s in d["stats"].items()}})
 
     def ratio(self, model: str) -> tuple[float, float, float] | None:
@@ -188,9 +198,7 @@ class ABResult:
 
 @dataclass(frozen=True)
 class Interleaved:
-    """A target's interleaved timing: the A/A check, then the A/B pass. ok: the A/A read 1.00 ± the tolerance, so
-    the A/B ratio counts; refused: it did not (`reason` quotes it; the A/B figures are kept but do not count);
-    failed: a pass could not run."""
+    """A target's A/A check and A/B pass; the A/B counts (ok) only where the A/A read 1.00 ± the tolerance."""
 
     target: str
     status: str
@@ -204,19 +212,34 @@ class Interleaved:
         _need(self.status != "ok" or (self.aa is not None and self.aa.status == "ok" and self.ab is not None
                                       and self.ab.status == "ok"), self, "an ok target has both passes ok")
 
+    @classmethod
+    def judged(cls, target: str, aa: ABResult, ab: ABResult, tolerance: float) -> Interleaved:
+        """The A/B pass counts only when both passes ran and the A/A reads 1.00 ± tolerance."""
+        failed = "; ".join(f"{p.kind} pass failed: {p.reason}" for p in (aa, ab) if p.status != "ok")
+        if failed:
+            return cls(target, "failed", failed, aa, ab)
+        if not within_band(aa.ratio("baseline-copy")[0], tolerance):
+            return cls(target, "refused", f"A/A check read {ratio_text(aa.ratio('baseline-copy'))}, outside 1.00 ± "
+                                          f"{tolerance:g}: this target's timing is biased here", aa, ab)
+        return cls(target, "ok", "", aa, ab)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Interleaved:
+        return cls(**{**d, **{k: ABResult.from_dict(d[k]) for k in ("aa", "ab") if d.get(k)}})
+
     def ratio(self) -> tuple[float, float, float] | None:
-        """The accepted A/B ratio (quantized / baseline: paired median, lower, upper), None unless ok."""
+        """The accepted A/B ratio (quantized / baseline), None unless ok."""
         return self.ab.ratio("quantized") if self.status == "ok" else None
 
     def aa_ratio(self) -> tuple[float, float, float] | None:
         return self.aa.ratio("baseline-copy") if self.aa is not None else None
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "Interleaved":
-        return cls(**{**d, **{k: ABResult.from_dict(d[k]) for k in ("aa", "ab") if d.get(k)}})
+    def line(self) -> str:
+        tail = "" if self.status == "ok" else f"; {self.status}: {self.reason}"
+        return (f"{'A/A, A/B':<9} {self.target:<17} A/A {ratio_text(self.aa_ratio())}, A/B quantized/baseline "
+                f"{ratio_text(self.ab.ratio('quantized'))} (paired median [{CI_TEXT}]){tail}")
 
 
-# ----------------------------------------------------------------------------------------------------- result
 @dataclass(frozen=True)
 class Skip:
     """A target that cannot run here, and why (one line, with how to enable it)."""
@@ -228,21 +251,23 @@ class Skip:
         if not self.reason:
             raise ValueError(f"skipped target {self.target} without a reason")
 
+    def line(self) -> str:
+        return f"skip {self.target}: {self.reason}"
+
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """One of the two models: where it came from and what the exporter was given."""
+    """One of the two models: what the user passed and what the exporter was given."""
 
-    source: str  # what the user passed
-    checkpoint: str  # the Ultralytics checkpoint the exports were made from
+    source: str
+    checkpoint: str
     kind: str  # fp | ternary | ttq-training
     summary: dict
 
 
 @dataclass(frozen=True)
 class Comparison:
-    """Quantized vs baseline: `ratios` from the separate per-model runs; for the same target `interleaved_ratios`
-    from the A/B pass; the mAP50-95 difference where both were validated."""
+    """Quantized vs baseline: ratios of the separate runs, of the accepted A/B pass, and the mAP50-95 difference."""
 
     kind: str
     quantized: str
@@ -254,7 +279,7 @@ class Comparison:
 
 @dataclass(frozen=True)
 class Environment:
-    """The machine, the package versions, and its load average (1, 5, 15 min) before and after."""
+    """The machine, the package versions, and the load average (1, 5, 15 min) before and after."""
 
     python: str
     machine: str
@@ -268,7 +293,7 @@ class Environment:
 
 @dataclass(frozen=True)
 class BenchResult:
-    """Everything one benchmark run measured; `dataclasses.asdict` of it is the JSON --json writes."""
+    """Everything one benchmark run measured (--json writes its asdict)."""
 
     schema: str = field(default=SCHEMA, init=False)
     created: str
@@ -285,7 +310,32 @@ class BenchResult:
         return next((r for r in self.rows if r.model == model and r.target == target and r.status == "ok"), None)
 
 
-# ------------------------------------------------------------------------------------------------------- table
+def interleaved_ratios(i: Interleaved) -> dict:
+    """An accepted A/B pass's figures: latency ratios, the paired median ratio with its interval, and its A/A."""
+    s, (med, lo, hi), (aa, aa_lo, aa_hi) = i.ab, i.ratio(), i.aa_ratio()
+    return {**ratios(asdict(s.stats["quantized"]), asdict(s.stats["baseline"]), LATENCY_FIGURES),
+            "paired_median": med, "paired_median_lo": lo, "paired_median_hi": hi, "aa_paired_median": aa,
+            "aa_lo": aa_lo, "aa_hi": aa_hi}
+
+
+def comparisons(rows: list[TargetRow], interleaved: list[Interleaved] = ()) -> list[Comparison]:
+    """Quantized vs baseline on each target, then every quantized INT8 row vs each other baseline row on its device
+    (the ternary model's INT8 deployment against the FP baseline and against the baseline's own INT8)."""
+    ok = {(r.model, r.target): r for r in rows if r.status == "ok"}
+    ab = {a.target: a for a in interleaved if a.status == "ok"}
+
+    def pair(q: TargetRow, b: TargetRow, kind: str) -> Comparison:
+        inter = interleaved_ratios(ab[q.target]) if q.target == b.target and q.target in ab else None
+        dmap = q.accuracy.map50_95 - b.accuracy.map50_95 if q.accuracy and b.accuracy else None
+        return Comparison(kind, q.target, b.target, ratios(q.figures(), b.figures()), inter, dmap)
+
+    out = [pair(q, ok["baseline", t], "same target") for (m, t), q in ok.items() if m == "quantized"
+           and ("baseline", t) in ok]
+    return out + [pair(q, b, f"quantized int8 vs baseline {b.precision}") for (m, name), q in ok.items()
+                  if m == "quantized" and q.precision == "int8" for (m2, name2), b in ok.items()
+                  if m2 == "baseline" and name2 != name and b.device == q.device]
+
+
 def memory_mb(r: TargetRow) -> float | None:
     if r.memory is None:
         return None
@@ -313,11 +363,10 @@ def _row_cells(row: TargetRow) -> str:
 
 def _ratio_cells(c: Comparison) -> str:
     q = c.ratios
-    return (f"{c.quantized + ' / ' + c.baseline:<36} {fmt_cell(q.get('mean_ms'), '6.3f'):>6} "
-            f"{fmt_cell(q.get('median_ms'), '6.3f'):>6} {fmt_cell(q.get('p95_ms'), '6.3f'):>6} "
-            f"{fmt_cell(q.get('throughput_ips'), '6.3f'):>6} {fmt_cell(q.get('gpu_mem_mb', q.get('peak_rss_mb')), '6.3f'):>6} "
-            f"{fmt_cell(q.get('file_mb'), '6.3f'):>6} {fmt_cell(q.get('file_gz_mb'), '6.3f'):>6} "
-            f"{fmt_cell(c.delta_map50_95, '+7.4f'):>7}")
+    cells = [q.get(k) for k in ("mean_ms", "median_ms", "p95_ms", "throughput_ips")]
+    cells += [q.get("gpu_mem_mb", q.get("peak_rss_mb")), q.get("file_mb"), q.get("file_gz_mb")]
+    return (f"{c.quantized + ' / ' + c.baseline:<36} " + " ".join(f"{fmt_cell(v, '6.3f'):>6}" for v in cells)
+            + f" {fmt_cell(c.delta_map50_95, '+7.4f'):>7}")
 
 
 def _interleaved_cells(i: Interleaved) -> str:
@@ -327,8 +376,7 @@ def _interleaved_cells(i: Interleaved) -> str:
 
 
 def format_table(r: BenchResult) -> str:
-    """The on-screen table: one line per (model, target); the interleaved ratios (A/A check, A/B); the ratios of
-    the separate runs; then every refused or failed row and every skipped target with its reason."""
+    """The on-screen table: rows, interleaved ratios, ratios of the separate runs, then refusals and skips."""
     cols = f"{'model':<9} {'target':<17} {'prec':<5} {'status':<8} {'max|Δ|':>8} {'agree':>5} {'mean ms':>8} " \
            f"{'median':>8} {'p95':>8} {'img/s':>7} {'mem MB':>7} {'file MB':>7} {'gz MB':>6} {'mAP':>6}"
     lines = [cols, "-" * len(cols), *map(_row_cells, r.rows)]
@@ -342,4 +390,4 @@ def format_table(r: BenchResult) -> str:
                 f"{'mem':>6} {'file':>6} {'gz':>6} {'ΔmAP':>7}")
         lines += ["", head, "-" * len(head), *map(_ratio_cells, r.comparisons)]
     notes = [f"{x.status} {x.model} {x.target}: {x.reason}" for x in r.rows if x.status != "ok"]
-    return "\n".join(lines + [""] + notes + [skip_line(target(s.target), s.reason) for s in r.skipped])
+    return "\n".join(lines + [""] + notes + [s.line() for s in r.skipped])

@@ -1,9 +1,6 @@
-"""Measure one target on one exported model: load, check agreement with PyTorch, time, read memory.
-
-Run in-process (measure_target) or, so that peak RSS and GPU memory belong to this target alone and no other
-backend's threads or caches are around, in a fresh process per target. measure_interleaved times several models on
-one target in alternation (an A/A check of the baseline against itself, then the A/B pass), for ratios that a
-busy machine biases least:
+"""Measure one target on one exported model (load, agreement with PyTorch, timing, memory), or several models on one
+target in alternation (the A/A and A/B passes): in this process, or in a fresh one per job so that its memory
+figures and threads belong to that target alone:
 
   python -m yolo_tq.deploy.worker SPEC.json RESULT.json
 """
@@ -12,13 +9,17 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 import traceback
 from pathlib import Path
 
-from .backends import Target, make_runner, target
-from .measure import MB, current_rss_mb, peak_rss_mb, reset_peak_rss
+from ..io import atomic_write_text
+from .agreement import compare_outputs
+from .backends import target
+from .measure import MB, current_rss_mb, cycle_ratios, latency_stats, median_interval, peak_rss_mb, reset_peak_rss, \
+    time_runs
 from .results import ABResult, ABSpec, Memory, TargetRow, WorkerSpec, load_arrays, save_record
 
 
@@ -27,78 +28,63 @@ def one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg[-1] if msg else ''}".rstrip(": ")
 
 
-def _cuda_used_bytes() -> int:
+def _cuda_used_mb() -> float:
     import torch
 
-    free, total = torch.cuda.mem_get_info()
-    return total - free
-
-
-def _cuda_start() -> int:
-    """Initialise CUDA and reset its peak counter; returns the device memory in use before the target loads."""
-    import torch
-
-    torch.cuda.init()
     torch.cuda.synchronize()
-    used = _cuda_used_bytes()
-    torch.cuda.reset_peak_memory_stats()
-    return used
+    free, total = torch.cuda.mem_get_info()
+    return (total - free) / MB
 
 
-def _memory(rss_base: float | None, reset: bool, cuda_used0: int | None) -> Memory:
+def _memory(rss_base: float | None, reset: bool, cuda_base: float | None) -> Memory:
     peak = peak_rss_mb()
     gpu = {}
-    if cuda_used0 is not None:
+    if cuda_base is not None:
         import torch
 
-        torch.cuda.synchronize()
-        gpu = {"gpu_mem_mb": (_cuda_used_bytes() - cuda_used0) / MB,
-               "torch_peak_alloc_mb": torch.cuda.max_memory_allocated() / MB}
+        gpu = {"gpu_mem_mb": _cuda_used_mb() - cuda_base, "torch_peak_alloc_mb": torch.cuda.max_memory_allocated() / MB}
     return Memory(peak_rss_mb=peak, rss_base_mb=rss_base, added_rss_mb=None if rss_base is None else peak - rss_base,
                   peak_rss_reset=reset, **gpu)
 
 
-def _measure(t: Target, spec: WorkerSpec, head: dict) -> TargetRow:
-    from .agreement import compare_outputs
-    from .measure import latency_stats, time_runs
+def _measure(t, spec: WorkerSpec, row: dict) -> TargetRow:
+    inputs, refs, cuda_base = load_arrays(spec.inputs), load_arrays(spec.refs), None
+    if t.device == "cuda":  # the device memory in use before the target loads, and a fresh peak counter
+        import torch
 
-    inputs, refs = load_arrays(spec.inputs), load_arrays(spec.refs)
-    cuda_used0 = _cuda_start() if t.device == "cuda" else None
-    reset, rss_base = reset_peak_rss(), current_rss_mb()
-    t0 = time.perf_counter()
-    runner = make_runner(t, Path(spec.artifact), spec.openvino_int8_hint)
-    load_s = time.perf_counter() - t0
-    agreement = compare_outputs(refs, [runner.infer(x) for x in inputs], t.precision, spec.min_agreement,
-                                spec.activation_rounding)
-    common = dict(head, load_s=load_s, inference_precision=runner.inference_precision(), notes=runner.notes,
-                  agreement=agreement)
-    if not agreement.passed:
-        a = agreement
+        torch.cuda.init()
+        cuda_base = _cuda_used_mb()
+        torch.cuda.reset_peak_memory_stats()
+    reset, rss_base, t0 = reset_peak_rss(), current_rss_mb(), time.perf_counter()
+    runner = t.runner(spec.artifact, spec.openvino_int8_hint)
+    row.update(load_s=time.perf_counter() - t0, inference_precision=runner.inference_precision(), notes=runner.notes)
+    a = row["agreement"] = compare_outputs(refs, [runner.infer(x) for x in inputs], t.precision, spec.min_agreement,
+                                           spec.activation_rounding)
+    if not a.passed:
         reason = (f"disagrees with PyTorch (max|Δbox| {a.max_abs_box:.3g} px, max|Δscore| {a.max_abs_score:.3g}, "
                   f"detection agreement {a.det_agreement:.2f}); criterion {a.criterion}")
-        return TargetRow(**common, status="refused", reason=reason, memory=_memory(rss_base, reset, cuda_used0))
+        return TargetRow(**row, status="refused", reason=reason, memory=_memory(rss_base, reset, cuda_base))
     runner.bind(inputs[0])
     clock = runner.clock()
     latency = latency_stats(time_runs(runner.run, spec.num_runs, spec.warmup, clock), spec.batch)
-    return TargetRow(**common, status="ok", clock=clock.name, latency=latency,
-                     memory=_memory(rss_base, reset, cuda_used0))
+    return TargetRow(**row, status="ok", clock=clock.name, latency=latency, memory=_memory(rss_base, reset, cuda_base))
 
 
 def measure_target(spec: WorkerSpec) -> TargetRow:
     """Row for spec.target on spec.artifact: status ok | refused | failed, agreement, latency, memory."""
     t = target(spec.target)
-    head = dict(model=spec.model, target=t.name, family=t.family, device=t.device, precision=t.precision,
-                artifact=spec.artifact)
+    row = dict(model=spec.model, target=t.name, family=t.family, device=t.device, precision=t.precision,
+               artifact=spec.artifact)
     try:
-        return _measure(t, spec, head)
+        return _measure(t, spec, dict(row))
     except Exception as e:  # noqa: BLE001 - one target failing must not stop the others
-        return TargetRow(**head, status="failed", reason=one_line(e),
+        return TargetRow(**row, status="failed", reason=one_line(e),
                          traceback=traceback.format_exc() if os.environ.get("YOLO_TQ_DEBUG") else "")
 
 
 def _alternate(runners: list, clocks: list, num_runs: int) -> list[list[float]]:
-    """`num_runs` iterations; each runs every model once, in an order that rotates by one per iteration, so over
-    a cycle of len(runners) iterations every model runs once in every position."""
+    """`num_runs` iterations, each running every model once in an order that rotates by one per iteration: over
+    len(runners) iterations every model runs once in every position."""
     samples: list[list[float]] = [[] for _ in runners]
     order = list(range(len(runners)))
     for _ in range(num_runs):
@@ -111,16 +97,11 @@ def _alternate(runners: list, clocks: list, num_runs: int) -> list[list[float]]:
 
 
 def measure_interleaved(spec: ABSpec) -> ABResult:
-    """An interleaved pass (A/A or A/B) of one target on several models (spec.models: (model, artifact) pairs) in
-    one process, so slow changes in machine load hit all alike. Returns per-model latency stats and, per model, the
-    paired median ratio to the first model over rotation cycles (stats.cycle_ratios) with its bootstrap interval."""
-    from .measure import cycle_ratios, latency_stats, median_interval
-
-    t = target(spec.target)
-    x = load_arrays(spec.inputs)[0]
-    names = [model for model, _ in spec.models]
+    """An interleaved pass (A/A or A/B) of one target on spec.models in one process, so that slow changes in load hit
+    all alike: per model its latency and its paired median ratio to the first model, with its interval."""
+    t, x, names = target(spec.target), load_arrays(spec.inputs)[0], [model for model, _ in spec.models]
     try:
-        runners = [make_runner(t, Path(artifact), spec.openvino_int8_hint) for _, artifact in spec.models]
+        runners = [t.runner(artifact, spec.openvino_int8_hint) for _, artifact in spec.models]
         clocks = [r.clock() for r in runners]
         for r in runners:
             r.bind(x)
@@ -138,6 +119,28 @@ def measure_interleaved(spec: ABSpec) -> ABResult:
 
 def measure(spec: WorkerSpec | ABSpec) -> TargetRow | ABResult:
     return measure_interleaved(spec) if isinstance(spec, ABSpec) else measure_target(spec)
+
+
+def run_worker(spec: WorkerSpec | ABSpec, folder: Path, isolate: bool) -> TargetRow | ABResult:
+    """measure(spec) here, or in a fresh `python -m yolo_tq.deploy.worker` (the installed package) run in `folder`."""
+    if not isolate:
+        return measure(spec)
+    ab = isinstance(spec, ABSpec)
+    stem = spec.target + ({"A/A": ".aa", "A/B": ".ab"}[spec.kind] if ab else "")
+    spec_path, out_path = folder / f"{stem}.spec.json", folder / f"{stem}.result.json"
+    save_record(spec, spec_path)
+    out_path.unlink(missing_ok=True)
+    p = subprocess.run([sys.executable, "-m", "yolo_tq.deploy.worker", str(spec_path), str(out_path)], cwd=folder,
+                       env=dict(os.environ, YOLO_OFFLINE="1", YOLO_VERBOSE="False"), stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True)
+    atomic_write_text(folder / f"{stem}.log", p.stdout)
+    if p.returncode != 0 or not out_path.is_file():
+        tail = p.stdout.strip().splitlines()
+        reason = f"worker exited {p.returncode}: {tail[-1] if tail else 'no output'}"
+        return ABResult(spec.target, "failed", reason, kind=spec.kind) if ab else \
+            TargetRow.of(target(spec.target), spec.model, status="failed", reason=reason)
+    d = json.loads(out_path.read_text())
+    return ABResult.from_dict(d) if ab else TargetRow.from_dict(d)
 
 
 def main(argv: list[str]) -> int:

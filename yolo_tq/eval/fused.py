@@ -1,5 +1,5 @@
-"""What a model's weights allow a deployment backend to exploit: per-channel ternary structure and how exactly
-per-channel symmetric INT8 (what NNCF and TensorRT use for conv weights) represents them."""
+"""What the Conv+BN-fused model's weights (what exports contain) allow a backend to exploit: per-channel ternary
+structure, and how exactly per-channel symmetric INT8 (NNCF's and TensorRT's for conv weights) represents them."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ import torch.nn as nn
 
 @contextlib.contextmanager
 def single_thread():
-    """Run many tiny tensor ops on one thread: on a busy machine the intra-op pool's hand-offs cost more than the
-    ops themselves (measured: 2.2 s vs 0.3 s for a yolo11n layer report with the other core busy)."""
+    """Many tiny tensor ops on one thread: on a busy machine the intra-op pool's hand-offs cost more than the ops."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -24,8 +23,7 @@ def single_thread():
 
 @torch.no_grad()
 def channelwise_ternary(weight: torch.Tensor) -> bool:
-    """True if every output channel holds at most the values {-a_c, 0, +b_c} (a_c, b_c >= 0). A ternary conv stays
-    so after Conv+BN fusion, which scales each output channel by one number."""
+    """True if every output channel holds at most {-a_c, 0, +b_c}: a ternary conv stays so after Conv+BN fusion."""
     w = weight.detach().float().reshape(weight.shape[0], -1)
     hi = w.amax(dim=1, keepdim=True).clamp_min(0)  # +b_c (0 if the channel has no positive value)
     lo = w.amin(dim=1, keepdim=True).clamp_max(0)  # -a_c
@@ -34,9 +32,8 @@ def channelwise_ternary(weight: torch.Tensor) -> bool:
 
 @torch.no_grad()
 def int8_rounding_error(weight: torch.Tensor) -> float:
-    """Largest |w - dequant(quant(w))| of per-output-channel symmetric INT8 (scale = max|w_c| / 127), relative to
-    that channel's max|w_c|. At most 0.5/127 ≈ 0.0039 for any weight; 0 for a ternary channel with a_c = b_c; for
-    TTQ's asymmetric {-Wn, 0, +Wp} the smaller magnitude is rounded to the nearest of 127 steps."""
+    """Largest |w - dequant(quant(w))| of per-output-channel symmetric INT8 relative to the channel's max|w_c|: at
+    most 0.5/127, 0 for a ternary channel with a_c = b_c."""
     w = weight.detach().float().reshape(weight.shape[0], -1)
     amax = w.abs().amax(dim=1, keepdim=True)
     scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
@@ -46,28 +43,27 @@ def int8_rounding_error(weight: torch.Tensor) -> float:
 
 
 @torch.no_grad()
+def fused(model: nn.Module) -> nn.Module:
+    """An FP32 copy of the model, Conv+BN fused (what exports contain)."""
+    m = copy.deepcopy(model).float().eval()
+    return m.fuse(verbose=False) if hasattr(m, "fuse") else m
+
+
+@torch.no_grad()
+def fused_state(model: nn.Module) -> dict:
+    """The fused model's float tensors as numpy arrays, as the ONNX export holds them."""
+    return {k: v.detach().cpu().numpy() for k, v in fused(model).state_dict().items() if v.is_floating_point()}
+
+
+@torch.no_grad()
 def deploy_weight_summary(model: nn.Module) -> dict:
-    """Counts over the Conv+BN-fused model (what exports contain): convs, per-channel ternary convs and their share
-    of conv parameters, and the INT8 rounding error of ternary vs other convs."""
-    fused = copy.deepcopy(model).float().eval()
-    if hasattr(fused, "fuse"):
-        fused = fused.fuse(verbose=False)
-    n = tern = params = tern_params = 0
-    err_t, err_fp = [], []
-    for m in fused.modules():
-        if not isinstance(m, nn.Conv2d):
-            continue
-        w = m.weight
-        n += 1
-        params += w.numel()
-        if channelwise_ternary(w):
-            tern += 1
-            tern_params += w.numel()
-            err_t.append(int8_rounding_error(w))
-        else:
-            err_fp.append(int8_rounding_error(w))
+    """Over the fused model: convs, per-channel ternary convs and their share of conv parameters, and the INT8
+    rounding error of ternary vs other convs."""
+    convs = [(m.weight, channelwise_ternary(m.weight)) for m in fused(model).modules() if isinstance(m, nn.Conv2d)]
+    err_t, err_fp = ([int8_rounding_error(w) for w, tern in convs if tern == t] for t in (True, False))
+    params, tern_params = sum(w.numel() for w, _ in convs), sum(w.numel() for w, tern in convs if tern)
     med = lambda xs: float(torch.tensor(xs).median()) if xs else None  # noqa: E731
-    return {"fused_convs": n, "ternary_convs": tern, "conv_params": params, "ternary_conv_params": tern_params,
-            "ternary_param_share": tern_params / params if params else 0.0,
+    return {"fused_convs": len(convs), "ternary_convs": len(err_t), "conv_params": params,
+            "ternary_conv_params": tern_params, "ternary_param_share": tern_params / params if params else 0.0,
             "int8_rel_error_ternary_max": max(err_t) if err_t else None,
             "int8_rel_error_ternary_median": med(err_t), "int8_rel_error_fp_median": med(err_fp)}

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 from ..config import check_dataset, check_device, dataset_errors
-from ..io import CheckpointError, load_model, safe_loading
+from ..io import CheckpointError, atomic_write_bytes, load_model, safe_loading
+
+EXPORTED = (".onnx", ".engine", "_openvino_model")  # exports Ultralytics' validator runs as they are
 
 BOX_METRICS = ("precision", "recall", "mAP50", "mAP50-95")  # the order of Ultralytics' box.mean_results()
 
@@ -18,34 +25,67 @@ def box_metrics(results) -> dict[str, float]:
 
 def validate(checkpoint: str | Path, data: str, imgsz: int = 640, batch: int = 16, device: str | None = None,
              split: str = "val", plots: bool = False, verbose: bool = False, project: str | None = None,
-             per_class: bool = False) -> dict:
+             per_class: bool = False, rect: bool | None = None, log: str | Path | None = None) -> dict:
     """mAP50, mAP75, mAP50-95, precision and recall of a checkpoint on `data` (Ultralytics DetectionValidator);
-    with `per_class`, also "per_class": one row per class that has labels in the split (class_rows). An .onnx file
-    (e.g. the deployable export) is validated as stock Ultralytics runs it: onnxruntime, batch 1 for its static
-    input."""
+    with `per_class`, also "per_class": one row per class that has labels in the split (class_rows). An export
+    (.onnx, .engine, OpenVINO folder) is validated as stock Ultralytics runs it (an .onnx: batch 1 for its static
+    input). `rect=False`: square letterboxes, as a fixed-shape export sees them; `log`: Ultralytics' output goes
+    to that file instead of the screen."""
     from ultralytics import YOLO
 
     if str(checkpoint).endswith(".onnx"):
         batch = 1 if check_onnx_input(checkpoint, imgsz) else batch
-    else:
+    elif not str(checkpoint).endswith(EXPORTED):
         load_model(checkpoint)  # one clear error for a missing or unreadable file
     check_dataset(data, (split,))
     check_device(device)
     try:
         with safe_loading():  # in safe mode Ultralytics' own load is weights_only too
-            model = YOLO(str(checkpoint))
+            model = YOLO(str(checkpoint), task="detect")
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"cannot load {checkpoint} with Ultralytics: {e}") from e
     kwargs = dict(data=data, imgsz=imgsz, batch=batch, split=split, plots=plots, verbose=verbose)
-    if device is not None:
-        kwargs["device"] = device
-    with tempfile.TemporaryDirectory(prefix="yolo_tq_val_") as tmp, dataset_errors(data):
+    kwargs.update({k: v for k, v in (("device", device), ("rect", rect)) if v is not None})
+    with tempfile.TemporaryDirectory(prefix="yolo_tq_val_") as tmp, dataset_errors(data), captured_output(log):
         if project or not plots:  # without plots there is nothing to keep: Ultralytics' val-N folder goes to tmp
             kwargs["project"] = project or tmp
         m = model.val(**kwargs)
     out = {"checkpoint": str(checkpoint), "data": data, "imgsz": imgsz, "batch": batch, "split": split,
            **box_metrics(m), "mAP75": float(m.box.map75)}
     return {**out, "per_class": class_rows(m)} if per_class else out
+
+
+@contextlib.contextmanager
+def captured_output(logfile: str | Path | None):
+    """Ultralytics' and NNCF's loggers at WARNING, and whatever reaches file descriptors 1 and 2 (progress bars,
+    native libraries) appended to `logfile` through the atomic writer; None: nothing is captured."""
+    if logfile is None:
+        yield
+        return
+    from ultralytics.utils import LOGGER
+
+    loggers = [(g, g.level) for g in (LOGGER, logging.getLogger("nncf"))]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved, logfile = (os.dup(1), os.dup(2)), Path(logfile)
+    with tempfile.TemporaryFile() as buf, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        os.dup2(buf.fileno(), 1)
+        os.dup2(buf.fileno(), 2)
+        try:
+            for g, _ in loggers:
+                g.setLevel(logging.WARNING)
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for fd, copy in zip((1, 2), saved):
+                os.dup2(copy, fd)
+                os.close(copy)
+            for g, level in loggers:
+                g.setLevel(level)
+            buf.seek(0)
+            atomic_write_bytes(logfile, (logfile.read_bytes() if logfile.is_file() else b"") + buf.read())
 
 
 def check_onnx_input(path: str | Path, imgsz: int) -> bool:
