@@ -284,3 +284,14 @@ def test_a_download_script_in_a_data_yaml_never_runs_unless_asked(tmp_path, tiny
         assert not marker.exists()
     r = run_here("validate.py", tiny_fp_checkpoint, "--data", data, "--allow-download-script", cwd=tmp_path)
     assert r.returncode != 0 and marker.read_text() == "x"
+
+
+def test_a_stage_that_quantizes_nothing_and_a_huge_imgsz_are_refused(tmp_path):
+    from yolo_tq.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="stage 'stage1' quantizes nothing"):
+        load_config(REPO / "configs" / "stage1_progressive.yaml", dotlist=["stages[0].layers=[]"])
+    r = run_here("validate.py", "x.pt", "--imgsz", "100000", cwd=tmp_path)
+    assert_one_line_error(r, "at most 4096")
+    with pytest.raises(ConfigError, match="at most 4096"):
+        load_config(REPO / "configs" / "stage1_progressive.yaml", {"imgsz": 8192})

@@ -114,6 +114,8 @@ def _validate_values(cfg: ProjectConfig, source: str) -> None:
     if len(set(names)) != len(names):
         raise ConfigError(f"{source}: stage names must be unique, got {names}")
     for s in cfg.stages:
+        if not s.layers and s.c2psa is None:
+            raise ConfigError(f"{source}: stage '{s.name}' quantizes nothing (layers is empty and c2psa is not set)")
         if s.c2psa is not None and s.c2psa not in C2PSA_MODES:
             raise ConfigError(f"{source}: stage '{s.name}' c2psa must be one of {C2PSA_MODES} or null")
         try:

@@ -149,11 +149,17 @@ def message_lines(e: BaseException) -> list[str]:
     return [x.strip() for x in text.splitlines() if x.strip() and not x.strip().startswith("http")]
 
 
+MAX_IMGSZ = 4096
+
+
 def imgsz_problem(imgsz: Any) -> str | None:
     """Why an image size is refused, or None. Ultralytics rounds 0 or 31 up to 32 (500 to 512) with only a warning
-    in its log, and trains or validates at a size other than the one recorded: only positive multiples of 32 pass."""
+    in its log, and trains or validates at a size other than the one recorded: only positive multiples of 32 pass,
+    up to MAX_IMGSZ (above it one letterboxed batch alone needs gigabytes)."""
     if isinstance(imgsz, bool) or not isinstance(imgsz, int) or imgsz <= 0 or imgsz % MAX_STRIDE:
         return f"imgsz must be a positive multiple of {MAX_STRIDE} (YOLO11's largest stride), got {imgsz!r}"
+    if imgsz > MAX_IMGSZ:
+        return f"imgsz must be at most {MAX_IMGSZ}, got {imgsz}"
     return None
 
 
