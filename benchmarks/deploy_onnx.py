@@ -76,7 +76,7 @@ def openvino_checks(onnx_path: Path, data: str, imgsz: int, work: Path) -> dict:
         import yaml
         from ultralytics import YOLO
 
-        from yolo_tq.deploy.agreement import check_inputs
+        from yolo_tq.eval.agreement import check_inputs
     except ImportError as e:
         return {"status": "skipped", "reason": f"{e.name} is not installed (pip install -e \".[deploy]\")"}
     out = {"status": "ok", "bytes_read": onnx_path.stat().st_size}

@@ -196,7 +196,7 @@ def test_export_round_trips_through_onnxruntime(tiny_models, tmp_path, kind, n_t
     x = np.random.default_rng(0).random((1, 3, 64, 64), dtype=np.float32)
     got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]
     ref = torch_output(tiny_models[kind], x)
-    tol = 0.5 if kind == "bitlinear" else 1e-3  # BitLinear rounds activations (deploy.agreement docstring)
+    tol = 0.5 if kind == "bitlinear" else 1e-3  # BitLinear rounds activations (docs/method.md, Agreement)
     assert np.abs(got - ref).max() < tol * max(1.0, np.abs(ref).max())
     written = onnx.load(str(out))
     meta = {p.key: p.value for p in written.metadata_props}
@@ -260,7 +260,7 @@ def test_export_errors(tiny_models, tmp_path):
 def test_shared_stage1_onnx_gives_pytorchs_detections(shared_weights, shared_data, tmp_path):
     """yolo11n with stage 1 ternarised after training: the deployable ONNX (INT8 rest) finds the detections the
     PyTorch model finds on real val images, and its ternary weights are PyTorch's fused weights exactly."""
-    from yolo_tq.deploy.agreement import check_inputs, compare_outputs
+    from yolo_tq.eval.agreement import check_inputs, compare_outputs
     from yolo_tq.deploy.deployable import export_deployable
     from yolo_tq.io import load_model, save_stock_checkpoint
     from yolo_tq.quant.apply import ternarize_

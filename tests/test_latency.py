@@ -17,16 +17,16 @@ import torch
 from conftest import REPO, assert_one_line_error, build_model, c2psa_plan, progressive_stage_plans, run_here
 
 from yolo_tq.deploy import backends
-from yolo_tq.deploy.agreement import (FP32_BOX_TOL_PX, AgreementError, compare_outputs, f1_score, found_share,
-                                      match_detections, output_diffs, verdict)
 from yolo_tq.deploy.backends import reference_outputs
 from yolo_tq.deploy.bench import BenchError, BenchOptions, run_benchmark
 from yolo_tq.deploy.export import export_artifact, prepare_checkpoint
+from yolo_tq.deploy.measure import PerfCounterClock, latency_stats, peak_rss_mb, ratio, ratios, reset_peak_rss, time_runs
 from yolo_tq.deploy.results import (SCHEMA, ABResult, Interleaved, Memory, Skip, TargetRow, WorkerSpec, format_table,
                                     load_arrays, save_arrays)
-from yolo_tq.deploy.measure import PerfCounterClock, latency_stats, peak_rss_mb, ratio, ratios, reset_peak_rss, time_runs
-from yolo_tq.eval.fused import channelwise_ternary, int8_rounding_error
 from yolo_tq.deploy.worker import measure_target
+from yolo_tq.eval.agreement import (FP32_BOX_TOL_PX, AgreementError, compare_outputs, f1_score, found_share,
+                                   match_detections, output_diffs, verdict)
+from yolo_tq.eval.fused import channelwise_ternary, int8_rounding_error
 from yolo_tq.io import load_model, save_stock_checkpoint
 from yolo_tq.quant.apply import export_ternary, install_stage, quantized_modules, ternarize_
 
@@ -57,7 +57,7 @@ def ttq_training_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def inputs_and_dir(tmp_path_factory, tiny_data):
-    from yolo_tq.deploy.agreement import check_inputs
+    from yolo_tq.eval.agreement import check_inputs
 
     d = tmp_path_factory.mktemp("deploy")
     xs = check_inputs(str(tiny_data), IMGSZ, 1, 2)
@@ -272,7 +272,7 @@ def test_detection_matching_and_verdicts():
 
 def test_detection_agreement_ignores_score_jitter_at_the_threshold():
     """Hysteresis: a sure detection (>= 0.35) must be found at >= 0.15; one scoring 0.30 need not be found."""
-    from yolo_tq.deploy.agreement import CONF_LOOSE, CONF_SURE
+    from yolo_tq.eval.agreement import CONF_LOOSE, CONF_SURE
 
     box = [0, 0, 10, 10]
     sure_ref = np.array([box + [0.9, 0]], np.float32)

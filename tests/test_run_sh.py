@@ -112,10 +112,10 @@ def _latency_record():
     openvino-fp32 timed but refused by its A/A check, the BitLinear model refused by onnxruntime-cpu, CUDA skipped."""
     import numpy as np
 
-    from yolo_tq.deploy.agreement import compare_outputs
+    from yolo_tq.deploy.measure import latency_stats
     from yolo_tq.deploy.results import (SCHEMA, ABResult, BenchResult, Environment, Interleaved, Memory, Skip,
                                         TargetRow)
-    from yolo_tq.deploy.measure import latency_stats
+    from yolo_tq.eval.agreement import compare_outputs
 
     ref = np.zeros((1, 6, 4), np.float32)
     agrees, disagrees = (compare_outputs([ref], [ref + d], "fp32") for d in (0.0, 1.45))

@@ -25,9 +25,9 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..deploy.agreement import REDUCED_MIN_AGREEMENT
 from ..deploy.backends import FAMILIES
 from ..deploy.measure import AA_TOLERANCE
+from ..eval.agreement import REDUCED_MIN_AGREEMENT
 
 DEFAULT_CALIBRATION = "coco128.yaml"  # Ultralytics' own default for INT8 export calibration
 

@@ -42,26 +42,24 @@ def cuda_available() -> bool:
     return _importable("torch") and importlib.import_module("torch").cuda.is_available()
 
 
-def _ort_has_cuda() -> bool:
-    return "CUDAExecutionProvider" in importlib.import_module("onnxruntime").get_available_providers()
-
-
-# what a target may need -> (is it there?, why not and how to get it: the skip line)
+# what a target may need -> why it is missing and how to get it (the skip line); a module is there when importable
 NEEDS = {
-    "cuda": (lambda: cuda_available(),
-             "no CUDA device visible to PyTorch (needs an NVIDIA GPU and a CUDA build of torch)"),
-    "onnxruntime": (lambda: _importable("onnxruntime"),
-                    "onnxruntime is not installed (pip install onnxruntime, or onnxruntime-gpu for CUDA)"),
-    "ort-cuda": (_ort_has_cuda,
-                 "this onnxruntime has no CUDAExecutionProvider (pip install onnxruntime-gpu in place of onnxruntime)"),
-    "openvino": (lambda: _importable("openvino"),
-                 f"OpenVINO is not installed ({DEPLOY_REQS}, or pip install openvino)"),
-    "nncf": (lambda: _importable("nncf"), f"OpenVINO INT8 export needs NNCF ({DEPLOY_REQS}, or pip install nncf)"),
-    "bf16": (lambda: bool({"avx512_bf16", "amx_bf16"} & cpu_flags()),
-             "this CPU has neither avx512_bf16 nor amx_bf16, so OpenVINO would run it as FP32"),
-    "tensorrt": (lambda: _importable("tensorrt"),
-                 "TensorRT is not installed (pip install tensorrt, on a machine with an NVIDIA GPU)"),
+    "cuda": "no CUDA device visible to PyTorch (needs an NVIDIA GPU and a CUDA build of torch)",
+    "onnxruntime": "onnxruntime is not installed (pip install onnxruntime, or onnxruntime-gpu for CUDA)",
+    "ort-cuda": "this onnxruntime has no CUDAExecutionProvider (pip install onnxruntime-gpu in place of onnxruntime)",
+    "openvino": f"OpenVINO is not installed ({DEPLOY_REQS}, or pip install openvino)",
+    "nncf": f"OpenVINO INT8 export needs NNCF ({DEPLOY_REQS}, or pip install nncf)",
+    "bf16": "this CPU has neither avx512_bf16 nor amx_bf16, so OpenVINO would run it as FP32",
+    "tensorrt": "TensorRT is not installed (pip install tensorrt, on a machine with an NVIDIA GPU)",
 }
+
+
+def _met(need: str) -> bool:
+    if need == "cuda":
+        return cuda_available()
+    if need == "ort-cuda":
+        return "CUDAExecutionProvider" in importlib.import_module("onnxruntime").get_available_providers()
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags()) if need == "bf16" else _importable(need)
 
 
 @dataclass(frozen=True)
@@ -96,7 +94,7 @@ class Target:
             return f"not requested (pass --export-{self.flag})"
         if self.flag == "int8" and not o.data:
             return "INT8 calibration needs images (pass --data YAML)"
-        missing = next((why for met, why in map(NEEDS.get, self.needs) if not met()), None)
+        missing = next((NEEDS[n] for n in self.needs if not _met(n)), None)
         if missing is None and self.baseline_artifact and not o.quantized:
             return "runs the quantized model's deployable ONNX against the baseline's (give --quantized)"
         return missing
@@ -136,7 +134,6 @@ def reference_outputs(checkpoint: str | Path, inputs: list[np.ndarray]) -> list[
     return [runner.infer(x) for x in inputs]
 
 
-# ----------------------------------------------------------------------------------------------------------- runners
 class Runner:
     """Loads one export (path, target, OpenVINO INT8 hint). infer(x): the raw prediction as float32 numpy (agreement
     check); bind(x) stages an input and run() runs it, timed by clock(); inference_precision(): what it ran at."""
@@ -150,19 +147,6 @@ class Runner:
 
     def inference_precision(self) -> str:
         return self.precision
-
-
-def _first(y):
-    while isinstance(y, (list, tuple)):
-        y = y[0]
-    return y
-
-
-def _is_channels_last(model) -> bool:
-    import torch
-
-    w = next((p for p in model.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[2] > 1), None)
-    return w is not None and w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
 
 
 class TorchRunner(Runner):
@@ -181,7 +165,10 @@ class TorchRunner(Runner):
         self.model = AutoBackend(str(ckpt), device=self.device, fp16=half, fuse=True, verbose=False)
         self.model.eval()
         self.dtype, self.precision = (torch.float16, "fp16") if half else (torch.float32, "fp32")
-        if t.device == "cpu" and _is_channels_last(self.model.backend.model):
+        convs = (p for p in self.model.backend.model.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[2] > 1)
+        w = next(convs, None)  # channels_last shows in a conv weight with more than one channel and pixel
+        if t.device == "cpu" and w is not None and w.is_contiguous(memory_format=torch.channels_last) \
+                and not w.is_contiguous():
             self.notes = "channels_last (AutoBackend's CPU default)"
 
     def _to(self, x: np.ndarray):
@@ -189,7 +176,10 @@ class TorchRunner(Runner):
 
     def infer(self, x: np.ndarray) -> np.ndarray:
         with self.mode():
-            return _first(self.model(self._to(x))).float().cpu().numpy()
+            y = self.model(self._to(x))
+        while isinstance(y, (list, tuple)):
+            y = y[0]
+        return y.float().cpu().numpy()
 
     def bind(self, x: np.ndarray) -> None:
         self.x = self._to(x)

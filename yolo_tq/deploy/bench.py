@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ConfigError, imgsz_problem
+from ..eval.agreement import REDUCED_MIN_AGREEMENT, check_inputs
 from ..eval.validate import validate
 from . import backends
-from .agreement import REDUCED_MIN_AGREEMENT, check_inputs
 from .backends import (FAMILIES, TARGETS, Target, cpu_int8_features, openvino_default_precision, reference_outputs,
                        target, versions)
 from .deployable import export_deployable_artifact

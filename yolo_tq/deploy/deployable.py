@@ -3,6 +3,8 @@ with its weights stored as low-bit codes (formats.deploy_onnx), verified before 
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -10,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..eval.fused import fused_state
-from ..formats.deploy_onnx import (DeployOnnxError, REST_CHOICES, encode_model, encoding_counts, rel_error, short_names,
+from ..eval.agreement import check_inputs, compare_outputs
+from ..eval.fused import fused_weight_error
+from ..formats.deploy_onnx import (DeployOnnxError, REST_CHOICES, encode_model, encoding_counts, short_names,
                                    verify_encoding)
 from ..io import CheckpointError, atomic_write_bytes, load_model, save_stock_checkpoint
-from .agreement import check_inputs, compare_outputs
 from .backends import reference_outputs
 from .export import ExportError, PreparedModel, export_artifact, prepare_checkpoint
 
@@ -45,40 +47,17 @@ class DeployResult:
 def _stock_input(path: Path, work: Path):
     """(PreparedModel, model) of any input: a .pt (stock, training checkpoint, C2PSA output) or a packed file."""
     if path.name.endswith(".safetensors"):
-        from ..formats.reader import load_packed
+        from ..formats.reader import load_packed  # registers the packed loader's builder: only when needed
 
         model = load_packed(path)
-        stock = work / "unpacked.pt"
-        save_stock_checkpoint(model, stock)
-        return prepare_checkpoint(stock, work, "model"), model
-    prepared = prepare_checkpoint(path, work, "model")
-    model, _ = load_model(prepared.checkpoint)
-    return prepared, model
-
-
-def check_detector(model, source) -> None:
+        prepared = prepare_checkpoint(save_stock_checkpoint(model, work / "unpacked.pt"), work, "model")
+    else:
+        prepared = prepare_checkpoint(path, work, "model")
+        model, _ = load_model(prepared.checkpoint)
     if type(model).__name__ not in DETECTOR_CLASSES:
-        raise CheckpointError(f"{source} holds a {type(model).__name__}, not a YOLO detection model; the deployable "
+        raise CheckpointError(f"{path} holds a {type(model).__name__}, not a YOLO detection model; the deployable "
                               f"export handles {', '.join(DETECTOR_CLASSES)}")
-
-
-def dfl_weight_names(model) -> set[str]:
-    """State-dict names of the DFL projection weights (a fixed 0..15 ramp that stays exact in float)."""
-    return {f"{path}.conv.weight" for path, m in model.named_modules() if type(m).__name__ == "DFL"}
-
-
-def compare_with_pytorch(source_onnx, encoded_names: list[str], state: dict[str, np.ndarray]) -> tuple[float, int]:
-    """Largest relative difference between the export's tensors and PyTorch's fused ones of the same name."""
-    from onnx import numpy_helper
-
-    inits = {t.name: t for t in source_onnx.graph.initializer}
-    worst, n = 0.0, 0
-    for name in encoded_names:
-        if name in state and name in inits:
-            a = numpy_helper.to_array(inits[name])
-            if a.shape == state[name].shape:
-                worst, n = max(worst, rel_error(a, state[name])), n + 1
-    return worst, n
+    return prepared, model
 
 
 def output_check(fp_onnx: Path, deploy_bytes: bytes, checkpoint: Path, inputs, rounding: bool, rest: str) -> dict:
@@ -100,9 +79,7 @@ def output_check(fp_onnx: Path, deploy_bytes: bytes, checkpoint: Path, inputs, r
 def check_onnxruntime() -> None:
     import onnxruntime as ort
 
-    have = tuple(int(x) for x in ort.__version__.split(".")[:2])
-    need = tuple(int(x) for x in ORT_MIN_VERSION.split("."))
-    if have < need:
+    if tuple(int(x) for x in ort.__version__.split(".")[:2]) < tuple(int(x) for x in ORT_MIN_VERSION.split(".")):
         raise CheckpointError(f"onnxruntime {ort.__version__} is too old for the deployable ONNX; it needs "
                               f">= {ORT_MIN_VERSION} (pip install -U onnxruntime)")
 
@@ -119,7 +96,6 @@ def export_deployable(source: str | Path, out: str | Path, imgsz: int = 640, res
     t0, src = time.perf_counter(), Path(source)
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="yolo_tq_export_"))
     prepared, model = _stock_input(src, work)
-    check_detector(model, src)
     n_ternary = prepared.summary["deploy"]["ternary_convs"]
     log(f"{src}: {n_ternary} of the fused model's convs are ternary per channel")
     try:
@@ -128,13 +104,14 @@ def export_deployable(source: str | Path, out: str | Path, imgsz: int = 640, res
         raise CheckpointError(str(e)) from e
     fp_model = onnx.load(str(fp_path))
     info = {"source": src.name, "imgsz": imgsz, "ternary_convs_model": n_ternary}
-    encoded, done = encode_model(fp_model, rest, keep_float=dfl_weight_names(model), info=info)
+    dfl = {f"{path}.conv.weight" for path, m in model.named_modules() if type(m).__name__ == "DFL"}  # a 0..15 ramp
+    encoded, done = encode_model(fp_model, rest, keep_float=dfl, info=info)
     onnx.checker.check_model(encoded)
     errors, counts = verify_encoding(fp_model, encoded, done), encoding_counts(done)
     if counts["ternary"]["tensors"] != n_ternary:
         log(f"note: the ONNX graph has {counts['ternary']['tensors']} ternary conv weights, the fused model "
             f"{n_ternary} ternary convs")
-    pt_err, pt_n = compare_with_pytorch(fp_model, [e.name for e in done if e.kind == "ternary"], fused_state(model))
+    pt_err, pt_n = fused_weight_error(fp_model, [e.name for e in done if e.kind == "ternary"], model)
     short_names(encoded)  # after the checks that look tensors up by name; the output check below runs these bytes
     onnx.checker.check_model(encoded)
     data_bytes = encoded.SerializeToString()
@@ -172,16 +149,12 @@ result_dict = asdict
 
 
 def tensorrt_available() -> bool:
-    import importlib.util
-
     return importlib.util.find_spec("tensorrt") is not None
 
 
 def build_tensorrt_engine(onnx_path: str | Path, out: str | Path, fp16: bool = True) -> tuple[bool, str]:
     """A TensorRT engine of the deployable ONNX, written as Ultralytics writes its .engine exports (4-byte length,
     metadata JSON, engine) so that `ultralytics.YOLO(out)` runs it; (built, one line: the file or TensorRT's refusal)."""
-    import json
-
     import onnx
     import tensorrt as trt
 

@@ -1,8 +1,9 @@
 """Measuring: the timing loop and its clocks, the statistics of latency samples and of quantized/baseline ratios (the
-A/A band, paired bootstrap intervals), and memory and size figures (docs/method.md, "Timing")."""
+A/A band, paired bootstrap intervals), memory and file sizes (docs/method.md, "Timing")."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import resource
@@ -22,16 +23,13 @@ RATIO_FIGURES = ("mean_ms", "median_ms", "p95_ms", "throughput_ips", "peak_rss_m
                  "file_mb", "file_gz_mb")
 
 
-# ------------------------------------------------------------------------------------------------------- timing
 class PerfCounterClock:
     """Wall clock; `sync`, if given, runs before both readings, so work queued on a device is inside the interval."""
 
     name = "perf_counter"
 
     def __init__(self, sync: Callable[[], Any] | None = None):
-        self.sync, self._t0 = sync, 0.0
-        if sync is not None:
-            self.name = "perf_counter+sync"
+        self.sync, self._t0, self.name = sync, 0.0, self.name if sync is None else "perf_counter+sync"
 
     def start(self) -> None:
         if self.sync is not None:
@@ -80,7 +78,6 @@ def time_runs(run: Callable[[], Any], num_runs: int, warmup: int, clock=None) ->
     return samples
 
 
-# --------------------------------------------------------------------------------------------------- statistics
 @dataclass(frozen=True)
 class Latency:
     """Latency of `runs` timed runs (ms) and the throughput it implies (images/s)."""
@@ -152,14 +149,11 @@ def within_band(value: float | None, tolerance: float = AA_TOLERANCE) -> bool:
     return value is not None and abs(round(value, 3) - 1.0) <= tolerance + 1e-12
 
 
-# ------------------------------------------------------------------------------------------------ memory, size
 def _status_kb(field: str) -> int | None:
-    try:
+    with contextlib.suppress(OSError):
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(field + ":"):
                 return int(line.split()[1])
-    except OSError:
-        pass
     return None
 
 
@@ -188,6 +182,50 @@ def peak_rss_mb() -> float:
     """Peak resident set size of this process (VmHWM; getrusage's ru_maxrss where /proc is absent)."""
     kb = _status_kb("VmHWM")
     return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss if kb is None else kb) / 1024  # KiB on Linux
+
+
+def _cuda_used_mb() -> float:
+    import torch
+
+    torch.cuda.synchronize()
+    free, total = torch.cuda.mem_get_info()
+    return (total - free) / MB
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Peak RSS of the measuring process (since its reset, else its start); on CUDA the device memory added."""
+
+    peak_rss_mb: float
+    rss_base_mb: float | None = None
+    added_rss_mb: float | None = None
+    peak_rss_reset: bool = False
+    gpu_mem_mb: float | None = None
+    torch_peak_alloc_mb: float | None = None
+
+
+class MemoryMeter:
+    """Made before a target loads (resets the peak marks, reads what is in use); read(): the Memory since then."""
+
+    def __init__(self, cuda: bool):
+        self.cuda_base = None
+        if cuda:
+            import torch
+
+            torch.cuda.init()
+            self.cuda_base = _cuda_used_mb()
+            torch.cuda.reset_peak_memory_stats()
+        self.reset, self.rss_base = reset_peak_rss(), current_rss_mb()
+
+    def read(self) -> Memory:
+        peak, base, gpu = peak_rss_mb(), self.rss_base, {}
+        if self.cuda_base is not None:
+            import torch
+
+            gpu = {"gpu_mem_mb": _cuda_used_mb() - self.cuda_base,
+                   "torch_peak_alloc_mb": torch.cuda.max_memory_allocated() / MB}
+        return Memory(peak_rss_mb=peak, rss_base_mb=base, added_rss_mb=None if base is None else peak - base,
+                      peak_rss_reset=self.reset, **gpu)
 
 
 def _files(path: str | Path) -> list[Path]:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..eval.agreement import Agreement
 from ..io import atomic_write_bytes, write_json
-from .agreement import Agreement
-from .measure import AA_TOLERANCE, CI_LEVEL, Latency, ratios, within_band
+from .measure import AA_TOLERANCE, CI_LEVEL, Latency, Memory, ratios, within_band
 
 SCHEMA = "yolo-tq/latency/3"  # 2: rows hold typed parts (agreement, latency, memory, accuracy) instead of flat keys;
 # 3: per target an A/A check and the A/B pass (`interleaved`: Interleaved), ratios per rotation cycle with an interval
@@ -71,18 +71,6 @@ class ABSpec(TimingSpec):
 
     models: tuple
     kind: str = "A/B"
-
-
-@dataclass(frozen=True)
-class Memory:
-    """Peak RSS of the measuring process (since its reset, else its start); on CUDA the device memory added."""
-
-    peak_rss_mb: float
-    rss_base_mb: float | None = None
-    added_rss_mb: float | None = None
-    peak_rss_reset: bool = False
-    gpu_mem_mb: float | None = None
-    torch_peak_alloc_mb: float | None = None
 
 
 @dataclass(frozen=True)

@@ -15,12 +15,11 @@ import time
 import traceback
 from pathlib import Path
 
+from ..eval.agreement import compare_outputs
 from ..io import atomic_write_text
-from .agreement import compare_outputs
 from .backends import target
-from .measure import MB, current_rss_mb, cycle_ratios, latency_stats, median_interval, peak_rss_mb, reset_peak_rss, \
-    time_runs
-from .results import ABResult, ABSpec, Memory, TargetRow, WorkerSpec, load_arrays, save_record
+from .measure import MemoryMeter, cycle_ratios, latency_stats, median_interval, time_runs
+from .results import ABResult, ABSpec, TargetRow, WorkerSpec, load_arrays, save_record
 
 
 def one_line(e: BaseException) -> str:
@@ -28,34 +27,9 @@ def one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg[-1] if msg else ''}".rstrip(": ")
 
 
-def _cuda_used_mb() -> float:
-    import torch
-
-    torch.cuda.synchronize()
-    free, total = torch.cuda.mem_get_info()
-    return (total - free) / MB
-
-
-def _memory(rss_base: float | None, reset: bool, cuda_base: float | None) -> Memory:
-    peak = peak_rss_mb()
-    gpu = {}
-    if cuda_base is not None:
-        import torch
-
-        gpu = {"gpu_mem_mb": _cuda_used_mb() - cuda_base, "torch_peak_alloc_mb": torch.cuda.max_memory_allocated() / MB}
-    return Memory(peak_rss_mb=peak, rss_base_mb=rss_base, added_rss_mb=None if rss_base is None else peak - rss_base,
-                  peak_rss_reset=reset, **gpu)
-
-
 def _measure(t, spec: WorkerSpec, row: dict) -> TargetRow:
-    inputs, refs, cuda_base = load_arrays(spec.inputs), load_arrays(spec.refs), None
-    if t.device == "cuda":  # the device memory in use before the target loads, and a fresh peak counter
-        import torch
-
-        torch.cuda.init()
-        cuda_base = _cuda_used_mb()
-        torch.cuda.reset_peak_memory_stats()
-    reset, rss_base, t0 = reset_peak_rss(), current_rss_mb(), time.perf_counter()
+    inputs, refs = load_arrays(spec.inputs), load_arrays(spec.refs)
+    meter, t0 = MemoryMeter(cuda=t.device == "cuda"), time.perf_counter()
     runner = t.runner(spec.artifact, spec.openvino_int8_hint)
     row.update(load_s=time.perf_counter() - t0, inference_precision=runner.inference_precision(), notes=runner.notes)
     a = row["agreement"] = compare_outputs(refs, [runner.infer(x) for x in inputs], t.precision, spec.min_agreement,
@@ -63,11 +37,11 @@ def _measure(t, spec: WorkerSpec, row: dict) -> TargetRow:
     if not a.passed:
         reason = (f"disagrees with PyTorch (max|Δbox| {a.max_abs_box:.3g} px, max|Δscore| {a.max_abs_score:.3g}, "
                   f"detection agreement {a.det_agreement:.2f}); criterion {a.criterion}")
-        return TargetRow(**row, status="refused", reason=reason, memory=_memory(rss_base, reset, cuda_base))
+        return TargetRow(**row, status="refused", reason=reason, memory=meter.read())
     runner.bind(inputs[0])
     clock = runner.clock()
     latency = latency_stats(time_runs(runner.run, spec.num_runs, spec.warmup, clock), spec.batch)
-    return TargetRow(**row, status="ok", clock=clock.name, latency=latency, memory=_memory(rss_base, reset, cuda_base))
+    return TargetRow(**row, status="ok", clock=clock.name, latency=latency, memory=meter.read())
 
 
 def measure_target(spec: WorkerSpec) -> TargetRow:

@@ -55,6 +55,23 @@ def fused_state(model: nn.Module) -> dict:
     return {k: v.detach().cpu().numpy() for k, v in fused(model).state_dict().items() if v.is_floating_point()}
 
 
+def fused_weight_error(onnx_model, names: list[str], model: nn.Module) -> tuple[float, int]:
+    """(largest relative difference, tensors compared) between an ONNX export's tensors `names` and the fused
+    model's tensors of the same name and shape."""
+    from onnx import numpy_helper
+
+    from ..formats.deploy_onnx import rel_error
+
+    state, inits = fused_state(model), {t.name: t for t in onnx_model.graph.initializer}
+    worst, n = 0.0, 0
+    for name in names:
+        if name in state and name in inits:
+            a = numpy_helper.to_array(inits[name])
+            if a.shape == state[name].shape:
+                worst, n = max(worst, rel_error(a, state[name])), n + 1
+    return worst, n
+
+
 @torch.no_grad()
 def deploy_weight_summary(model: nn.Module) -> dict:
     """Over the fused model: convs, per-channel ternary convs and their share of conv parameters, and the INT8
