@@ -295,3 +295,46 @@ def test_a_stage_that_quantizes_nothing_and_a_huge_imgsz_are_refused(tmp_path):
     assert_one_line_error(r, "at most 4096")
     with pytest.raises(ConfigError, match="at most 4096"):
         load_config(REPO / "configs" / "stage1_progressive.yaml", {"imgsz": 8192})
+
+
+def test_a_non_finite_loss_stops_the_stage_with_exit_1_and_keeps_the_last_good_files(tmp_path, tiny_fp_checkpoint,
+                                                                                     tiny_data):
+    """NaN weights from the second epoch on: the stage raises RunFailedError naming the epoch (the CLI's exit 1),
+    last.pt still holds the first epoch, and no ternary export is written."""
+    import torch
+
+    from yolo_tq.cli import run_cli
+    from yolo_tq.config import load_config, stage_outputs
+    from yolo_tq.io import RunFailedError, load_model
+    from yolo_tq.train.stages import train_stages
+
+    cfg = load_config(REPO / "configs" / "stage1_progressive.yaml",
+                      {"weights": str(tiny_fp_checkpoint), "data": str(tiny_data), "epochs": 2, "imgsz": 64,
+                       "batch": 4, "workers": 0, "device": "cpu", "checkpoint_dir": str(tmp_path / "ck")},
+                      ["train.val=false", "train.plots=false", "distill.reconstruct_steps=0",
+                       "train.ultralytics.nbs=4", "train.warmup_epochs=0"])
+
+    def poison(trainer):
+        if trainer.epoch == 1:
+            with torch.no_grad():
+                next(trainer.model.parameters()).fill_(float("nan"))
+
+    out = stage_outputs(cfg, cfg.stages[0])
+    with pytest.raises(RunFailedError, match="at epoch 2"):
+        train_stages(cfg, [1], callbacks={"on_train_batch_start": poison})
+    assert load_model(out.last)[1]["epoch"] == 0 and not out.ternary.exists()
+
+    def fail():
+        raise RunFailedError("the training loss is nan at epoch 2")
+
+    with pytest.raises(SystemExit) as e:
+        run_cli(fail)
+    assert e.value.code == 1
+
+
+def test_distill_temperature_must_be_positive():
+    from yolo_tq.config import ConfigError, load_config
+
+    for t in ("0", "-1", "nan"):
+        with pytest.raises(ConfigError, match="distill.temperature must be a finite number > 0"):
+            load_config(REPO / "configs" / "stage1_progressive.yaml", dotlist=[f"distill.temperature={t}"])

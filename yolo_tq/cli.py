@@ -15,7 +15,7 @@ from typing import Callable
 
 from .commands.args import UsageError
 from .config import ConfigError
-from .io import CheckpointError, OutputPathError
+from .io import CheckpointError, OutputPathError, RunFailedError
 from .quant.apply import PlanError
 from .quant.spec import SpecError
 
@@ -114,7 +114,8 @@ def error_line(e: BaseException) -> str:
 
 
 def run_cli(main: Callable[[], int | None]) -> None:
-    """Run `main`; user errors print one line 'error: …' and exit 2, tracebacks only with YOLO_TQ_DEBUG=1."""
+    """Run `main`; user errors print one line 'error: …' and exit 2, a run that failed (RunFailedError) one line
+    and exit 1; tracebacks only with YOLO_TQ_DEBUG=1."""
     try:
         code = main()
     except USER_ERRORS + PATH_ERRORS as e:
@@ -122,6 +123,11 @@ def run_cli(main: Callable[[], int | None]) -> None:
             raise
         print(f"error: {error_line(e)}", file=sys.stderr)
         sys.exit(2)
+    except RunFailedError as e:
+        if os.environ.get("YOLO_TQ_DEBUG"):
+            raise
+        print(f"error: {error_line(e)}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

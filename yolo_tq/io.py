@@ -42,6 +42,10 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable, unsafe, damaged, or of the wrong model."""
 
 
+class RunFailedError(RuntimeError):
+    """A run that failed on its own (a non-finite training loss): one line and exit status 1, nothing written."""
+
+
 class OutputPathError(ValueError):
     """An output that cannot be written (under a file, a folder where a file goes, no permission)."""
 

@@ -108,6 +108,8 @@ def _validate_values(cfg: ProjectConfig, source: str) -> None:
         raise ConfigError(f"{source}: quantization.bn_reestimate_images must be >= 0")
     if cfg.distill.reconstruct_steps < 0 or cfg.distill.reconstruct_lr <= 0:
         raise ConfigError(f"{source}: distill.reconstruct_steps must be >= 0 and distill.reconstruct_lr > 0")
+    if not (math.isfinite(cfg.distill.temperature) and cfg.distill.temperature > 0):
+        raise ConfigError(f"{source}: distill.temperature must be a finite number > 0, got {cfg.distill.temperature}")
     if cfg.distill.reconstruct_imgsz is not None and imgsz_problem(cfg.distill.reconstruct_imgsz):
         raise ConfigError(f"{source}: distill.reconstruct_" + imgsz_problem(cfg.distill.reconstruct_imgsz))
     names = [s.name for s in cfg.stages]

@@ -12,13 +12,14 @@ import contextlib
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
 import torch.nn as nn
 
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils import DEFAULT_CFG, LOGGER, RANK
 from ultralytics.utils.torch_utils import unwrap_model
 
-from ..io import AtomicPath, atomic_write_bytes, load_model, safe_loading, save_stock_checkpoint
+from ..io import AtomicPath, RunFailedError, atomic_write_bytes, load_model, safe_loading, save_stock_checkpoint
 from ..plan import TERNARY_EXPORT_NAME, TrainPlan
 from ..quant.apply import (export_ternary, install_like, install_stage, quantized_modules, scale_parameters,
                            stage_targets, threshold_parameters)
@@ -120,6 +121,19 @@ def atomic_strips():
         engine.strip_optimizer = strip
 
 
+def stop_on_non_finite_loss(trainer) -> None:
+    """A NaN or Inf loss ends the stage (RunFailedError: exit 1, one line naming the epoch and step) before this
+    epoch's checkpoints are written, so the files from before stay the results; Ultralytics' own NaN recovery would
+    reload and retry, and its EMA clean-up would write zeros."""
+    loss = getattr(trainer, "loss", None)
+    if loss is not None and not torch.isfinite(loss.detach()).all():
+        step = getattr(trainer, "_tq_batch", 0)
+        raise RunFailedError(f"the training loss is {float(loss.detach().sum())} at epoch {trainer.epoch + 1} "
+                             f"(batch {step + 1} of the stage): the stage stopped and wrote nothing new (its last good files are kept); "
+                             f"check the learning rates and distill settings")
+    trainer._tq_batch = getattr(trainer, "_tq_batch", 0) + 1
+
+
 class TTQTrainer(DetectionTrainer):
     """DetectionTrainer that trains a model with ternary (TTQ / BitLinear) layers.
 
@@ -152,6 +166,7 @@ class TTQTrainer(DetectionTrainer):
         if self.plan.final_pass.active:
             self.add_callback("on_train_epoch_start", switch_to_final_imgsz)
         self.add_callback("on_pretrain_routine_end", find_state_layers)  # training state in the metrics (train.state)
+        self.add_callback("on_train_batch_end", stop_on_non_finite_loss)
 
     def train(self):
         with safe_loading():
