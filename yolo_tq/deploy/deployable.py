@@ -14,7 +14,7 @@ import numpy as np
 
 from ..eval.agreement import check_inputs, compare_outputs
 from ..eval.fused import fused_weight_error
-from ..formats.deploy_onnx import (DeployOnnxError, REST_CHOICES, encode_model, encoding_counts, short_names,
+from ..formats.deploy_onnx import (KINDS, DeployOnnxError, REST_CHOICES, encode_model, encoding_counts, short_names,
                                    verify_encoding)
 from ..io import CheckpointError, atomic_write_bytes, load_model, save_stock_checkpoint
 from .backends import reference_outputs
@@ -128,7 +128,7 @@ def export_deployable(source: str | Path, out: str | Path, imgsz: int = 640, res
 def format_result(r: DeployResult) -> str:
     """The lines `yolo-tq export` prints."""
     c, o = r.encoding, r.outputs
-    kinds = ", ".join(f"{c[k]['tensors']} {k}" for k in ("ternary", "int8", "fp16", "codebook") if c[k]["tensors"])
+    kinds = ", ".join(f"{c[k]['tensors']} {k}" for k in KINDS if c[k]["tensors"])
     errs = ", ".join(f"{k.replace('max_rel_error_', '')} {v:.3g}" for k, v in r.decode_errors.items())
     lines = [
         f"ternary layers: {c['ternary']['tensors']} (fused PyTorch model: {r.ternary_convs_model})",
