@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .measure import CudaEventClock, PerfCounterClock
+
 FAMILIES = ("torch", "onnxruntime", "openvino", "tensorrt")
 DEPLOY_REQS = 'pip install -e ".[deploy]"'
 
@@ -78,8 +80,7 @@ class Target:
     baseline_artifact: str | None = None
     validated: bool = True
 
-    def artifact_for(self, role: str) -> str:
-        """The export key `role` (baseline | quantized) runs on this target."""
+    def artifact_for(self, role: str) -> str:  # role: baseline | quantized
         return self.baseline_artifact if role == "baseline" and self.baseline_artifact else self.artifact
 
     def skip_reason(self, o) -> str | None:
@@ -100,7 +101,6 @@ class Target:
         return missing
 
     def runner(self, artifact: str | Path, openvino_int8_hint: str | None = None) -> Runner:
-        """The runner of this target on its exported `artifact`."""
         return RUNNERS[self.family](Path(artifact), self, openvino_int8_hint)
 
 
@@ -141,8 +141,6 @@ class Runner:
     notes, precision = "", ""
 
     def clock(self):
-        from .measure import PerfCounterClock
-
         return PerfCounterClock()
 
     def inference_precision(self) -> str:
@@ -189,8 +187,6 @@ class TorchRunner(Runner):
             self.model(self.x)
 
     def clock(self):
-        from .measure import CudaEventClock, PerfCounterClock
-
         return CudaEventClock() if self.device.type == "cuda" else PerfCounterClock()
 
 
