@@ -19,6 +19,10 @@ PROGRESSIVE_CONFIG = REPO / "configs" / "stage1_progressive.yaml"
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
+# The retention budget's fixed training settings: one optimizer step per batch (Ultralytics would accumulate to
+# nbs=64, i.e. 2 steps per epoch), and validation only after the last epoch of a stage (best.pt = last.pt).
+BENCH_SETTINGS = ["train.ultralytics.nbs=16", "train.val=false"]
+
 # Flags several benchmarks share, at the retention budget's defaults (argparse keyword arguments).
 FLAGS = {
     "weights": {"default": str(SHARED_WEIGHTS), "help": "FP checkpoint"},

@@ -20,12 +20,11 @@ import json
 import time
 from pathlib import Path
 
-from common import REPO, SHARED_DATA, SHARED_WEIGHTS, parser, print_table, provenance, require
+from common import BENCH_SETTINGS, REPO, parser, print_table, provenance, require
 
 from yolo_tq.config import load_config, stage_outputs, stage_plan
 from yolo_tq.io import write_json
 
-BENCH_SETTINGS = ["train.ultralytics.nbs=16", "train.val=false"]  # as benchmarks/ttq_retention.py
 PLANS = REPO / "configs" / "plans"
 
 

@@ -9,7 +9,7 @@ Budget as benchmarks/ttq_retention.py: ../shared yolo11n, 128 coco128 train / 12
   fp_ttq           C2PSA BitLinear_TTQ alone, from the FP weights
   fp_standard      C2PSA standard BitLinear alone, from the FP weights
 Every row is the mAP of the stage's ternary export (from best.pt) on the val half. Each recipe runs as its own
-benchmark runs it: ours validates its progressive stages after the last epoch only (ttq_retention's BENCH_SETTINGS)
+benchmark runs it: ours validates its progressive stages after the last epoch only (common.BENCH_SETTINGS)
 and its C2PSA rows every epoch (c2psa_retention); the original recipe validates every epoch, because its best.pt and
 its early stopping (patience 4) follow mAP50.
 
@@ -32,7 +32,7 @@ from pathlib import Path
 from c2psa_retention import CONFIGS as OUR_C2PSA_CONFIGS
 from common import PROGRESSIVE_CONFIG, REPO, epoch_timer, mean_time, parser, print_table, provenance, require, \
     validate_sizes
-from ttq_retention import BENCH_SETTINGS
+from common import BENCH_SETTINGS
 
 from yolo_tq.config import load_config, stage_outputs
 from yolo_tq.io import write_json

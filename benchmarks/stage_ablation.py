@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from common import REPO, parser, print_table, provenance, require, validate_sizes
-from ttq_retention import BENCH_SETTINGS
+from common import BENCH_SETTINGS
 
 from yolo_tq.config import load_config, stage_outputs
 from yolo_tq.eval.validate import validate

@@ -19,15 +19,12 @@ import time
 from functools import partial
 from pathlib import Path
 
-from common import REPO, epoch_timer, mean_time, parser, print_table, provenance, require, validate_sizes
+from common import BENCH_SETTINGS, REPO, epoch_timer, mean_time, parser, print_table, provenance, require, validate_sizes
 
 from yolo_tq.config import load_config, stage_outputs
 from yolo_tq.io import write_json
 from yolo_tq.train.stages import post_training_ternary, train_stages
 
-# Fixed for this budget: one optimizer step per batch (Ultralytics would accumulate to nbs=64, i.e. 2 steps per
-# epoch), and validation only after the last epoch of a stage (best.pt = last.pt).
-BENCH_SETTINGS = ["train.ultralytics.nbs=16", "train.val=false"]
 # Post-training rows: name, 0-based stage indices ternarised together.
 PTQ_PLANS = [("PTQ stage 1", [0]), ("PTQ stages 1-2", [0, 1]), ("PTQ stages 1-3", [0, 1, 2]),
              ("PTQ stage 2 alone", [1]), ("PTQ stage 3 alone", [2])]

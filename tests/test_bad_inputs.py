@@ -320,7 +320,7 @@ def test_a_non_finite_loss_stops_the_stage_with_exit_1_and_keeps_the_last_good_f
                 next(trainer.model.parameters()).fill_(float("nan"))
 
     out = stage_outputs(cfg, cfg.stages[0])
-    with pytest.raises(RunFailedError, match="at epoch 2"):
+    with pytest.raises(RunFailedError, match="in epoch 2"):
         train_stages(cfg, [1], callbacks={"on_train_batch_start": poison})
     assert load_model(out.last)[1]["epoch"] == 0 and not out.ternary.exists()
 

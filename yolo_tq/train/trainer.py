@@ -122,16 +122,16 @@ def atomic_strips():
 
 
 def stop_on_non_finite_loss(trainer) -> None:
-    """A NaN or Inf loss ends the stage (RunFailedError: exit 1, one line naming the epoch and step) before this
-    epoch's checkpoints are written, so the files from before stay the results; Ultralytics' own NaN recovery would
-    reload and retry, and its EMA clean-up would write zeros."""
-    loss = getattr(trainer, "loss", None)
-    if loss is not None and not torch.isfinite(loss.detach()).all():
-        step = getattr(trainer, "_tq_batch", 0)
-        raise RunFailedError(f"the training loss is {float(loss.detach().sum())} at epoch {trainer.epoch + 1} "
-                             f"(batch {step + 1} of the stage): the stage stopped and wrote nothing new (its last good files are kept); "
-                             f"check the learning rates and distill settings")
-    trainer._tq_batch = getattr(trainer, "_tq_batch", 0) + 1
+    """At the end of an epoch (before its checkpoints are written): a NaN or Inf mean loss ends the stage
+    (RunFailedError: exit 1, one line naming the epoch), so the files from before stay the results. Ultralytics' own
+    NaN recovery would reload and retry, and its EMA clean-up would write zeros. Once per epoch: the running mean
+    `tloss` keeps a NaN of any batch."""
+    mean = getattr(trainer, "tloss", None)
+    losses = [*(mean.values() if isinstance(mean, dict) else [mean]), getattr(trainer, "loss", None)]
+    if any(not torch.isfinite(torch.as_tensor(x).detach()).all() for x in losses if x is not None):
+        raise RunFailedError(f"the training loss is not finite in epoch {trainer.epoch + 1}: the stage stopped and "
+                             f"wrote nothing new (its last good files are kept); check the learning rates and "
+                             f"distill settings")
 
 
 class TTQTrainer(DetectionTrainer):
@@ -166,7 +166,7 @@ class TTQTrainer(DetectionTrainer):
         if self.plan.final_pass.active:
             self.add_callback("on_train_epoch_start", switch_to_final_imgsz)
         self.add_callback("on_pretrain_routine_end", find_state_layers)  # training state in the metrics (train.state)
-        self.add_callback("on_train_batch_end", stop_on_non_finite_loss)
+        self.add_callback("on_train_epoch_end", stop_on_non_finite_loss)
 
     def train(self):
         with safe_loading():
