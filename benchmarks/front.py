@@ -35,6 +35,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--plans", nargs="+", default=None, help="plan configs (default: configs/plans/*.yaml)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--train-only", action="store_true", help="train the plans' stages; measure nothing")
+    p.add_argument("--measure-only", action="store_true",
+                   help="train nothing: measure the plans whose stages are all trained, skip the others")
     p.add_argument("--no-references", action="store_true", help="skip the FP and OpenVINO INT8 points")
     p.add_argument("--workdir", default=str(REPO / "benchmarks" / "work" / "front"))
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "front.json"))
@@ -141,6 +143,9 @@ def main() -> None:
         plans = {f.stem: load_plan(f, a, seed) for f in files}
         result["shared_stages"] = check_shared_names(plans)
         for name, cfg in plans.items():
+            if a.measure_only and not all(stage_outputs(cfg, s).ternary.is_file() for s in cfg.stages):
+                print(f"[front] {name} seed {seed}: not trained yet, skipped (--measure-only)", flush=True)
+                continue
             used = train_plan_stages(cfg, result["training"].setdefault(f"s{seed}", {}))
             write_json(result, out)
             if a.train_only or any(r["plan"] == name and r["seed"] == seed for r in result["rows"]):
