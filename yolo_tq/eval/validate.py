@@ -10,7 +10,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from ..config import check_dataset, check_device, dataset_errors
+from ..config import ConfigError, check_dataset, check_device, dataset_errors
 from ..io import CheckpointError, atomic_write_bytes, load_model, safe_loading
 
 EXPORTED = (".onnx", ".engine", "_openvino_model")  # exports Ultralytics' validator runs as they are
@@ -37,22 +37,48 @@ def validate(checkpoint: str | Path, data: str, imgsz: int = 640, batch: int = 1
         batch = 1 if check_onnx_input(checkpoint, imgsz) else batch
     elif not str(checkpoint).endswith(EXPORTED):
         load_model(checkpoint)  # one clear error for a missing or unreadable file
-    check_dataset(data, (split,))
+    info = check_dataset(data, (split,))
     check_device(device)
     try:
         with safe_loading():  # in safe mode Ultralytics' own load is weights_only too
             model = YOLO(str(checkpoint), task="detect")
+            model_nc = len(model.names)
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"cannot load {checkpoint} with Ultralytics: {e}") from e
+    check_class_count(checkpoint, model_nc, data, info.get("nc"))
     kwargs = dict(data=data, imgsz=imgsz, batch=batch, split=split, plots=plots, verbose=verbose)
     kwargs.update({k: v for k, v in (("device", device), ("rect", rect)) if v is not None})
+    seen: dict = {}
+    model.add_callback("on_val_start", lambda validator: seen.update(images_read(validator.dataloader.dataset)))
     with tempfile.TemporaryDirectory(prefix="yolo_tq_val_") as tmp, dataset_errors(data), captured_output(log):
         if project or not plots:  # without plots there is nothing to keep: Ultralytics' val-N folder goes to tmp
             kwargs["project"] = project or tmp
         m = model.val(**kwargs)
     out = {"checkpoint": str(checkpoint), "data": data, "imgsz": imgsz, "batch": batch, "split": split,
            **box_metrics(m), "mAP75": float(m.box.map75)}
+    warned = dropped_images_warning(split, **seen) if seen else None
+    out.update({"warnings": [warned]} if warned else {})
     return {**out, "per_class": class_rows(m)} if per_class else out
+
+
+def check_class_count(checkpoint, model_nc: int, data: str, data_nc: int | None) -> None:
+    """Refuse (one line) a model whose class count is not its data's: its mAP would look ordinary and mean nothing."""
+    if data_nc is not None and model_nc != int(data_nc):
+        raise ConfigError(f"{checkpoint} detects {model_nc} classes but {data} has {data_nc}: validate it with a "
+                          f"data yaml of its own {model_nc} classes")
+
+
+def images_read(dataset) -> dict[str, int]:
+    """How many images the split lists and how many Ultralytics' dataset kept (it drops a corrupt image or label)."""
+    return {"listed": len(dataset.get_img_files(dataset.img_path)), "kept": len(dataset.im_files)}
+
+
+def dropped_images_warning(split: str, listed: int, kept: int) -> str | None:
+    """The warning a result carries when the validator dropped images of the split; None when it kept them all."""
+    if kept >= listed:
+        return None
+    return (f"warning: {listed - kept} of {listed} {split} images were dropped (corrupt image or label, see "
+            f"Ultralytics' warnings): this mAP is over the other {kept} only")
 
 
 @contextlib.contextmanager

@@ -121,22 +121,33 @@ class StageLock:
 
 @contextlib.contextmanager
 def raise_on_signals():
-    """Within: SIGINT / SIGTERM raise Interrupted in the main thread (a second one ends the process at once)."""
+    """Within: SIGINT / SIGTERM raise Interrupted in the main thread (a second one ends the process at once). Yields
+    the list of signals received: one whose exception was swallowed (it landed in a weakref callback or a __del__,
+    where Python only prints "Exception ignored") is raised again by raise_received, and at the end of the block."""
+    received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield received
         return
 
     def handler(signum, frame):
+        received.append(signum)
         for s in SIGNALS:
             signal.signal(s, signal.SIG_DFL)
         raise Interrupted(signum)
 
     previous = {s: signal.signal(s, handler) for s in SIGNALS}
     try:
-        yield
+        yield received
+        raise_received(received)
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+def raise_received(received: list[int]) -> None:
+    """Raise Interrupted for a signal raise_on_signals received, if any (its first raise may have been swallowed)."""
+    if received:
+        raise Interrupted(received[0])
 
 
 def command_line(stage_number: int | None = None, resume: bool = False, start: str | None = None,
@@ -186,6 +197,11 @@ class StageRun:
         self.resumed: tuple[int, int | None] | None = None  # (epoch, epochs) of the last.pt a resume starts from
         self.started = time.time()
         self.lock = StageLock(self.folder)
+        self.signals: list[int] = []  # SIGINT / SIGTERM received during guard()
+
+    def check_signals(self, *_) -> None:
+        """A trainer callback: end the run for a signal whose first exception something swallowed."""
+        raise_received(self.signals)
 
     def last_saved(self) -> tuple[int, int | None] | None:
         """(epochs done, epochs) of the last.pt this run saved (also from a DDP worker), else of the one it resumes."""
@@ -225,11 +241,23 @@ class StageRun:
         return (f"interrupted by {name}: saved {last} (epoch {done}{of}); resume with: "
                 f"{command_line(self.stage_number, resume=True, start_flag=self.start_flag)}")
 
+    def remove_temporaries(self) -> list[Path]:
+        """Remove the temporary files an interrupted save left in the folder (io.atomic_write_bytes' `.<name>.*.tmp`,
+        trainer.atomic_strips' `.<name>.strip.tmp`), naming them in a line. Only under the folder's lock."""
+        left = sorted(p for d in (self.folder, self.folder / "weights") for p in d.glob(".*.tmp") if p.is_file())
+        for p in left:
+            p.unlink(missing_ok=True)
+        if left:
+            print(f"removed {len(left)} temporary file(s) an interrupted save left: {', '.join(map(str, left))}",
+                  file=sys.stderr, flush=True)
+        return left
+
     @contextlib.contextmanager
     def guard(self):
         self.lock.acquire()
+        self.remove_temporaries()
         try:
-            with raise_on_signals():
+            with raise_on_signals() as self.signals:
                 yield self
         except Interrupted as e:
             print(self.interrupted_line(e.signum), file=sys.stderr, flush=True)

@@ -6,6 +6,7 @@ trains. Config values (ramp and final-pass limits included) are checked as the p
 from __future__ import annotations
 
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 from ultralytics.utils import LOGGER
@@ -104,7 +105,8 @@ def trainer_arguments(cfg: ProjectConfig, index: int, targs: dict) -> dict:
     return over
 
 
-def _readable(path: Path) -> bool:
+def checkpoint_loads(path: Path) -> bool:
+    """Whether a checkpoint file loads (load_model's checks: not empty, not damaged, finite weights)."""
     try:
         load_model(path)
     except CheckpointError:
@@ -112,34 +114,75 @@ def _readable(path: Path) -> bool:
     return True
 
 
-def saved_plan(cfg: ProjectConfig, index: int, start_flag: str = "--start") -> tuple[tuple[int, int | None], dict]:
-    """For a resume of stage `index`: ((epochs its last.pt holds, epochs of the run), the TrainPlan saved in it).
-    One line on why it cannot be resumed otherwise (missing, empty, unreadable or damaged, with the best.pt to start
-    again from; a stage that finished; a last.pt without a plan)."""
+def stage_finished(outputs) -> bool:
+    """A stage counts as finished only when its best.pt and its ternary export both exist and load."""
+    return all(path.is_file() and checkpoint_loads(path) for path in (outputs.best, outputs.ternary))
+
+
+def saved_plan(cfg: ProjectConfig, index: int, start_flag: str = "--start") -> tuple[tuple[int, int | None], dict | None, dict]:
+    """For a resume of stage `index`: ((epochs its last.pt holds, epochs of the run), the TrainPlan saved in it, its
+    Ultralytics train_args). One line on why it cannot be resumed otherwise (missing, empty, unreadable or damaged,
+    with the best.pt to start again from; a stage that finished; a last.pt without a plan). A stage whose epochs all
+    ran but whose best.pt or ternary.pt is missing or unreadable is not finished: it comes back with epochs done =
+    epochs and no plan, and resuming it writes those files (stages.complete_stage)."""
     out, name = stage_outputs(cfg, cfg.stages[index]), f"stage {index + 1} ({cfg.stages[index].name})"
     try:
         _, ckpt = load_model(out.last)
     except CheckpointError as e:
-        again = "" if not (out.best.is_file() and _readable(out.best)) else (
+        again = "" if not (out.best.is_file() and checkpoint_loads(out.best)) else (
             f"; its best.pt is readable, start again from it: "
             f"{command_line(index + 1, start=str(out.best), start_flag=start_flag)}")
         raise CheckpointError(f"cannot resume {name}: {e}{again}") from e
     args = ckpt.get("train_args") or {}
     epoch, epochs = ckpt.get("epoch", -1), args.get("epochs")
-    if epoch < 0 or (epochs and epoch + 1 >= epochs):
+    ran_all = epoch < 0 or bool(epochs and epoch + 1 >= epochs)
+    if ran_all and stage_finished(out):
         raise CheckpointError(f"{name} has finished training ({out.last} is its final checkpoint): nothing to "
                               f"resume; train it again without --resume, or go on to the next stage")
+    if ran_all:  # Ultralytics' final strip keeps only its own train_args: nothing to compare, nothing to train
+        return (epochs, epochs), None, args
     if not isinstance(args.get(PLAN_KEY), dict):
         raise CheckpointError(f"cannot resume {name}: {out.last} holds no TTQ plan (not written by this project)")
-    return (epoch + 1, epochs), args[PLAN_KEY]
+    return (epoch + 1, epochs), args[PLAN_KEY], args
+
+
+def _flat(value, prefix: str = "") -> dict:
+    """A nested dict as {'a.b': leaf}, tuples as lists, for comparing a saved plan with a new one."""
+    if isinstance(value, dict):
+        return {k: v for key, sub in value.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: list(value) if isinstance(value, tuple) else value}
+
+
+# train keys a resume may change without changing the run: hardware, and where it reads its data
+RESUME_FREE_KEYS = ("device", "workers", "data", "project", "name", "exist_ok")
+
+
+def resume_changes(cfg: ProjectConfig, index: int, saved: dict, saved_args: dict, targs: dict) -> list[str]:
+    """The keys in which the config now differs from the one a stage's last.pt was trained with: its plan (layers,
+    threshold, quantization, distillation, optimiser, ...) and its Ultralytics train arguments (imgsz, epochs, ...)."""
+    teacher = (saved.get("distill") or {}).get("teacher")  # `teacher: start` names the start, which resume replaces
+    fresh = asdict(train_plan(cfg, index, teacher or str(stage_outputs(cfg, cfg.stages[index]).last), targs))
+    old, new = _flat(asdict(TrainPlan(**saved))), _flat(fresh)
+    changed = [k for k in dict.fromkeys([*new, *old]) if old.get(k) != new.get(k)]
+    over = trainer_arguments(cfg, index, targs)
+    changed += [k for k, v in over.items() if k not in RESUME_FREE_KEYS and _flat(saved_args.get(k)) != _flat(v)]
+    return changed
+
+
+def resume_arguments(cfg: ProjectConfig, index: int, targs: dict) -> dict:
+    """Ultralytics' arguments of a resumed stage: everything else comes from its last.pt. `save_dir` keeps the run
+    in this folder (the one resumed from), even when last.pt was written in another and moved or copied here."""
+    over = {"data": cfg.base.data, "save_dir": str(stage_outputs(cfg, cfg.stages[index]).dir.resolve())}
+    return {**over, **({"device": targs["device"]} if targs.get("device") is not None else {})}
 
 
 def plan_stages(cfg: ProjectConfig, numbers: list[int], start: str | None = None, resume: bool = False,
-                start_flag: str = "--start") -> list[PlannedStage]:
+                start_flag: str = "--start", accept_changes: bool = False) -> list[PlannedStage]:
     """The plan of every requested stage (1-based `numbers`, consecutive, in training order), built once. The first
     starts from `start` (or its default, stage_start) or, with `resume`, from its last.pt with the plan saved in it
-    (so a resumed stage keeps its teacher); each later one from the best.pt of the stage before it. `start_flag`:
-    the command's start flag, for the line that says how to start again."""
+    (so a resumed stage keeps its teacher and every setting; a config that now differs is refused, naming the keys,
+    unless `accept_changes`); each later one from the best.pt of the stage before it. `start_flag`: the command's
+    start flag, for the line that says how to start again."""
     planned: list[PlannedStage] = []
     for k, number in enumerate(numbers):
         if not 1 <= number <= len(cfg.stages):
@@ -147,12 +190,24 @@ def plan_stages(cfg: ProjectConfig, numbers: list[int], start: str | None = None
         index, resumed = number - 1, None
         outputs, targs = stage_outputs(cfg, cfg.stages[index]), stage_train_args(cfg, cfg.stages[index])
         if k == 0 and resume:
-            resumed, saved = saved_plan(cfg, index, start_flag)
-            begin, plan = str(outputs.last), TrainPlan(**saved)
+            resumed, saved, saved_args = saved_plan(cfg, index, start_flag)
+            if saved is None:  # only its final files are missing (stages.complete_stage): nothing is trained
+                planned.append(PlannedStage(number, outputs, str(outputs.last), resumed, {},
+                                            train_plan(cfg, index, str(outputs.last), targs)))
+                continue
+            changes = resume_changes(cfg, index, saved, saved_args, targs)
+            if changes and not accept_changes:
+                raise ConfigError(f"cannot resume stage {number} ({cfg.stages[index].name}): the config differs from "
+                                  f"the one its last.pt was trained with in {', '.join(changes)}; undo the changes, "
+                                  f"train the stage again without --resume, or pass --accept-changes to resume "
+                                  f"with the saved settings")
+            if changes:
+                LOGGER.warning(f"resume keeps the settings saved in {outputs.last}; ignored: {', '.join(changes)}")
+            begin, plan, args = str(outputs.last), TrainPlan(**saved), resume_arguments(cfg, index, targs)
         else:
             begin = stage_start(cfg, index, start) if k == 0 else str(planned[-1].outputs.best)
-            plan = train_plan(cfg, index, begin, targs)
-        planned.append(PlannedStage(number, outputs, begin, resumed, trainer_arguments(cfg, index, targs), plan))
+            plan, args = train_plan(cfg, index, begin, targs), trainer_arguments(cfg, index, targs)
+        planned.append(PlannedStage(number, outputs, begin, resumed, args, plan))
     return planned
 
 

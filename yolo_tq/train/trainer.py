@@ -168,6 +168,14 @@ class TTQTrainer(DetectionTrainer):
         self.add_callback("on_pretrain_routine_end", find_state_layers)  # training state in the metrics (train.state)
         self.add_callback("on_train_epoch_end", stop_on_non_finite_loss)
 
+    def check_resume(self, overrides):
+        """Ultralytics' resume; the run stays in the folder it was resumed in (`save_dir`, set by the plan), which the
+        args it saves then name too, even when last.pt was written in another folder and moved or copied here."""
+        super().check_resume(overrides)
+        if self.resume and overrides.get("save_dir"):
+            folder = Path(overrides["save_dir"])
+            self.args.save_dir, self.args.project, self.args.name = str(folder), str(folder.parent), folder.name
+
     def train(self):
         with safe_loading():
             return super().train()
