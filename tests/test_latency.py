@@ -19,7 +19,7 @@ from conftest import REPO, assert_one_line_error, build_model, c2psa_plan, progr
 from yolo_tq.deploy import backends
 from yolo_tq.deploy.backends import reference_outputs
 from yolo_tq.deploy.bench import BenchError, BenchOptions, run_benchmark
-from yolo_tq.deploy.export import export_artifact, prepare_checkpoint
+from yolo_tq.deploy.deployable import export_artifact, prepare_checkpoint
 from yolo_tq.deploy.measure import PerfCounterClock, latency_stats, peak_rss_mb, ratio, ratios, reset_peak_rss, time_runs
 from yolo_tq.deploy.results import (SCHEMA, ABResult, Interleaved, Memory, Skip, TargetRow, WorkerSpec, format_table,
                                     load_arrays, save_arrays)
@@ -121,19 +121,12 @@ def test_median_interval_and_aa_band():
 
 
 def test_interleaved_pass_rotates_every_model_through_every_position():
-    from yolo_tq.deploy.worker import _alternate
+    from yolo_tq.deploy.measure import time_interleaved
 
     calls = []
-
-    class Fake:
-        def __init__(self, i):
-            self.i = i
-
-        def run(self):
-            calls.append(self.i)
-
-    samples = _alternate([Fake(0), Fake(1), Fake(2)], [PerfCounterClock() for _ in range(3)], 3)
-    assert calls == [0, 1, 2, 1, 2, 0, 2, 0, 1] and [len(x) for x in samples] == [3, 3, 3]
+    runs = [lambda i=i: calls.append(i) for i in range(3)]
+    samples = time_interleaved(runs, [PerfCounterClock() for _ in range(3)], 3, warmup=1)
+    assert calls == [0, 1, 2] + [0, 1, 2, 1, 2, 0, 2, 0, 1] and [len(x) for x in samples] == [3, 3, 3]
 
 
 def _pass(kind, ratio, status="ok"):
@@ -224,9 +217,8 @@ def test_time_runs_counts_warmup_and_samples():
 
     samples = time_runs(lambda: calls.append(1), num_runs=7, warmup=3, clock=FakeClock())
     assert len(calls) == 10 and samples == [0.25] * 7
-    syncs = []
-    samples = time_runs(lambda: None, 4, 0, PerfCounterClock(sync=lambda: syncs.append(1)))
-    assert len(samples) == 4 and all(s >= 0 for s in samples) and len(syncs) == 8
+    samples = time_runs(lambda: None, 4, 0)  # the default clock: perf_counter
+    assert len(samples) == 4 and all(s >= 0 for s in samples)
     with pytest.raises(ValueError):
         time_runs(lambda: None, 0, 0)
 
@@ -378,8 +370,7 @@ def test_disagreeing_export_is_refused_not_timed(tmp_path, tiny_fp_checkpoint, i
 
 def test_timing_loop_on_tiny_model(tiny_fp_checkpoint):
     runner = backends.target("torch-cpu").runner(tiny_fp_checkpoint)
-    runner.bind(np.zeros((1, 3, IMGSZ, IMGSZ), np.float32))
-    samples = time_runs(runner.run, 12, 2, runner.clock())
+    samples = time_runs(runner.bind(np.zeros((1, 3, IMGSZ, IMGSZ), np.float32)), 12, 2, runner.clock())
     s = latency_stats(samples)
     assert s.runs == 12 and 0 < s.min_ms <= s.median_ms <= s.p95_ms <= s.max_ms < 5000
 
@@ -578,7 +569,7 @@ def test_int8_reference_without_deploy_extras(tmp_path, tiny_fp_checkpoint, tiny
 def test_int8_reference_measures_ultralytics_export(tmp_path, tiny_fp_checkpoint, tiny_data, monkeypatch):
     """With the extras: Ultralytics' OpenVINO INT8 export (the exporter replaced here), its size on disk as
     measured, and its mAP and the FP model's from the validator run the same way."""
-    from yolo_tq.deploy import export, reference
+    from yolo_tq.deploy import deployable, reference
 
     calls = []
 
@@ -596,7 +587,7 @@ def test_int8_reference_measures_ultralytics_export(tmp_path, tiny_fp_checkpoint
         return {"mAP50": m + 0.1, "mAP50-95": m, "precision": 0.5, "recall": 0.4, "mAP75": 0.0}
 
     monkeypatch.setattr(reference, "unavailable", lambda data: None)
-    monkeypatch.setattr(export, "export_artifact", fake_export)
+    monkeypatch.setattr(deployable, "export_artifact", fake_export)
     monkeypatch.setattr(reference, "validate", fake_val)
     r = reference.int8_reference(str(tiny_fp_checkpoint), str(tiny_data), IMGSZ, tmp_path / "w", log=lambda s: None)
     assert calls[0] == ("openvino-int8", IMGSZ, 1, str(tiny_data), "train", "baseline")

@@ -24,20 +24,14 @@ def _importable(module: str) -> bool:
         return False
 
 
-def cpu_flags() -> set[str]:
-    """The CPU feature flags the kernel reports (empty where /proc/cpuinfo is absent)."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    return set()
-
-
 def cpu_int8_features() -> dict:
-    """Which of the x86 instruction sets that make INT8 / BF16 inference fast this CPU has."""
-    f = cpu_flags()
-    return {n: n in f for n in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8",
-                                "amx_bf16")}
+    """Which of the x86 instruction sets that make INT8 / BF16 inference fast this CPU has (per /proc/cpuinfo)."""
+    flags = set()
+    with contextlib.suppress(OSError):
+        line = next((x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags")), "flags:")
+        flags = set(line.split(":", 1)[1].split())
+    return {n: n in flags for n in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile",
+                                    "amx_int8", "amx_bf16")}
 
 
 def cuda_available() -> bool:
@@ -61,12 +55,14 @@ def _met(need: str) -> bool:
         return cuda_available()
     if need == "ort-cuda":
         return "CUDAExecutionProvider" in importlib.import_module("onnxruntime").get_available_providers()
-    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags()) if need == "bf16" else _importable(need)
+    if need == "bf16":
+        return any(cpu_int8_features()[f] for f in ("avx512_bf16", "amx_bf16"))
+    return _importable(need)
 
 
 @dataclass(frozen=True)
 class Target:
-    """Runs `artifact` (an export.ARTIFACTS key; the baseline's `baseline_artifact` where that differs) with the
+    """Runs `artifact` (a deployable.ARTIFACTS key; the baseline's `baseline_artifact` where that differs) with the
     runner of its `family` (RUNNERS), asked for by `flag` (fp16: --export-fp16, int8: --export-int8), where its
     `needs` are met; `validated`: --map validates it (Ultralytics' validator runs that export as it is timed)."""
 
@@ -136,15 +132,9 @@ def reference_outputs(checkpoint: str | Path, inputs: list[np.ndarray]) -> list[
 
 class Runner:
     """Loads one export (path, target, OpenVINO INT8 hint). infer(x): the raw prediction as float32 numpy (agreement
-    check); bind(x) stages an input and run() runs it, timed by clock(); inference_precision(): what it ran at."""
+    check); bind(x): the call that runs x, staged, for a `clock()` to time; `precision`: what it runs at."""
 
-    notes, precision = "", ""
-
-    def clock(self):
-        return PerfCounterClock()
-
-    def inference_precision(self) -> str:
-        return self.precision
+    notes, precision, clock = "", "", PerfCounterClock
 
 
 class TorchRunner(Runner):
@@ -159,7 +149,7 @@ class TorchRunner(Runner):
         self.device = torch.device("cuda:0" if t.device == "cuda" else "cpu")
         if t.device == "cuda":  # FP32 means FP32: no TF32 convolutions / matmuls for the fp32 target
             torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = half
-            self.notes = "" if half else "TF32 disabled"
+            self.notes, self.clock = "" if half else "TF32 disabled", CudaEventClock
         self.model = AutoBackend(str(ckpt), device=self.device, fp16=half, fuse=True, verbose=False)
         self.model.eval()
         self.dtype, self.precision = (torch.float16, "fp16") if half else (torch.float32, "fp32")
@@ -169,29 +159,25 @@ class TorchRunner(Runner):
                 and not w.is_contiguous():
             self.notes = "channels_last (AutoBackend's CPU default)"
 
-    def _to(self, x: np.ndarray):
-        return self.torch.from_numpy(x).to(self.device, self.dtype)
+    def bind(self, x: np.ndarray):
+        staged = self.torch.from_numpy(x).to(self.device, self.dtype)
+
+        def run():
+            with self.mode():
+                return self.model(staged)
+        return run
 
     def infer(self, x: np.ndarray) -> np.ndarray:
-        with self.mode():
-            y = self.model(self._to(x))
+        y = self.bind(x)()
         while isinstance(y, (list, tuple)):
             y = y[0]
         return y.float().cpu().numpy()
 
-    def bind(self, x: np.ndarray) -> None:
-        self.x = self._to(x)
-
-    def run(self) -> None:
-        with self.mode():
-            self.model(self.x)
-
-    def clock(self):
-        return CudaEventClock() if self.device.type == "cuda" else PerfCounterClock()
-
 
 class TensorRTRunner(TorchRunner):
     """A TensorRT engine through Ultralytics' AutoBackend (reads its metadata header, replays a CUDA graph)."""
+
+    clock = CudaEventClock
 
     def __init__(self, engine: Path, t: Target, _hint=None):
         import torch
@@ -224,14 +210,12 @@ class OnnxRuntimeRunner(Runner):
         if t.device == "cuda":
             self.notes += "; session.run with host arrays: includes host<->device copies"
 
+    def bind(self, x: np.ndarray):
+        feed = {self.input_name: np.ascontiguousarray(x)}
+        return lambda: self.session.run([self.output_name], feed)
+
     def infer(self, x: np.ndarray) -> np.ndarray:
-        return np.asarray(self.session.run([self.output_name], {self.input_name: x})[0], dtype=np.float32)
-
-    def bind(self, x: np.ndarray) -> None:
-        self.feed = {self.input_name: np.ascontiguousarray(x)}
-
-    def run(self) -> None:
-        self.session.run([self.output_name], self.feed)
+        return np.asarray(self.bind(x)()[0], dtype=np.float32)
 
 
 class OpenVinoRunner(Runner):
@@ -246,20 +230,16 @@ class OpenVinoRunner(Runner):
         config = {"PERFORMANCE_HINT": "LATENCY", **({"INFERENCE_PRECISION_HINT": hint} if hint else {})}
         self.compiled = ov.Core().compile_model(str(xml), "CPU", config)
         self.request = self.compiled.create_infer_request()
+        used = self.compiled.get_property("INFERENCE_PRECISION_HINT")
+        self.precision = used.to_string() if hasattr(used, "to_string") else str(used)
 
     def infer(self, x: np.ndarray) -> np.ndarray:
         self.request.infer({0: np.ascontiguousarray(x)})
         return np.array(self.request.get_output_tensor(0).data, dtype=np.float32)
 
-    def bind(self, x: np.ndarray) -> None:
-        self.feed = {0: np.ascontiguousarray(x)}
-
-    def run(self) -> None:
-        self.request.infer(self.feed, share_inputs=True, share_outputs=True)
-
-    def inference_precision(self) -> str:
-        t = self.compiled.get_property("INFERENCE_PRECISION_HINT")
-        return t.to_string() if hasattr(t, "to_string") else str(t)
+    def bind(self, x: np.ndarray):
+        feed = {0: np.ascontiguousarray(x)}
+        return lambda: self.request.infer(feed, share_inputs=True, share_outputs=True)
 
 
 RUNNERS = {"torch": TorchRunner, "onnxruntime": OnnxRuntimeRunner, "openvino": OpenVinoRunner,
@@ -269,7 +249,7 @@ RUNNERS = {"torch": TorchRunner, "onnxruntime": OnnxRuntimeRunner, "openvino": O
 def openvino_default_precision(artifact: str | Path) -> str | None:
     """The inference precision OpenVINO picks on this CPU when not told (bf16 on CPUs with AMX / AVX512-BF16)."""
     try:
-        return OpenVinoRunner(Path(artifact), target("openvino-int8")).inference_precision()  # int8: no hint
+        return OpenVinoRunner(Path(artifact), target("openvino-int8")).precision  # int8: no hint
     except Exception:  # noqa: BLE001
         return None
 

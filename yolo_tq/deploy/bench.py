@@ -1,5 +1,4 @@
-"""The latency benchmark, in the shape of Ultralytics' own (one loop over its export formats): one loop over
-backends.TARGETS, each saying what it exports, how it runs and whether --map validates it. Every export the runnable
+"""The latency benchmark in the shape of Ultralytics' own: one loop over backends.TARGETS. Every export the runnable
 targets need is made first; then per target both models are checked against PyTorch and timed back to back,
 followed by the A/A check and the A/B pass (docs/method.md, "The latency benchmark")."""
 
@@ -20,14 +19,11 @@ from ..eval.validate import validate
 from . import backends
 from .backends import (FAMILIES, TARGETS, Target, cpu_int8_features, openvino_default_precision, reference_outputs,
                        target, versions)
-from .deployable import export_deployable_artifact
-from .export import ExportError, export_artifact, prepare_checkpoint, register_exporter
-from .measure import AA_TOLERANCE, compressed_size_mb, file_size_mb
+from .deployable import ExportError, export_artifact, prepare_checkpoint
+from .measure import AA_TOLERANCE, MB, file_bytes
 from .results import (ABResult, ABSpec, Accuracy, BenchResult, Environment, Interleaved, ModelInfo, Skip, TargetRow,
                       WorkerSpec, comparisons, save_arrays)
 from .worker import one_line, run_worker
-
-register_exporter("onnx-deploy", export_deployable_artifact)  # the deployable ONNX is no Ultralytics export
 
 
 class BenchError(ConfigError):
@@ -132,8 +128,10 @@ def _time_model(t: Target, role: str, art, o: BenchOptions, work: Path, log, rou
                           min_agreement=o.min_agreement, openvino_int8_hint=o.openvino_int8_hint,
                           activation_rounding=rounding)
         row = replace(run_worker(spec, work / role, o.isolate), artifact=str(path), export_s=export_s,
-                      file_mb=file_size_mb(path), file_gz_mb=compressed_size_mb(path))
+                      file_mb=file_bytes(path) / MB, file_gz_mb=file_bytes(path, compressed=True) / MB)
     log(row.line())
+    if row.agreement is not None and row.agreement.explanation:
+        log(f"{'':<27} {row.agreement.explanation}")
     return row
 
 
@@ -144,8 +142,7 @@ def _time_pass(t: Target, models: list[tuple[str, str]], kind: str, o: BenchOpti
 
 
 def _interleave(t: Target, pair: list[TargetRow], o: BenchOptions, work: Path, log) -> Interleaved:
-    """The A/A check (the baseline's export against a second copy of itself), then the A/B pass (baseline and
-    quantized), each interleaved in one fresh process."""
+    """The A/A check (the baseline against a second copy of its export), then the A/B pass, each in one process."""
     base, quant = pair
     aa = _time_pass(t, [("baseline", base.artifact), ("baseline-copy", base.artifact)], "A/A", o, work)
     ab = _time_pass(t, [("baseline", base.artifact), ("quantized", quant.artifact)], "A/B", o, work)

@@ -1,5 +1,7 @@
-"""The deployable ONNX of any model this project makes (docs/method.md, "The deployable ONNX"): Ultralytics' FP ONNX
-with its weights stored as low-bit codes (formats.deploy_onnx), verified before it is written; and its TensorRT engine."""
+"""Exports: the checkpoint the exporters take, Ultralytics' exports (ONNX simplified with onnxslim, OpenVINO FP32 /
+INT8 via NNCF, TensorRT FP16 / INT8), and the deployable ONNX of any model this project makes (docs/method.md, "The
+deployable ONNX"): Ultralytics' FP ONNX with its weights stored as low-bit codes (formats.deploy_onnx), verified
+before it is written; and its TensorRT engine."""
 
 from __future__ import annotations
 
@@ -13,15 +15,114 @@ from pathlib import Path
 import numpy as np
 
 from ..eval.agreement import check_inputs, compare_outputs
-from ..eval.fused import fused_weight_error
+from ..eval.fused import deploy_weight_summary, fused_weight_error, single_thread
+from ..eval.layers import conv_rows, totals
+from ..eval.validate import captured_output
 from ..formats.deploy_onnx import (KINDS, DeployOnnxError, REST_CHOICES, encode_model, encoding_counts, short_names,
                                    verify_encoding)
 from ..io import CheckpointError, atomic_write_bytes, load_model, save_stock_checkpoint
+from ..quant.apply import export_ternary, quantized_modules
+from ..quant.layers import BitConv2d
 from .backends import reference_outputs
-from .export import ExportError, PreparedModel, export_artifact, prepare_checkpoint
 
 DETECTOR_CLASSES = ("DetectionModel",)  # what the deployable export handles (Ultralytics' detection models)
 ORT_MIN_VERSION = "1.19"  # oldest onnxruntime tried that runs the deployable file (1.17.3, 1.18.1: no numpy 2)
+# artifact key -> Ultralytics export arguments (None: the checkpoint itself; onnx-deploy: export_deployable)
+ARTIFACTS: dict[str, dict | None] = {
+    "pt": None,
+    "onnx": {"format": "onnx", "simplify": True},
+    "onnx-deploy": {"format": "onnx-deploy"},  # the FP ONNX with its weights stored as codes
+    "openvino": {"format": "openvino"},
+    "openvino-int8": {"format": "openvino", "quantize": 8},
+    "engine-fp16": {"format": "engine", "quantize": 16},
+    "engine-int8": {"format": "engine", "quantize": 8},
+}
+
+
+class ExportError(RuntimeError):
+    """An export that failed; the message is one line, the exporter's log is in the work folder."""
+
+
+@dataclass
+class PreparedModel:
+    role: str  # baseline | quantized
+    source: Path  # what the user passed
+    checkpoint: Path  # an Ultralytics-loadable checkpoint in the work folder (symlink or re-saved export)
+    kind: str  # fp | ternary | ttq-training
+    summary: dict = field(default_factory=dict)
+
+
+def _link(src: Path, dst: Path) -> Path:
+    """dst -> src as a symlink (a copy where links are not possible): exports go next to dst, never next to the
+    user's file (which may be read-only)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.is_symlink() or dst.exists():
+        dst.unlink()
+    try:
+        dst.symlink_to(src.resolve())
+    except OSError:
+        atomic_write_bytes(dst, src.read_bytes())
+    return dst
+
+
+def prepare_checkpoint(path: str | Path, workdir: Path, role: str) -> PreparedModel:
+    """The stock checkpoint the exporter takes: a training checkpoint's TTQ layers become plain convs holding their
+    three values (export_ternary). summary["activation_rounding"]: BitLinear layers (8-bit activations) remain."""
+    src = Path(path)
+    model, ckpt = load_model(src)
+    workdir.mkdir(parents=True, exist_ok=True)
+    dst, q = workdir / f"{role}.pt", quantized_modules(model)
+    if q:
+        model, kind = export_ternary(model), "ttq-training"
+        save_stock_checkpoint(model, dst, train_args=ckpt.get("train_args"))
+    else:
+        kind = "fp"
+        _link(src, dst)
+    with single_thread():
+        tot, deploy = totals(model, conv_rows(model)), deploy_weight_summary(model)
+    kept = quantized_modules(model).values()
+    summary = {"quantized_modules_in_checkpoint": len(q),
+               "quantized_modules_kept": sorted({type(m).__name__ for m in kept}),
+               "activation_rounding": any(isinstance(m, BitConv2d) for m in kept), **tot, "deploy": deploy}
+    return PreparedModel(role, src, dst, "ternary" if kind == "fp" and tot["ternary_convs"] else kind, summary)
+
+
+def export_artifact(prepared: PreparedModel, key: str, workdir: Path, imgsz: int, batch: int, data: str | None = None,
+                    calib_split: str = "train", fraction: float = 1.0, verbose: bool = False) -> tuple[Path, float]:
+    """Export `prepared` to the artifact `key` in its own folder under workdir; returns (path, seconds)."""
+    if key not in ARTIFACTS:
+        raise ValueError(f"unknown artifact {key!r}; known: {', '.join(ARTIFACTS)}")
+    args = ARTIFACTS[key]
+    if args is None:
+        return prepared.checkpoint, 0.0
+    if args["format"] == "onnx-deploy":  # INT8 rest
+        out = workdir / key / f"{prepared.role}.onnx"
+        try:
+            r = export_deployable(prepared.checkpoint, out, imgsz, "int8", out.parent, data, batch=batch,
+                                  log=print if verbose else (lambda _: None))
+        except (CheckpointError, ValueError) as e:
+            raise ExportError(f"onnx-deploy export failed: {e}") from e
+        return out.resolve(), r.seconds
+    from ultralytics import YOLO
+
+    ckpt = _link(prepared.checkpoint.resolve(), workdir / key / f"{prepared.role}.pt")
+    kwargs = dict(args, imgsz=imgsz, batch=batch, device=0 if args["format"] == "engine" else "cpu")
+    if args.get("quantize") == 8:
+        if not data:
+            raise ExportError(f"{key} needs calibration images (--data)")
+        kwargs.update(data=data, split=calib_split, fraction=fraction)
+    log, t0 = workdir / "export.log", time.perf_counter()
+    try:
+        with captured_output(None if verbose else log):
+            out = YOLO(str(ckpt), task="detect").export(**kwargs)
+    except Exception as e:  # noqa: BLE001 - any exporter failure becomes one line for this target
+        msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise ExportError(f"{key} export failed: {type(e).__name__}: {msg} (log: {log})") from e
+    path = Path(out[0] if isinstance(out, (list, tuple)) else out)
+    path = path if path.is_absolute() else (Path.cwd() / path)
+    if not path.exists():
+        raise ExportError(f"{key} export reported {path}, which does not exist (log: {log})")
+    return path.resolve(), time.perf_counter() - t0
 
 
 @dataclass
@@ -70,18 +171,11 @@ def output_check(fp_onnx: Path, deploy_bytes: bytes, checkpoint: Path, inputs, r
     fp, dep = ([np.asarray(s.run(None, {name: x})[0], np.float32) for x in inputs] for s in sessions)
     agree = compare_outputs(refs, dep, rest, activation_rounding=rounding)
     return {"max_abs_vs_pytorch": agree.max_abs, "det_agreement_vs_pytorch": agree.det_agreement,
-            "agreement_passed": agree.passed, "criterion": agree.criterion,
+            "agreement_passed": agree.passed, "criterion": agree.criterion, "fine_passed": agree.fine_passed,
+            "agreement_explanation": agree.explanation,
             "max_abs_vs_fp_onnx": float(max(np.abs(a - b).max() for a, b in zip(fp, dep))),
             "max_abs_fp_onnx_vs_pytorch": float(max(np.abs(a - b).max() for a, b in zip(fp, refs))),
             "check_inputs": len(inputs)}
-
-
-def check_onnxruntime() -> None:
-    import onnxruntime as ort
-
-    if tuple(int(x) for x in ort.__version__.split(".")[:2]) < tuple(int(x) for x in ORT_MIN_VERSION.split(".")):
-        raise CheckpointError(f"onnxruntime {ort.__version__} is too old for the deployable ONNX; it needs "
-                              f">= {ORT_MIN_VERSION} (pip install -U onnxruntime)")
 
 
 def export_deployable(source: str | Path, out: str | Path, imgsz: int = 640, rest: str = "int8",
@@ -89,10 +183,13 @@ def export_deployable(source: str | Path, out: str | Path, imgsz: int = 640, res
                       batch: int = 1, log=print) -> DeployResult:
     """Write the deployable ONNX of `source` to `out` (atomically, only after every check passed)."""
     import onnx
+    import onnxruntime as ort
 
     if rest not in REST_CHOICES:
         raise DeployOnnxError(f"--rest must be one of {', '.join(REST_CHOICES)}, got {rest!r}")
-    check_onnxruntime()
+    if tuple(int(x) for x in ort.__version__.split(".")[:2]) < tuple(int(x) for x in ORT_MIN_VERSION.split(".")):
+        raise CheckpointError(f"onnxruntime {ort.__version__} is too old for the deployable ONNX; it needs "
+                              f">= {ORT_MIN_VERSION} (pip install -U onnxruntime)")
     t0, src = time.perf_counter(), Path(source)
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="yolo_tq_export_"))
     prepared, model = _stock_input(src, work)
@@ -179,16 +276,4 @@ def build_tensorrt_engine(onnx_path: str | Path, out: str | Path, fp16: bool = T
     header = json.dumps(meta).encode()
     atomic_write_bytes(out, len(header).to_bytes(4, "little", signed=True) + header + bytes(engine))
     return True, f"TensorRT {trt.__version__} engine ({'FP16' if fp16 else 'FP32'}): {out}"
-
-
-def export_deployable_artifact(prepared: PreparedModel, folder: Path, imgsz: int, batch: int, data: str | None,
-                               verbose: bool) -> tuple[Path, float]:
-    """The latency benchmark's 'onnx-deploy' artifact of `prepared` in `folder` (INT8 rest); (path, seconds)."""
-    out = folder / f"{prepared.role}.onnx"
-    try:
-        r = export_deployable(prepared.checkpoint, out, imgsz, "int8", folder, data, batch=batch,
-                              log=print if verbose else (lambda _: None))
-    except (CheckpointError, ValueError) as e:
-        raise ExportError(f"onnx-deploy export failed: {e}") from e
-    return out.resolve(), r.seconds
 

@@ -24,21 +24,14 @@ RATIO_FIGURES = ("mean_ms", "median_ms", "p95_ms", "throughput_ips", "peak_rss_m
 
 
 class PerfCounterClock:
-    """Wall clock; `sync`, if given, runs before both readings, so work queued on a device is inside the interval."""
+    """The wall clock (time.perf_counter), for calls that return when their work is done."""
 
     name = "perf_counter"
 
-    def __init__(self, sync: Callable[[], Any] | None = None):
-        self.sync, self._t0, self.name = sync, 0.0, self.name if sync is None else "perf_counter+sync"
-
     def start(self) -> None:
-        if self.sync is not None:
-            self.sync()
         self._t0 = time.perf_counter()
 
     def stop(self) -> float:
-        if self.sync is not None:
-            self.sync()
         return time.perf_counter() - self._t0
 
 
@@ -63,18 +56,26 @@ class CudaEventClock:
 
 def time_runs(run: Callable[[], Any], num_runs: int, warmup: int, clock=None) -> list[float]:
     """Call `run` `warmup` times untimed, then `num_runs` times timed; returns the per-run seconds."""
+    return time_interleaved([run], [clock or PerfCounterClock()], num_runs, warmup)[0]
+
+
+def time_interleaved(runs: Sequence[Callable[[], Any]], clocks: Sequence, num_runs: int, warmup: int = 0) \
+        -> list[list[float]]:
+    """Call each of `runs` `warmup` times untimed, then `num_runs` iterations that call each once, timed by its clock,
+    in an order that rotates by one per iteration: over len(runs) iterations each runs once in every position."""
     if num_runs < 1 or warmup < 0:
         raise ValueError(f"need num_runs >= 1 and warmup >= 0, got {num_runs} and {warmup}")
-    clock = clock or PerfCounterClock()
-    for _ in range(warmup):
-        run()
-    if warmup and getattr(clock, "sync", None) is not None:
-        clock.sync()
-    samples = []
+    for run in runs:
+        for _ in range(warmup):
+            run()
+    samples: list[list[float]] = [[] for _ in runs]
+    order = list(range(len(runs)))
     for _ in range(num_runs):
-        clock.start()
-        run()
-        samples.append(clock.stop())
+        for i in order:
+            clocks[i].start()
+            runs[i]()
+            samples[i].append(clocks[i].stop())
+        order = order[1:] + order[:1]
     return samples
 
 
@@ -134,8 +135,7 @@ def cycle_ratios(test_s: Sequence[float], ref_s: Sequence[float], cycle: int) ->
 
 def median_interval(values: Sequence[float], level: float = CI_LEVEL, resamples: int = BOOTSTRAP_RESAMPLES,
                     seed: int = 0) -> tuple[float, float, float]:
-    """(median, lower, upper): the median and its percentile-bootstrap interval at `level` (fixed seed: a result
-    file can be recomputed exactly)."""
+    """(median, lower, upper): the median and its percentile-bootstrap interval at `level` (fixed seed)."""
     v = np.asarray(values, np.float64)
     if v.size == 0:
         raise ValueError("no values")
@@ -171,11 +171,6 @@ def reset_peak_rss(tolerance_kb: int = 4096) -> bool:
 
 def _peak_follows_rss(peak_kb: int | None, rss_kb: int | None, tolerance_kb: int) -> bool:
     return peak_kb is not None and rss_kb is not None and peak_kb <= rss_kb + tolerance_kb
-
-
-def current_rss_mb() -> float | None:
-    kb = _status_kb("VmRSS")
-    return None if kb is None else kb / 1024
 
 
 def peak_rss_mb() -> float:
@@ -215,7 +210,8 @@ class MemoryMeter:
             torch.cuda.init()
             self.cuda_base = _cuda_used_mb()
             torch.cuda.reset_peak_memory_stats()
-        self.reset, self.rss_base = reset_peak_rss(), current_rss_mb()
+        self.reset, rss_kb = reset_peak_rss(), _status_kb("VmRSS")
+        self.rss_base = None if rss_kb is None else rss_kb / 1024
 
     def read(self) -> Memory:
         peak, base, gpu = peak_rss_mb(), self.rss_base, {}
@@ -228,30 +224,19 @@ class MemoryMeter:
                       peak_rss_reset=self.reset, **gpu)
 
 
-def _files(path: str | Path) -> list[Path]:
+def file_bytes(path: str | Path, compressed: bool = False) -> int:
+    """Size on disk of a model file or folder (OpenVINO's .xml + .bin + metadata); `compressed`: after zlib, what
+    low-entropy (ternary) weights save in storage or download, which dense formats and their runtime memory do not."""
     p = Path(path).resolve()
     if not p.exists():
         raise FileNotFoundError(f"model file not found: {path}")
-    return sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    return sum(_zlib_bytes(f) if compressed else os.path.getsize(f) for f in files)
 
 
-def file_bytes(path: str | Path) -> int:
-    """Size on disk of a model file, or of all files of a model folder (OpenVINO's .xml + .bin + metadata)."""
-    return sum(os.path.getsize(f) for f in _files(path))
-
-
-def file_size_mb(path: str | Path) -> float:
-    return file_bytes(path) / MB
-
-
-def compressed_size_mb(path: str | Path, level: int = 6) -> float:
-    """Size of the model's files after zlib compression: what low-entropy (ternary) weights save in storage or
-    download, which dense formats and their runtime memory do not."""
-    total = 0
-    for f in _files(path):
-        c = zlib.compressobj(level)
-        with open(f, "rb") as fh:
-            while chunk := fh.read(1 << 22):
-                total += len(c.compress(chunk))
-        total += len(c.flush())
-    return total / MB
+def _zlib_bytes(path: Path, level: int = 6) -> int:
+    c, total = zlib.compressobj(level), 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            total += len(c.compress(chunk))
+    return total + len(c.flush())

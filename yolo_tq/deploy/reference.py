@@ -26,7 +26,7 @@ def unavailable(data: str) -> str | None:
 
 def int8_reference(weights: str, data: str, imgsz: int, workdir: Path, log=print) -> dict:
     """The report's record: status ok | skipped | failed (with the reason when not ok)."""
-    from .export import ExportError, export_artifact, prepare_checkpoint
+    from .deployable import ExportError, export_artifact, prepare_checkpoint
     from .measure import file_bytes
 
     head = {"format": FORMAT, "weights": str(weights), "data": str(data), "imgsz": imgsz}

@@ -1,9 +1,6 @@
 """Measure one target on one exported model (load, agreement with PyTorch, timing, memory), or several models on one
-target in alternation (the A/A and A/B passes): in this process, or in a fresh one per job so that its memory
-figures and threads belong to that target alone:
-
-  python -m yolo_tq.deploy.worker SPEC.json RESULT.json
-"""
+target in alternation (the A/A and A/B passes), here or in a fresh process per job so that its memory figures and
+threads belong to that target alone: python -m yolo_tq.deploy.worker SPEC.json RESULT.json"""
 
 from __future__ import annotations
 
@@ -18,7 +15,7 @@ from pathlib import Path
 from ..eval.agreement import compare_outputs
 from ..io import atomic_write_text
 from .backends import target
-from .measure import MemoryMeter, cycle_ratios, latency_stats, median_interval, time_runs
+from .measure import MemoryMeter, cycle_ratios, latency_stats, median_interval, time_interleaved, time_runs
 from .results import ABResult, ABSpec, TargetRow, WorkerSpec, load_arrays, save_record
 
 
@@ -27,47 +24,31 @@ def one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg[-1] if msg else ''}".rstrip(": ")
 
 
-def _measure(t, spec: WorkerSpec, row: dict) -> TargetRow:
+def _measure(t, spec: WorkerSpec) -> TargetRow:
     inputs, refs = load_arrays(spec.inputs), load_arrays(spec.refs)
     meter, t0 = MemoryMeter(cuda=t.device == "cuda"), time.perf_counter()
     runner = t.runner(spec.artifact, spec.openvino_int8_hint)
-    row.update(load_s=time.perf_counter() - t0, inference_precision=runner.inference_precision(), notes=runner.notes)
+    row = dict(artifact=spec.artifact, load_s=time.perf_counter() - t0, inference_precision=runner.precision,
+               notes=runner.notes)
     a = row["agreement"] = compare_outputs(refs, [runner.infer(x) for x in inputs], t.precision, spec.min_agreement,
                                            spec.activation_rounding)
     if not a.passed:
         reason = (f"disagrees with PyTorch (max|Δbox| {a.max_abs_box:.3g} px, max|Δscore| {a.max_abs_score:.3g}, "
                   f"detection agreement {a.det_agreement:.2f}); criterion {a.criterion}")
-        return TargetRow(**row, status="refused", reason=reason, memory=meter.read())
-    runner.bind(inputs[0])
+        return TargetRow.of(t, spec.model, **row, status="refused", reason=reason, memory=meter.read())
     clock = runner.clock()
-    latency = latency_stats(time_runs(runner.run, spec.num_runs, spec.warmup, clock), spec.batch)
-    return TargetRow(**row, status="ok", clock=clock.name, latency=latency, memory=meter.read())
+    latency = latency_stats(time_runs(runner.bind(inputs[0]), spec.num_runs, spec.warmup, clock), spec.batch)
+    return TargetRow.of(t, spec.model, **row, status="ok", clock=clock.name, latency=latency, memory=meter.read())
 
 
 def measure_target(spec: WorkerSpec) -> TargetRow:
     """Row for spec.target on spec.artifact: status ok | refused | failed, agreement, latency, memory."""
     t = target(spec.target)
-    row = dict(model=spec.model, target=t.name, family=t.family, device=t.device, precision=t.precision,
-               artifact=spec.artifact)
     try:
-        return _measure(t, spec, dict(row))
+        return _measure(t, spec)
     except Exception as e:  # noqa: BLE001 - one target failing must not stop the others
-        return TargetRow(**row, status="failed", reason=one_line(e),
-                         traceback=traceback.format_exc() if os.environ.get("YOLO_TQ_DEBUG") else "")
-
-
-def _alternate(runners: list, clocks: list, num_runs: int) -> list[list[float]]:
-    """`num_runs` iterations, each running every model once in an order that rotates by one per iteration: over
-    len(runners) iterations every model runs once in every position."""
-    samples: list[list[float]] = [[] for _ in runners]
-    order = list(range(len(runners)))
-    for _ in range(num_runs):
-        for i in order:
-            clocks[i].start()
-            runners[i].run()
-            samples[i].append(clocks[i].stop())
-        order = order[1:] + order[:1]
-    return samples
+        return TargetRow.of(t, spec.model, artifact=spec.artifact, status="failed", reason=one_line(e),
+                            traceback=traceback.format_exc() if os.environ.get("YOLO_TQ_DEBUG") else "")
 
 
 def measure_interleaved(spec: ABSpec) -> ABResult:
@@ -77,11 +58,7 @@ def measure_interleaved(spec: ABSpec) -> ABResult:
     try:
         runners = [t.runner(artifact, spec.openvino_int8_hint) for _, artifact in spec.models]
         clocks = [r.clock() for r in runners]
-        for r in runners:
-            r.bind(x)
-            for _ in range(spec.warmup):
-                r.run()
-        samples = _alternate(runners, clocks, spec.num_runs)
+        samples = time_interleaved([r.bind(x) for r in runners], clocks, spec.num_runs, spec.warmup)
     except Exception as e:  # noqa: BLE001
         return ABResult(target=t.name, status="failed", reason=one_line(e), kind=spec.kind)
     paired = {n: median_interval(cycle_ratios(s, samples[0], len(runners))) for n, s in zip(names, samples)}
@@ -91,15 +68,11 @@ def measure_interleaved(spec: ABSpec) -> ABResult:
                     ratio_interval={n: [lo, hi] for n, (_, lo, hi) in paired.items()})
 
 
-def measure(spec: WorkerSpec | ABSpec) -> TargetRow | ABResult:
-    return measure_interleaved(spec) if isinstance(spec, ABSpec) else measure_target(spec)
-
-
 def run_worker(spec: WorkerSpec | ABSpec, folder: Path, isolate: bool) -> TargetRow | ABResult:
-    """measure(spec) here, or in a fresh `python -m yolo_tq.deploy.worker` (the installed package) run in `folder`."""
-    if not isolate:
-        return measure(spec)
+    """Measure `spec` here, or in a fresh `python -m yolo_tq.deploy.worker` (the installed package) run in `folder`."""
     ab = isinstance(spec, ABSpec)
+    if not isolate:
+        return measure_interleaved(spec) if ab else measure_target(spec)
     stem = spec.target + ({"A/A": ".aa", "A/B": ".ab"}[spec.kind] if ab else "")
     spec_path, out_path = folder / f"{stem}.spec.json", folder / f"{stem}.result.json"
     save_record(spec, spec_path)
@@ -122,7 +95,7 @@ def main(argv: list[str]) -> int:
         print("usage: python -m yolo_tq.deploy.worker SPEC.json RESULT.json", file=sys.stderr)
         return 2
     d = json.loads(Path(argv[0]).read_text())
-    save_record(measure(ABSpec(**d) if "models" in d else WorkerSpec(**d)), argv[1])
+    save_record(measure_interleaved(ABSpec(**d)) if "models" in d else measure_target(WorkerSpec(**d)), argv[1])
     return 0
 
 
