@@ -29,6 +29,16 @@ WEIGHTS=${WEIGHTS:-yolo11${SIZE}.pt}
 RUN_DIR=${RUN_DIR:-runs/pipeline/${PROFILE}_yolo11${SIZE}}
 CK="$RUN_DIR/checkpoints"
 OUT="$CK/yolo11${SIZE}"
+writable_folder() {  # writable_folder NAME DIR: one error line and exit 2, before any step, unless DIR can be written
+  local d=$2
+  [ -e "$d" ] && [ ! -d "$d" ] && { echo "error: $1 $2 is a file, not a folder" >&2; exit 2; }
+  while [ ! -e "$d" ]; do d=$(dirname "$d"); done  # the nearest folder that exists (".", "/" at the latest)
+  [ -d "$d" ] || { echo "error: cannot write $1 $2: $d is a file, not a folder" >&2; exit 2; }
+  [ -w "$d" ] && [ -x "$d" ] ||
+    { echo "error: cannot write $1 $2: no permission to write in $d (or a read-only file system)" >&2; exit 2; }
+}
+writable_folder RUN_DIR "$RUN_DIR"
+writable_folder SAVED_MODELS "${SAVED_MODELS:-saved_models}"
 mkdir -p "$RUN_DIR/logs" "$RUN_DIR/.done" "$RUN_DIR/results"
 export YOLO_OFFLINE=${YOLO_OFFLINE:-}
 [ -n "${ALLOW_DOWNLOAD_SCRIPT:-}" ] && export YOLO_TQ_ALLOW_DOWNLOAD_SCRIPT=1

@@ -15,7 +15,7 @@ from typing import Callable
 
 from .commands.args import UsageError
 from .config import ConfigError
-from .io import CheckpointError, OutputPathError, RunFailedError
+from .io import WRITE_FAULTS, CheckpointError, OutputPathError, RunFailedError, printable
 from .quant.apply import PlanError
 from .quant.spec import SpecError
 
@@ -107,27 +107,33 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def error_line(e: BaseException) -> str:
-    """A user error as one line; an OSError names its path(s)."""
+    """A user error as one line, control characters escaped; an OSError names its path(s)."""
     if isinstance(e, OSError) and e.filename is not None:
-        return f"{e.strerror or type(e).__name__}: {e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
-    return " ".join(str(e).split())
+        text = f"{e.strerror or type(e).__name__}: {e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
+    else:
+        text = str(e) or (e.strerror if isinstance(e, OSError) else "") or type(e).__name__
+    return printable(" ".join(text.split()))
+
+
+def exit_status(e: BaseException) -> int | None:
+    """2 for a user error or a fault of the machine (a full disk: an OSError of WRITE_FAULTS), 1 for a run that
+    failed on its own (RunFailedError), None for a bug (its traceback is shown)."""
+    if isinstance(e, USER_ERRORS + PATH_ERRORS) or (isinstance(e, OSError) and e.errno in WRITE_FAULTS):
+        return 2
+    return 1 if isinstance(e, RunFailedError) else None
 
 
 def run_cli(main: Callable[[], int | None]) -> None:
-    """Run `main`; user errors print one line 'error: …' and exit 2, a run that failed (RunFailedError) one line
-    and exit 1; tracebacks only with YOLO_TQ_DEBUG=1."""
+    """Run `main`; user errors and faults of the machine print one line 'error: …' and exit 2, a run that failed
+    (RunFailedError) one line and exit 1; tracebacks only with YOLO_TQ_DEBUG=1."""
     try:
         code = main()
-    except USER_ERRORS + PATH_ERRORS as e:
-        if os.environ.get("YOLO_TQ_DEBUG"):
+    except Exception as e:  # noqa: BLE001 - sorted by exit_status; anything else is re-raised
+        status = exit_status(e)
+        if status is None or os.environ.get("YOLO_TQ_DEBUG"):
             raise
         print(f"error: {error_line(e)}", file=sys.stderr)
-        sys.exit(2)
-    except RunFailedError as e:
-        if os.environ.get("YOLO_TQ_DEBUG"):
-            raise
-        print(f"error: {error_line(e)}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(status)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

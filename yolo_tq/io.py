@@ -5,13 +5,15 @@ only in safe mode. Safe mode (YOLO_TQ_SAFE_LOAD=1, `set_safe_load(True)`, or `lo
 Ultralytics' own ULTRALYTICS_SAFE_LOAD=1 turns it on too) loads with `torch.load(weights_only=True)` and accepts only
 the classes of `safe_globals()`: torch.nn, Ultralytics' model modules, this project's quantized layers and specs, and
 the plain data types their checkpoints hold. A file that names anything else is refused before any of it is
-unpickled, and Ultralytics builds models from their yaml without eval while it loads.
+unpickled, and Ultralytics builds models from their yaml without eval while it loads. First, the file's pickles are
+read as opcodes (yolo_tq.pickle_scan): what they would build must stay within what the file's bytes hold.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import importlib
 import io
@@ -20,12 +22,15 @@ import os
 import pickle
 import pkgutil
 import re
+import stat
 import tempfile
 from datetime import datetime
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+
+from .pickle_scan import Damaged, Refused, check_archive
 
 MODEL_SIZES = ("n", "s", "m", "l", "x")  # YOLO11's scales (Ultralytics' yolo11{size}.yaml)
 SAFE_LOAD_ENV = "YOLO_TQ_SAFE_LOAD"
@@ -34,6 +39,11 @@ _TRUE = ("1", "true", "yes", "on")
 _SAFE_PACKAGES = ("torch.nn.modules", "ultralytics.nn.modules")
 _SAFE_MODULES = ("ultralytics.nn.tasks", "yolo_tq.quant.layers", "yolo_tq.quant.spec")
 _PROJECT_PREFIX = "yolo_tq."
+# errno -> the line a failed write gives (the machine, not the input, is at fault)
+WRITE_FAULTS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                errno.EROFS: "read-only file system", errno.EFBIG: "file too large", errno.EIO: "input/output error"}
+_SPECIAL_FILES = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                  (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"))
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -90,23 +100,26 @@ def safe_globals() -> dict[str, object]:
 
 
 def allow_checkpoint_globals(path: str | Path) -> None:
-    """Refuse (CheckpointError naming it) a checkpoint that references a global outside safe_globals(), without
-    unpickling anything; register the ones it needs for torch.load(weights_only=True)."""
+    """Refuse (CheckpointError naming why) a checkpoint safe mode does not load, without unpickling anything: one
+    that references a global outside safe_globals(), or builds more than its bytes hold (pickle_scan.check_archive);
+    register the globals it needs for torch.load(weights_only=True)."""
     if not hasattr(torch.serialization, "get_unsafe_globals_in_checkpoint"):
         raise CheckpointError(f"safe loading ({SAFE_LOAD_ENV}) needs torch>=2.6; this is torch {torch.__version__}")
-    try:
-        needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except ValueError:  # not a torch.save archive: torch.load(weights_only=True) refuses or reads it, nothing to add
-        return
-    except RuntimeError as e:  # a damaged archive (truncated, no central directory)
-        raise CheckpointError(f"cannot read checkpoint {path}: truncated or damaged ({_reason(e)})") from e
     allowed = safe_globals()
-    refused = sorted(set(needed) - set(allowed))
-    if refused:
-        more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
-        raise CheckpointError(f"{path} refused by safe loading: it references {refused[0]}{more}, which is not a "
-                              f"class of this project, Ultralytics or torch.nn; load it without {SAFE_LOAD_ENV} only "
-                              f"if you trust where it came from")
+    try:  # the bounds first: reading the globals list decompresses the archive's pickles
+        check_archive(path, allowed)
+        needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        refused = sorted(set(needed) - set(allowed))
+        if refused:
+            more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
+            raise Refused(f"it references {refused[0]}{more}, which is not a class of this project, Ultralytics or "
+                          f"torch.nn")
+    except Refused as e:
+        raise CheckpointError(f"{path} refused by safe loading: {e}; load it without {SAFE_LOAD_ENV} only if you "
+                              f"trust where it came from") from e
+    except (Damaged, RuntimeError, ValueError) as e:  # a damaged archive (truncated, a bad record)
+        why = e if isinstance(e, Damaged) else _reason(e)
+        raise CheckpointError(f"cannot read checkpoint {path}: truncated or damaged ({why})") from e
     if needed:
         torch.serialization.add_safe_globals([(allowed[n], n) for n in needed])
 
@@ -145,6 +158,13 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {line.replace('ERROR ❌️ ', '')}"
 
 
+def printable(text) -> str:
+    """`text` (from a file: a class name, a message quoting one) with control characters escaped as Python writes
+    them (\\x1b, \\n), so that it prints as itself on one line and cannot move the cursor or forge a line."""
+    text = str(text)
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def check_finite(model: nn.Module, source) -> None:
     """CheckpointError naming the first floating-point tensor of `model` that holds NaN or Inf."""
     for name, t in model.state_dict().items():
@@ -154,14 +174,15 @@ def check_finite(model: nn.Module, source) -> None:
 
 
 def load_model(path: str | Path, safe: bool | None = None) -> tuple[nn.Module, dict]:
-    """(FP32 model in eval mode, checkpoint dict) from any checkpoint this project or Ultralytics writes; its float
-    tensors must be finite. `safe`: weights_only loading with the safe_globals() allowlist (None: the process's
-    mode, safe_load_enabled())."""
-    from ultralytics.nn.tasks import load_checkpoint
+    """(FP32 model in eval mode, checkpoint dict) from any checkpoint this project or Ultralytics writes: a YOLO
+    detection model whose float tensors are finite. `safe`: weights_only loading with the safe_globals() allowlist
+    and the bounds of allow_checkpoint_globals (None: the process's mode, safe_load_enabled())."""
+    from ultralytics.nn.tasks import DetectionModel, load_checkpoint
 
     p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"checkpoint not found: {p}")
+    problem = input_problem(p)
+    if problem:
+        raise CheckpointError(f"checkpoint {problem}: {p}")
     if p.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {p} is empty (0 bytes)")
     safe = safe_load_enabled() if safe is None else safe
@@ -170,8 +191,12 @@ def load_model(path: str | Path, safe: bool | None = None) -> tuple[nn.Module, d
     try:
         with safe_loading(safe):
             model, ckpt = load_checkpoint(p)
+    except (AttributeError, KeyError) as e:  # a pickle, but not the dict of an Ultralytics checkpoint
+        raise CheckpointError(f"{p} is not a YOLO detection model checkpoint (not the dict Ultralytics saves)") from e
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
         raise CheckpointError(f"cannot read checkpoint {p}: {_reason(e)}") from e
+    if not isinstance(model, DetectionModel):
+        raise CheckpointError(f"{p} is not a YOLO detection model: it holds a {type(model).__name__}")
     check_finite(model, p)
     return model, ckpt
 
@@ -182,6 +207,8 @@ def ensure_weights(name: str, flag: str = "--weights") -> str:
     p = Path(name)
     if p.is_file():
         return str(p)
+    if special_file_kind(p):
+        raise CheckpointError(f"weights {input_problem(p)}: {name}")
     if os.sep in name or "/" in name or not name.endswith(".pt"):
         raise CheckpointError(f"weights not found: {name}")
     from ultralytics.utils.downloads import attempt_download_asset
@@ -214,10 +241,15 @@ def check_model_size(model: nn.Module, expected: str, source: str) -> None:
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """The one writer of every file the project writes: a temporary file in the same folder, fsync, then rename.
-    A crash never leaves a half-written file, and the previous version stays until the new one is complete."""
+    A crash never leaves a half-written file, and the previous version stays until the new one is complete. A
+    write the machine refuses (a full disk, WRITE_FAULTS) is one OutputPathError line saying what was kept."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        refuse_write_fault(e, path, data)
+        raise
     try:
         with os.fdopen(fd, "wb") as f:
             if hasattr(os, "fchmod"):  # the permissions open() would give, not mkstemp's 0600
@@ -226,10 +258,21 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        refuse_write_fault(e, path, data)
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def refuse_write_fault(e: OSError, path: Path, data: bytes) -> None:
+    """For a write of `data` to `path` that failed on a fault of the machine (WRITE_FAULTS): OutputPathError, one
+    line that says so and what was kept. Other errors are left to the caller."""
+    if e.errno in WRITE_FAULTS:
+        kept = f"the previous {path.name} is kept" if path.is_file() else "nothing was written"
+        raise OutputPathError(f"{WRITE_FAULTS[e.errno]} writing {path} ({len(data):,} bytes); {kept}") from e
 
 
 class AtomicPath(type(Path())):
@@ -288,14 +331,38 @@ def same_file(a: str | Path, b: str | Path) -> bool:
         return False
 
 
+def special_file_kind(path: str | Path) -> str | None:
+    """'a character device', 'a named pipe (FIFO)', ... for an existing path (links followed) that is neither a
+    regular file nor a folder; else None."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    return next((kind for test, kind in _SPECIAL_FILES if test(mode)), None)
+
+
+def input_problem(path: str | Path) -> str | None:
+    """Why `path` cannot be read as an input file ('not found', 'is a folder, not a file', 'is a named pipe (FIFO),
+    not a regular file'), None for a regular file. Nothing is opened: a pipe would block, /dev/zero never ends."""
+    kind = special_file_kind(path)
+    if kind:
+        return f"is {kind}, not a regular file"
+    p = Path(path)
+    return None if p.is_file() else "is a folder, not a file" if p.is_dir() else "not found"
+
+
 def check_writable(path: str | Path, what: str = "output", folder: bool = False, inputs=()) -> None:
     """Before any work, refuse an output that cannot be written: one of the command's `inputs` (followed through
-    symbolic and hard links: writing it would destroy the input), under a file, a folder where a file goes, or in a
-    folder without write permission. `folder`: `path` is a folder to be created. Creates nothing."""
+    symbolic and hard links: writing it would destroy the input), a device or pipe (the atomic writer would replace
+    it), under a file, a folder where a file goes, or in a folder without write permission or on a read-only file
+    system. `folder`: `path` is a folder to be created. Creates nothing."""
     for given in inputs:
         if given and same_file(path, given):
             raise OutputPathError(f"cannot write {what} {path}: it is the input {given}; choose another output path")
     p = Path(path).absolute()
+    kind = special_file_kind(p)
+    if kind:
+        raise OutputPathError(f"cannot write {what} {path}: it is {kind}, not a {'folder' if folder else 'regular file'}")
     if not folder and p.is_dir():
         raise OutputPathError(f"cannot write {what} {path}: it is a folder")
     if folder and p.exists() and not p.is_dir():
@@ -306,4 +373,6 @@ def check_writable(path: str | Path, what: str = "output", folder: bool = False,
     if not parent.is_dir():
         raise OutputPathError(f"cannot write {what} {path}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputPathError(f"cannot write {what} {path}: no permission to write in {parent}")
+        read_only = os.statvfs(parent).f_flag & os.ST_RDONLY
+        why = f"{parent} is on a read-only file system" if read_only else f"no permission to write in {parent}"
+        raise OutputPathError(f"cannot write {what} {path}: {why}")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import math
 import re
 from pathlib import Path
 
 from ..config import MODEL_SIZES, imgsz_problem
+from ..io import input_problem, special_file_kind
 
 
 PROGRESSIVE_CONFIG = "configs/stage1_progressive.yaml"
@@ -30,7 +32,7 @@ def imgsz_arg(text: str) -> int:
 
 
 def positive_int(text: str) -> int:
-    """argparse type of a count that must be >= 1 (a validation batch size)."""
+    """argparse type of a count that must be >= 1 (a validation batch size, images to check)."""
     try:
         value = int(text)
     except ValueError:
@@ -38,6 +40,50 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
     return value
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type of a count that may be 0 (warm-up runs)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
+def number_in(low: float, high: float = math.inf, low_open: bool = False):
+    """argparse type of a finite number in [low, high] ((low, high] with `low_open`); NaN is refused."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (low < value if low_open else low <= value) or not value <= high or not math.isfinite(value):
+            span = f"{'(' if low_open else '['}{low:g}, {high:g}]" if math.isfinite(high) else f">= {low:g}"
+            raise argparse.ArgumentTypeError(f"must be a finite number {'in ' if math.isfinite(high) else ''}{span}, "
+                                             f"got {text!r}")
+        return value
+
+    return parse
+
+
+def output_path(text: str) -> str:
+    """argparse type of a file or folder to write: not empty (where it may go is checked by io.check_writable
+    before any work)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path; give a file name")
+    return text
+
+
+def data_path(text: str) -> str:
+    """argparse type of a file to read that may also be a name Ultralytics resolves (a data yaml, official
+    weights): an existing device or pipe is refused (reading /dev/zero never ends, a pipe blocks)."""
+    kind = special_file_kind(text)
+    if kind:
+        raise argparse.ArgumentTypeError(f"{text} is {kind}, not a regular file")
+    return text
 
 
 # The original code's result files (its README's commands read them): saved_models/yolo11<size>/<name>.pt, which
@@ -76,8 +122,9 @@ def input_file(text: str) -> str:
     """argparse type of an input file: a folder is refused here; a missing file is reported by its loader. A missing
     path of the original code's (saved_models/..., ttq_checkpoints/...) is read as our file that holds it, with a
     note; when ours is missing too, one line names it and the command that writes it."""
-    if Path(text).is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is a folder, not a file")
+    problem = input_problem(text)
+    if problem and problem != "not found":  # a folder, a device, a pipe
+        raise argparse.ArgumentTypeError(f"{text} {problem}")
     if Path(text).exists():
         return text
     saved, stage = original_result(text), original_stage_output(text, DEFAULT_CHECKPOINT_DIR)
@@ -105,11 +152,13 @@ def add_rest_args(p: argparse.ArgumentParser, dest: str = "rest") -> None:
 
 def add_config_args(p: argparse.ArgumentParser, config_default: str | None) -> None:
     """Flags every training script shares. Each overrides the config value of the same name."""
-    p.add_argument("--config", default=config_default, help=f"YAML stage config (default: {config_default})")
+    p.add_argument("--config", type=data_path, default=config_default,
+                   help=f"YAML stage config (default: {config_default})")
     p.add_argument("--model-size", choices=MODEL_SIZES, help="YOLO11 size (config: model_size)")
-    p.add_argument("--weights", help="starting FP checkpoint (config: base.weights; a bare name is downloaded)")
-    p.add_argument("--data", help="Ultralytics data yaml, name or path (config: base.data)")
-    p.add_argument("--checkpoint-dir", help="output root (config: base.checkpoint_dir)")
+    p.add_argument("--weights", type=data_path,
+                   help="starting FP checkpoint (config: base.weights; a bare name is downloaded)")
+    p.add_argument("--data", type=data_path, help="Ultralytics data yaml, name or path (config: base.data)")
+    p.add_argument("--checkpoint-dir", type=output_path, help="output root (config: base.checkpoint_dir)")
     for flag, typ, what in (("--epochs", int, "epochs per stage"), ("--imgsz", int, "image size"),
                             ("--batch", int, "batch size"), ("--workers", int, "dataloader workers"),
                             ("--lr0", float, "initial learning rate"), ("--scale-lr", float, "Wp/Wn learning rate"),
@@ -124,3 +173,11 @@ def config_overrides(a: argparse.Namespace) -> dict:
     keys = ("model_size", "weights", "data", "checkpoint_dir", "epochs", "imgsz", "batch", "workers", "lr0",
             "scale_lr", "patience", "seed", "device")
     return {k: getattr(a, k, None) for k in keys}
+
+
+def add_resume_args(p: argparse.ArgumentParser) -> None:
+    """--resume, and --accept-changes for a config that differs from the one the stage's last.pt was trained with."""
+    p.add_argument("--resume", action="store_true", help="resume the stage from its last.pt (in the stage folder "
+                   "the config names; refused, naming the keys, if the config now differs from the saved one)")
+    p.add_argument("--accept-changes", action="store_true",
+                   help="with --resume: resume even if the config changed, with the settings saved in last.pt")

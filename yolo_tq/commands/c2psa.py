@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .args import PROGRESSIVE_CONFIG, add_config_args, config_overrides, original_stage_output
+from .args import PROGRESSIVE_CONFIG, add_config_args, add_resume_args, config_overrides, original_stage_output
 
 DEFAULT_CONFIG = "configs/stage2_c2psa.yaml"
 MODE = "bitlinear_ttq"
@@ -24,7 +24,7 @@ MODE = "bitlinear_ttq"
 def add_arguments(p: argparse.ArgumentParser, default_config: str = DEFAULT_CONFIG) -> None:
     add_config_args(p, default_config)
     p.add_argument("--model", help="start checkpoint (default: the config's base.weights)")
-    p.add_argument("--resume", action="store_true", help="resume the stage from its last.pt")
+    add_resume_args(p)
 
 
 def start_checkpoint(cfg, model: str | None) -> str | None:
@@ -61,6 +61,6 @@ def run(a: argparse.Namespace, mode: str = MODE) -> int:
                           f"command for that config, or --set stages[0].c2psa={mode}")
     start = None if a.resume else start_checkpoint(cfg, a.model)
     with dataset_errors(cfg.base.data):
-        result, = train_stages(cfg, [1], start, a.resume, start_flag="--model")
+        result, = train_stages(cfg, [1], start, a.resume, start_flag="--model", accept_changes=a.accept_changes)
     print(f"{mode}: training checkpoint {result['best']}, ternary export {result['ternary']}")
     return 0

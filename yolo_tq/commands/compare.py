@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 
 from ..io import check_writable
-from .args import imgsz_arg, input_file, positive_int
+from .args import data_path, imgsz_arg, input_file, output_path, positive_int
 
 MODELS = (("ttq", "TTQ", "checkpoint trained with BitLinear_TTQ (train_c2psa.py)"),
           ("standard", "STANDARD", "checkpoint trained with standard BitLinear (train_c2psa_standard.py)"),
@@ -32,12 +32,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument(f"{dest}_pos", nargs="?", type=input_file, metavar=metavar, help=f"{what}; or --{dest}")
     for dest, metavar, what in MODELS:
         p.add_argument(f"--{dest}", type=input_file, metavar=metavar, help=what)
-    p.add_argument("--data", default="coco.yaml", help="Ultralytics data yaml, name or path (default: coco.yaml)")
+    p.add_argument("--data", type=data_path, default="coco.yaml",
+                   help="Ultralytics data yaml, name or path (default: coco.yaml)")
     p.add_argument("--imgsz", type=imgsz_arg, default=640, help="a multiple of 32 (default: 640)")
     p.add_argument("--batch", type=positive_int, default=16)
     p.add_argument("--device", default=None, help="cpu, 0, ...")
-    p.add_argument("--json", default="runs/compare_bitlinear/compare_bitlinear.json", help="JSON output")
-    p.add_argument("--csv", default="runs/compare_bitlinear/compare_bitlinear.csv", help="CSV output")
+    p.add_argument("--json", type=output_path, default="runs/compare_bitlinear/compare_bitlinear.json",
+                   help="JSON output")
+    p.add_argument("--csv", type=output_path, default="runs/compare_bitlinear/compare_bitlinear.csv", help="CSV output")
 
 
 def models(a: argparse.Namespace) -> dict:

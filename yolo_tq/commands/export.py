@@ -21,20 +21,22 @@ import os
 from pathlib import Path
 
 from ..io import check_writable, same_file
-from .args import imgsz_arg, input_file, positive_int
+from .args import data_path, imgsz_arg, input_file, output_path, positive_int
 from ..formats.deploy_onnx import REST_CHOICES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", type=input_file, metavar="CKPT", help="model to export (.pt or .tq.safetensors)")
-    p.add_argument("--out", help="ONNX file to write (default: CKPT's name with .onnx, beside it)")
+    p.add_argument("--out", type=output_path, help="ONNX file to write (default: CKPT's name with .onnx, beside it)")
     p.add_argument("--imgsz", type=imgsz_arg, default=640, help="input size of the exported graph (default 640)")
     p.add_argument("--rest", choices=REST_CHOICES, default="int8",
                    help="precision of the non-ternary conv weights (default int8, per output channel)")
-    p.add_argument("--data", help="data yaml whose val images the output check uses (default: Ultralytics' samples)")
+    p.add_argument("--data", type=data_path,
+                   help="data yaml whose val images the output check uses (default: Ultralytics' samples)")
     p.add_argument("--check-images", type=positive_int, default=4, help="images for the output check (default 4)")
-    p.add_argument("--workdir", help="where the intermediate FP export goes (default: a new temporary folder)")
-    p.add_argument("--json", help="also write what was written and measured to this JSON file")
+    p.add_argument("--workdir", type=output_path,
+                   help="where the intermediate FP export goes (default: a new temporary folder)")
+    p.add_argument("--json", type=output_path, help="also write what was written and measured to this JSON file")
     p.add_argument("--tensorrt", action="store_true",
                    help="also build a TensorRT FP16 engine from the ONNX (beside it, .engine; needs TensorRT)")
 
@@ -56,6 +58,8 @@ def run(a: argparse.Namespace) -> int:
     for path, what in ((out, "the ONNX file"), (a.json, "the JSON report")):
         if path:
             check_writable(path, what, inputs=[a.checkpoint, a.data])
+    if a.workdir:
+        check_writable(a.workdir, "the work folder", folder=True, inputs=[a.checkpoint, a.data])
     if a.json and same_file(a.json, out):
         raise ConfigError("--json and --out name the same file")
     if not Path(a.checkpoint).is_file():

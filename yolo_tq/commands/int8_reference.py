@@ -14,15 +14,16 @@ import os
 from pathlib import Path
 
 from ..io import check_writable
-from .args import imgsz_arg, input_file
+from .args import data_path, imgsz_arg, input_file, output_path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", required=True, type=input_file, help="the FP checkpoint (.pt)")
-    p.add_argument("--data", required=True, help="data yaml: calibration (train split) and validation (val split)")
+    p.add_argument("--data", required=True, type=data_path,
+                   help="data yaml: calibration (train split) and validation (val split)")
     p.add_argument("--imgsz", type=imgsz_arg, default=640, help="export and validation size (default 640)")
-    p.add_argument("--workdir", required=True, help="where the export and its validation go")
-    p.add_argument("--json", required=True, help="the record the pipeline report reads")
+    p.add_argument("--workdir", required=True, type=output_path, help="where the export and its validation go")
+    p.add_argument("--json", required=True, type=output_path, help="the record the pipeline report reads")
 
 
 def run(a: argparse.Namespace) -> int:

@@ -9,13 +9,13 @@ from __future__ import annotations
 import argparse
 
 from ..io import check_writable
-from .args import input_file
+from .args import input_file, output_path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", type=input_file)
     p.add_argument("--only-ternary", action="store_true", help="print only the ternary layers")
-    p.add_argument("--json", help="also write rows and totals to this JSON file")
+    p.add_argument("--json", type=output_path, help="also write rows and totals to this JSON file")
 
 
 def run(a: argparse.Namespace) -> int:

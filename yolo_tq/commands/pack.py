@@ -16,13 +16,14 @@ import os
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .args import add_rest_args, input_file
+    from .args import add_rest_args, input_file, output_path
 
     p.add_argument("ckpt", nargs="?", type=input_file, metavar="CKPT", help="ternary checkpoint (.pt) to pack")
-    p.add_argument("out", nargs="?", metavar="OUT", help="packed file to write (.safetensors)")
+    p.add_argument("out", nargs="?", type=output_path, metavar="OUT", help="packed file to write (.safetensors)")
     add_rest_args(p)
     p.add_argument("--unpack", metavar="FILE", type=input_file, help="unpack this packed file instead (needs --out)")
-    p.add_argument("--out", dest="unpacked_pt", metavar="PT", help="with --unpack: the Ultralytics .pt to write")
+    p.add_argument("--out", dest="unpacked_pt", type=output_path, metavar="PT",
+                   help="with --unpack: the Ultralytics .pt to write")
 
 
 def argument_problem(a: argparse.Namespace) -> str | None:

@@ -26,18 +26,22 @@ import os
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .args import add_rest_args, imgsz_arg, input_file, positive_int
+    from .args import add_rest_args, data_path, imgsz_arg, input_file, output_path, positive_int
 
     p.add_argument("--baseline", type=input_file, help="FP checkpoint (.pt) the ratios are measured against")
     p.add_argument("--quantized", type=input_file,
                    help="ternary checkpoint: training checkpoint or stock ternary export (.pt)")
-    p.add_argument("--json", help="write the full report (per-layer rows, totals, sizes) to this JSON file")
-    p.add_argument("--pack", metavar="OUT", help="also write the packed ternary file (.safetensors) here")
+    p.add_argument("--json", type=output_path,
+                   help="write the full report (per-layer rows, totals, sizes) to this JSON file")
+    p.add_argument("--pack", metavar="OUT", type=output_path,
+                   help="also write the packed ternary file (.safetensors) here")
     add_rest_args(p)
     p.add_argument("--unpack", metavar="PACKED", type=input_file, help="read a packed file instead (no --baseline/"
                    "--quantized): check it loads; with --unpacked-pt write the unpacked model")
-    p.add_argument("--unpacked-pt", metavar="OUT", help="write the unpacked model as an ordinary Ultralytics .pt")
-    p.add_argument("--val-data", metavar="DATA", help="validate the quantized checkpoint and the unpacked model "
+    p.add_argument("--unpacked-pt", metavar="OUT", type=output_path,
+                   help="write the unpacked model as an ordinary Ultralytics .pt")
+    p.add_argument("--val-data", metavar="DATA", type=data_path,
+                   help="validate the quantized checkpoint and the unpacked model "
                    "on this Ultralytics data yaml (needs --pack or --unpack)")
     p.add_argument("--imgsz", type=imgsz_arg, default=640, help="validation image size, a multiple of 32 (default 640)")
     p.add_argument("--batch", type=positive_int, default=16, help="validation batch size (default 16)")

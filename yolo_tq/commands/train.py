@@ -10,15 +10,15 @@ from __future__ import annotations
 import argparse
 
 from ..io import check_writable
-from .args import add_config_args, config_overrides
+from .args import add_config_args, add_resume_args, config_overrides, output_path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_config_args(p, "configs/stage1_progressive.yaml")
     p.add_argument("--stage", default="1", help="stage number (1-based), stage name, or 'all' (default: 1)")
     p.add_argument("--start", help="start from this checkpoint instead of the previous stage's output")
-    p.add_argument("--resume", action="store_true", help="resume the stage from its last.pt")
-    p.add_argument("--post-training", metavar="OUT",
+    add_resume_args(p)
+    p.add_argument("--post-training", metavar="OUT", type=output_path,
                    help="no training: ternarise stages 1..--stage of the config (cumulative) from --weights and save "
                         "the export to OUT (post-training ternarisation, Wp/Wn from the weights)")
 
@@ -58,7 +58,7 @@ def run(a: argparse.Namespace) -> int:
     cfg = load_config(a.config, config_overrides(a), a.dotlist)
     if a.post_training:
         return post_training(cfg, a)
-    planned = plan_stages(cfg, stage_numbers(cfg, a.stage), a.start, a.resume)
+    planned = plan_stages(cfg, stage_numbers(cfg, a.stage), a.start, a.resume, accept_changes=a.accept_changes)
     preflight(cfg, planned)
     with dataset_errors(cfg.base.data):
         for k, stage in enumerate(planned):

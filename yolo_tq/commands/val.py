@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..io import check_writable
-from .args import imgsz_arg, input_file, positive_int
+from ..io import check_writable, printable
+from .args import data_path, imgsz_arg, input_file, output_path, positive_int
 
 METRICS = ("mAP50", "mAP75", "mAP50-95", "precision", "recall")
 CLASS_COLUMNS = [("class", "class", "d"), ("name", "name", "s"), ("instances", "instances", "d"),
@@ -28,7 +28,7 @@ PAIR_CLASS_COLUMNS = CLASS_COLUMNS[:3] + [(f"{who} {k}", f"{short} {k}", f) for 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", type=input_file, help="a .pt checkpoint (the quantized model under --fp32)")
-    p.add_argument("--data", required=True, help="Ultralytics data yaml (name or path)")
+    p.add_argument("--data", required=True, type=data_path, help="Ultralytics data yaml (name or path)")
     p.add_argument("--fp32", type=input_file, metavar="BASELINE",
                    help="also validate this baseline checkpoint with the same settings and show both side by side")
     p.add_argument("--per-class", action="store_true", help="also each class's mAP50 and mAP50-95")
@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=positive_int, default=16)
     p.add_argument("--device", default=None, help="cpu, 0, ...")
     p.add_argument("--split", default="val", choices=["val", "test", "train"])
-    p.add_argument("--json", help="also write the metrics to this JSON file")
+    p.add_argument("--json", type=output_path, help="also write the metrics to this JSON file")
 
 
 def pair_table(r: dict) -> str:
@@ -50,8 +50,10 @@ def pair_table(r: dict) -> str:
 
 
 def class_table(rows: list[dict], columns, split: str) -> str:
+    """The per-class table; class names (from a file) with control characters escaped (io.printable)."""
     from ..eval.compare import format_table
 
+    rows = [{**r, "name": printable(r["name"])} for r in rows]
     return f"\nper class ({split} split, classes with labels):\n{format_table(rows, columns)}"
 
 
@@ -75,4 +77,7 @@ def run(a: argparse.Namespace) -> int:
             print(class_table(r["per_class"], CLASS_COLUMNS, a.split))
     if a.json:
         write_json(r, a.json)
+    results = [r["baseline"], r["checkpoint"]] if a.fp32 else [r]
+    for warning in (w for one in results for w in one.get("warnings", [])):
+        print(warning)  # last, so that a dropped image is never read past as a plain mAP
     return 0

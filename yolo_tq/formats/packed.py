@@ -54,7 +54,7 @@ from .codes import PackError, bn_affine, grid_codes, pack_bits, pack_trits, quan
 from .layout import RESERVED_SUFFIXES, is_batchnorm, owner_path
 from .metadata import (FORMAT_NAME, FORMAT_VERSION, META_KEY, REST_PRECISIONS, SUPPORTED_MODEL_CLASSES, check_metadata,
                        known_architecture)
-from .reader import fill_model, open_packed
+from .reader import FP16_MAX, fill_model, open_packed
 from .verify import verify_round_trip
 
 
@@ -113,6 +113,8 @@ def check_packable(model: nn.Module) -> None:
 def ternary_entries(key: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
     """K.codes (5 codes per byte) and K.scales (Wp, Wn) of a ternary tensor."""
     codes, wp, wn = ternary_codes(w)
+    if max(wp, wn) > FP16_MAX:
+        raise PackError(f"{key} has ternary scales beyond the FP16 range ({wp:g}, {wn:g})")
     return {f"{key}.codes": pack_trits(codes), f"{key}.scales": torch.tensor([wp, wn], dtype=torch.float32)}
 
 

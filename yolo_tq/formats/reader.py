@@ -4,12 +4,12 @@ shape compared with what that model needs before any tensor is read, then decode
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from ..io import input_problem
 from ..quant.apply import paths_filter, quantize_, register_builder
 from ..quant.layers import PackedBitLinear
 from .codes import GRID_BITS, PackError, bn_from_affine, decode_grid, decode_ternary, dequantize_int8, unpack_bits, \
@@ -20,6 +20,7 @@ from .metadata import META_KEY, PackedBitLinearConfig, short_repr, check_metadat
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                        "U8": torch.uint8, "BOOL": torch.bool}
+FP16_MAX = torch.finfo(torch.float16).max  # every decoded value must fit: the unpacked model is saved in FP16
 
 
 def _parse_metadata(header: dict | None) -> dict:
@@ -40,8 +41,11 @@ def open_packed(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, nn.Mod
     from safetensors import safe_open
 
     p = Path(path)
-    if not p.is_file():
+    problem = input_problem(p)
+    if problem == "not found":
         raise FileNotFoundError(f"packed file not found: {p}")
+    if problem:
+        raise PackError(f"packed file {problem}: {p}")
     try:
         with safe_open(str(p), framework="pt") as f:
             meta = _parse_metadata(f.metadata())
@@ -74,15 +78,16 @@ def decode_tensor(tensors: dict[str, torch.Tensor], key: str, target: torch.Tens
     the layout has been checked (check_layout)."""
     if f"{key}.codes" in tensors:
         wp, wn = tensors[f"{key}.scales"].tolist()
-        if wp < 0 or wn < 0 or not math.isfinite(wp) or not math.isfinite(wn):
-            raise PackError(f"{key}: ternary scales must be finite and >= 0 (got {wp}, {wn})")
+        if not (0 <= wp <= FP16_MAX and 0 <= wn <= FP16_MAX):  # NaN fails too
+            raise PackError(f"{key}: ternary scales must be finite and >= 0, within FP16's range (at most "
+                            f"{FP16_MAX:g}, as the model is saved), got {wp}, {wn}")
         codes = unpack_trits(tensors[f"{key}.codes"], target.numel())
         return decode_ternary(codes, wp, wn, target.shape)
     for b in GRID_BITS:
         if f"{key}.grid{b}" in tensors and target.dim() >= 2:
             steps = tensors[f"{key}.steps"]
-            if not (torch.isfinite(steps).all() and (steps >= 0).all()):
-                raise PackError(f"{key}: grid steps must be finite and >= 0")
+            if not ((steps >= 0).all() and (steps <= FP16_MAX).all()):
+                raise PackError(f"{key}: grid steps must be finite, >= 0 and within FP16's range")
             return decode_grid(unpack_bits(tensors[f"{key}.grid{b}"], target.numel(), b).reshape(target.shape), steps)
     if f"{key}.int8" in tensors and target.dim() >= 2:
         return dequantize_int8(tensors[f"{key}.int8"], tensors[f"{key}.scale"])
@@ -105,9 +110,12 @@ def decode_state(tensors: dict[str, torch.Tensor], model: nn.Module) -> dict[str
 
 
 def _check_finite(tensors: dict[str, torch.Tensor], what: str = "holds") -> None:
-    bad = next((k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    """PackError naming the first float tensor with NaN or Inf, or with values beyond FP16's range: the model is
+    saved in FP16 (Ultralytics' format), where they would become Inf."""
+    bad = next((k for k, t in tensors.items() if t.is_floating_point() and not (t.abs() <= FP16_MAX).all()), None)
     if bad:
-        raise PackError(f"tensor '{bad}' {what} NaN or Inf values (corrupt file)")
+        raise PackError(f"tensor '{bad}' {what} NaN or Inf values, or values beyond FP16's range (|x| > "
+                        f"{FP16_MAX:g}; corrupt file)")
 
 
 def build_model(meta: dict) -> nn.Module:
