@@ -3,7 +3,7 @@ in its workdir) with some conv weights kept float, validate each through stock U
 
   python benchmarks/deploy_rest_sensitivity.py   (stage 1 of the 640-trained chain, at 320; paths below)
 """
-import json, sys
+import json
 import onnx
 from onnx import numpy_helper
 from yolo_tq.formats.deploy_onnx import conv_weight_names, encode_model
