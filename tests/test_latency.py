@@ -20,10 +20,11 @@ from yolo_tq.deploy import backends
 from yolo_tq.deploy.backends import reference_outputs
 from yolo_tq.deploy.bench import BenchError, BenchOptions, run_benchmark
 from yolo_tq.deploy.deployable import export_artifact, prepare_checkpoint
-from yolo_tq.deploy.measure import PerfCounterClock, latency_stats, peak_rss_mb, ratio, ratios, reset_peak_rss, time_runs
+from yolo_tq.deploy.measure import (PerfCounterClock, latency_stats, peak_rss_mb, ratios, reset_peak_rss,
+                                    time_interleaved)
 from yolo_tq.deploy.results import (SCHEMA, ABResult, Interleaved, Memory, Skip, TargetRow, WorkerSpec, format_table,
                                     load_arrays, save_arrays)
-from yolo_tq.deploy.worker import measure_target
+from yolo_tq.deploy.worker import measure
 from yolo_tq.eval.agreement import (FP32_BOX_TOL_PX, AgreementError, compare_outputs, f1_score, found_share,
                                    match_detections, output_diffs, verdict)
 from yolo_tq.eval.fused import channelwise_ternary, int8_rounding_error
@@ -66,9 +67,8 @@ def inputs_and_dir(tmp_path_factory, tiny_data):
 
 
 def _spec(name, artifact, d, refs_path, runs=5, warmup=1):
-    return WorkerSpec(target=name, model="quantized", artifact=str(artifact), inputs=str(d / "inputs.npz"),
-                      refs=str(refs_path), batch=1, num_runs=runs, warmup=warmup, min_agreement=0.9,
-                      openvino_int8_hint=None)
+    return WorkerSpec(target=name, models=(("quantized", str(artifact)),), inputs=str(d / "inputs.npz"), batch=1,
+                      num_runs=runs, warmup=warmup, refs=str(refs_path), min_agreement=0.9)
 
 
 # ------------------------------------------------------------------------------------------------ pure functions
@@ -87,8 +87,8 @@ def test_latency_stats_known_values():
 
 
 def test_ratios():
-    assert ratio(2.0, 4.0) == 0.5
-    assert ratio(None, 1.0) is None and ratio(1.0, 0) is None
+    assert ratios({"mean_ms": 2.0}, {"mean_ms": 4.0}) == {"mean_ms": 0.5}
+    assert ratios({"mean_ms": 1.0}, {"mean_ms": 0}) == {"mean_ms": None}  # no ratio to a zero baseline
     r = ratios({"mean_ms": 5.0, "file_mb": 2.0, "gpu_mem_mb": None}, {"mean_ms": 10.0, "file_mb": 2.0})
     assert r == {"mean_ms": 0.5, "file_mb": 1.0}
 
@@ -121,8 +121,6 @@ def test_median_interval_and_aa_band():
 
 
 def test_interleaved_pass_rotates_every_model_through_every_position():
-    from yolo_tq.deploy.measure import time_interleaved
-
     calls = []
     runs = [lambda i=i: calls.append(i) for i in range(3)]
     samples = time_interleaved(runs, [PerfCounterClock() for _ in range(3)], 3, warmup=1)
@@ -150,11 +148,11 @@ def test_ab_ratio_counts_only_after_the_aa_check(monkeypatch, aa, ab_status, sta
 
     seen = []
 
-    def fake_pass(t, models, kind, o, work):
+    def fake_pass(t, models, kind, o, work, folder=None, **kw):
         seen.append((kind, [m for m, _ in models], [a for _, a in models]))
         return _pass(kind, aa) if kind == "A/A" else _pass(kind, 0.95, ab_status)
 
-    monkeypatch.setattr(bench, "_time_pass", fake_pass)
+    monkeypatch.setattr(bench, "_time", fake_pass)
     head = dict(target="onnxruntime-cpu", family="onnxruntime", device="cpu", precision="fp32", status="failed",
                 reason="x")
     pair = [TargetRow(model="baseline", artifact="b.onnx", **head), TargetRow(model="quantized", artifact="q.onnx",
@@ -199,7 +197,7 @@ def test_device_default_follows_cuda(monkeypatch):
         normalize_device("1")
 
 
-def test_time_runs_counts_warmup_and_samples():
+def test_timing_loop_counts_warmup_and_samples():
     calls = []
 
     class FakeClock:
@@ -215,12 +213,12 @@ def test_time_runs_counts_warmup_and_samples():
             self.t += 0.25
             return self.t - self.t0
 
-    samples = time_runs(lambda: calls.append(1), num_runs=7, warmup=3, clock=FakeClock())
+    [samples] = time_interleaved([lambda: calls.append(1)], [FakeClock()], num_runs=7, warmup=3)
     assert len(calls) == 10 and samples == [0.25] * 7
-    samples = time_runs(lambda: None, 4, 0)  # the default clock: perf_counter
+    [samples] = time_interleaved([lambda: None], [PerfCounterClock()], 4)
     assert len(samples) == 4 and all(s >= 0 for s in samples)
     with pytest.raises(ValueError):
-        time_runs(lambda: None, 0, 0)
+        time_interleaved([lambda: None], [PerfCounterClock()], 0)
 
 
 def test_output_diffs_and_confident_anchors():
@@ -325,7 +323,7 @@ def test_onnx_export_matches_pytorch(which, tmp_path, tiny_fp_checkpoint, ternar
     refs = reference_outputs(pm.checkpoint, xs)
     assert refs[0].shape == (1, 4 + 2, (IMGSZ // 8) ** 2 + (IMGSZ // 16) ** 2 + (IMGSZ // 32) ** 2)
     save_arrays(tmp_path / "refs.npz", refs)
-    row = measure_target(_spec("onnxruntime-cpu", path, d, tmp_path / "refs.npz"))
+    row = measure(_spec("onnxruntime-cpu", path, d, tmp_path / "refs.npz"))
     assert row.status == "ok", row.reason
     a, lat = row.agreement, row.latency
     assert a.passed and a.max_abs_box <= FP32_BOX_TOL_PX and a.max_abs_score <= 1e-3
@@ -346,15 +344,15 @@ def test_bitlinear_checkpoint_exports_and_agrees(tmp_path, inputs_and_dir):
     save_arrays(tmp_path / "refs.npz", refs)
     path, _ = export_artifact(pm, "onnx", tmp_path, IMGSZ, 1)
     spec = replace(_spec("onnxruntime-cpu", path, d, tmp_path / "refs.npz", runs=2), activation_rounding=True)
-    row = measure_target(spec)
+    row = measure(spec)
     assert row.status == "ok" and row.agreement.passed and row.agreement.criterion.startswith("fp32 with rounded")
     # one flipped activation code moves boxes by ~1 px (1.45 px on the pipeline's model); judged by detections
     # such an export is timed, while a model without rounding is held to the FP32 tolerance
     refs[0][:, :4] += 1.45
     save_arrays(tmp_path / "moved.npz", refs)
     moved = replace(spec, refs=str(tmp_path / "moved.npz"))
-    assert measure_target(moved).status == "ok"
-    assert measure_target(replace(moved, activation_rounding=False)).status == "refused"
+    assert measure(moved).status == "ok"
+    assert measure(replace(moved, activation_rounding=False)).status == "refused"
 
 
 def test_disagreeing_export_is_refused_not_timed(tmp_path, tiny_fp_checkpoint, inputs_and_dir):
@@ -363,14 +361,14 @@ def test_disagreeing_export_is_refused_not_timed(tmp_path, tiny_fp_checkpoint, i
     refs = reference_outputs(pm.checkpoint, xs)
     refs[0][:, :4] += 1.0  # pretend PyTorch put every box one pixel elsewhere
     save_arrays(tmp_path / "refs.npz", refs)
-    row = measure_target(_spec("torch-cpu", pm.checkpoint, d, tmp_path / "refs.npz"))
+    row = measure(_spec("torch-cpu", pm.checkpoint, d, tmp_path / "refs.npz"))
     assert row.status == "refused" and row.latency is None and not row.agreement.passed
     assert row.agreement.max_abs_box == pytest.approx(1.0, abs=0.01) and "disagrees" in row.reason
 
 
 def test_timing_loop_on_tiny_model(tiny_fp_checkpoint):
     runner = backends.target("torch-cpu").runner(tiny_fp_checkpoint)
-    samples = time_runs(runner.bind(np.zeros((1, 3, IMGSZ, IMGSZ), np.float32)), 12, 2, runner.clock())
+    [samples] = time_interleaved([runner.bind(np.zeros((1, 3, IMGSZ, IMGSZ), np.float32))], [runner.clock()], 12, 2)
     s = latency_stats(samples)
     assert s.runs == 12 and 0 < s.min_ms <= s.median_ms <= s.p95_ms <= s.max_ms < 5000
 
@@ -528,7 +526,8 @@ def test_cli_end_to_end_isolated(tmp_path, tiny_fp_checkpoint):
     assert rows[0].latency.runs == 3 and m.peak_rss_reset is reset_peak_rss()  # the worker resets it where we can
     assert m.added_rss_mb == pytest.approx(m.peak_rss_mb - m.rss_base_mb) and m.added_rss_mb >= 0
     spec = WorkerSpec(**json.loads((tmp_path / "w" / "baseline" / "onnxruntime-cpu.spec.json").read_text()))
-    assert (spec.model, spec.num_runs, spec.warmup, spec.target) == ("baseline", 3, 1, "onnxruntime-cpu")
+    assert (spec.models[0][0], spec.kind, spec.num_runs, spec.warmup) == ("baseline", "row", 3, 1)
+    assert spec.target == "onnxruntime-cpu"
     bad = subprocess.run([sys.executable, "latency_benchmark.py", "--baseline", str(tmp_path / "missing.pt")],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: weights not found")
@@ -542,12 +541,12 @@ def test_openvino_fp32_and_int8(tmp_path, ternary_checkpoint, tiny_data, inputs_
     pm = prepare_checkpoint(ternary_checkpoint, tmp_path, "quantized")
     save_arrays(tmp_path / "refs.npz", reference_outputs(pm.checkpoint, xs))
     fp32, _ = export_artifact(pm, "openvino", tmp_path, IMGSZ, 1)
-    row = measure_target(_spec("openvino-fp32", fp32, d, tmp_path / "refs.npz"))
+    row = measure(_spec("openvino-fp32", fp32, d, tmp_path / "refs.npz"))
     assert row.status == "ok", row.reason
     assert row.inference_precision == "f32" and row.agreement.max_abs_box <= FP32_BOX_TOL_PX
     int8, _ = export_artifact(pm, "openvino-int8", tmp_path, IMGSZ, 1, data=str(tiny_data))
     assert int8.name.endswith("_int8_openvino_model") and "FakeQuantize" in next(int8.glob("*.xml")).read_text()
-    row = measure_target(_spec("openvino-int8", int8, d, tmp_path / "refs.npz"))
+    row = measure(_spec("openvino-int8", int8, d, tmp_path / "refs.npz"))
     # a ternary model loses nothing to per-channel INT8 weights: its INT8 export must agree, and is then timed
     assert row.status == "ok", row.reason
     assert row.agreement.passed and row.agreement.criterion.startswith("int8") and row.latency.runs == 5

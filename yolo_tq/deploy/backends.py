@@ -137,27 +137,30 @@ class Runner:
     notes, precision, clock = "", "", PerfCounterClock
 
 
-class TorchRunner(Runner):
-    """The checkpoint through Ultralytics' AutoBackend (Conv+BN fused, as predict/val run it), under inference_mode."""
+class AutoBackendRunner(Runner):
+    """Through Ultralytics' AutoBackend: a checkpoint (Conv+BN fused, as predict/val run it, under inference_mode)
+    or a TensorRT engine (reads its metadata header, replays a CUDA graph)."""
 
-    def __init__(self, ckpt: Path, t: Target, _hint=None):
+    def __init__(self, path: Path, t: Target, _hint=None):
         import torch
         from ultralytics.nn.autobackend import AutoBackend
 
-        half = t.precision == "fp16"
-        self.torch, self.mode = torch, torch.inference_mode
-        self.device = torch.device("cuda:0" if t.device == "cuda" else "cpu")
-        if t.device == "cuda":  # FP32 means FP32: no TF32 convolutions / matmuls for the fp32 target
+        half, engine = t.precision == "fp16", t.family == "tensorrt"
+        self.torch, self.mode = torch, contextlib.nullcontext if engine else torch.inference_mode
+        self.device, self.precision = torch.device("cuda:0" if t.device == "cuda" else "cpu"), t.precision
+        if t.device == "cuda":
+            self.clock = CudaEventClock
+        if t.device == "cuda" and not engine:  # FP32 means FP32: no TF32 convolutions / matmuls for the fp32 target
             torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = half
-            self.notes, self.clock = "" if half else "TF32 disabled", CudaEventClock
-        self.model = AutoBackend(str(ckpt), device=self.device, fp16=half, fuse=True, verbose=False)
+            self.notes = "" if half else "TF32 disabled"
+        self.model = AutoBackend(str(path), device=self.device, fp16=half, fuse=True, verbose=False)
         self.model.eval()
-        self.dtype, self.precision = (torch.float16, "fp16") if half else (torch.float32, "fp32")
-        convs = (p for p in self.model.backend.model.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[2] > 1)
-        w = next(convs, None)  # channels_last shows in a conv weight with more than one channel and pixel
-        if t.device == "cpu" and w is not None and w.is_contiguous(memory_format=torch.channels_last) \
-                and not w.is_contiguous():
-            self.notes = "channels_last (AutoBackend's CPU default)"
+        self.dtype = torch.float16 if self.model.backend.fp16 else torch.float32
+        if t.device == "cpu":  # channels_last shows in a conv weight with more than one channel and pixel
+            w = next((p for p in self.model.backend.model.parameters() if p.dim() == 4 and p.shape[1] > 1
+                      and p.shape[2] > 1), None)
+            if w is not None and w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous():
+                self.notes = "channels_last (AutoBackend's CPU default)"
 
     def bind(self, x: np.ndarray):
         staged = self.torch.from_numpy(x).to(self.device, self.dtype)
@@ -172,21 +175,6 @@ class TorchRunner(Runner):
         while isinstance(y, (list, tuple)):
             y = y[0]
         return y.float().cpu().numpy()
-
-
-class TensorRTRunner(TorchRunner):
-    """A TensorRT engine through Ultralytics' AutoBackend (reads its metadata header, replays a CUDA graph)."""
-
-    clock = CudaEventClock
-
-    def __init__(self, engine: Path, t: Target, _hint=None):
-        import torch
-        from ultralytics.nn.autobackend import AutoBackend
-
-        self.torch, self.mode, self.device = torch, contextlib.nullcontext, torch.device("cuda:0")
-        self.model = AutoBackend(str(engine), device=self.device, fp16=t.precision == "fp16", verbose=False)
-        self.dtype = torch.float16 if self.model.backend.fp16 else torch.float32
-        self.precision = t.precision
 
 
 class OnnxRuntimeRunner(Runner):
@@ -233,17 +221,17 @@ class OpenVinoRunner(Runner):
         used = self.compiled.get_property("INFERENCE_PRECISION_HINT")
         self.precision = used.to_string() if hasattr(used, "to_string") else str(used)
 
-    def infer(self, x: np.ndarray) -> np.ndarray:
-        self.request.infer({0: np.ascontiguousarray(x)})
-        return np.array(self.request.get_output_tensor(0).data, dtype=np.float32)
-
     def bind(self, x: np.ndarray):
         feed = {0: np.ascontiguousarray(x)}
         return lambda: self.request.infer(feed, share_inputs=True, share_outputs=True)
 
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        self.bind(x)()
+        return np.array(self.request.get_output_tensor(0).data, dtype=np.float32)
 
-RUNNERS = {"torch": TorchRunner, "onnxruntime": OnnxRuntimeRunner, "openvino": OpenVinoRunner,
-           "tensorrt": TensorRTRunner}
+
+RUNNERS = {"torch": AutoBackendRunner, "onnxruntime": OnnxRuntimeRunner, "openvino": OpenVinoRunner,
+           "tensorrt": AutoBackendRunner}
 
 
 def openvino_default_precision(artifact: str | Path) -> str | None:

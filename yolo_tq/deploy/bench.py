@@ -21,8 +21,8 @@ from .backends import (FAMILIES, TARGETS, Target, cpu_int8_features, openvino_de
                        target, versions)
 from .deployable import ExportError, export_artifact, prepare_checkpoint
 from .measure import AA_TOLERANCE, MB, file_bytes
-from .results import (ABResult, ABSpec, Accuracy, BenchResult, Environment, Interleaved, ModelInfo, Skip, TargetRow,
-                      WorkerSpec, comparisons, save_arrays)
+from .results import (ABResult, Accuracy, BenchResult, Environment, Interleaved, ModelInfo, Skip, TargetRow, WorkerSpec,
+                      comparisons, save_arrays)
 from .worker import one_line, run_worker
 
 
@@ -67,17 +67,14 @@ def normalize_device(device: str | None) -> str:
 
 
 def check_options(o: BenchOptions) -> None:
-    if o.num_runs < 1 or o.warmup < 0:
-        raise BenchError("--num-runs must be >= 1 and --warmup >= 0")
-    if not 0 < o.aa_tolerance < 1:
-        raise BenchError(f"--aa-tolerance must be in (0, 1), got {o.aa_tolerance}")
-    if imgsz_problem(o.imgsz):
-        raise BenchError(f"--{imgsz_problem(o.imgsz)}")
-    if o.batch < 1:
-        raise BenchError(f"--batch must be >= 1, got {o.batch}")
     bad = [b for b in o.backends if b not in FAMILIES]
-    if bad:
-        raise BenchError(f"unknown backend(s) {', '.join(bad)}; choose from {', '.join(FAMILIES)}")
+    for wrong, message in ((o.num_runs < 1 or o.warmup < 0, "--num-runs must be >= 1 and --warmup >= 0"),
+                           (not 0 < o.aa_tolerance < 1, f"--aa-tolerance must be in (0, 1), got {o.aa_tolerance}"),
+                           (imgsz_problem(o.imgsz), f"--{imgsz_problem(o.imgsz)}"),
+                           (o.batch < 1, f"--batch must be >= 1, got {o.batch}"),
+                           (bad, f"unknown backend(s) {', '.join(bad)}; choose from {', '.join(FAMILIES)}")):
+        if wrong:
+            raise BenchError(message)
     for p in (o.baseline, o.quantized):
         if p is not None and not Path(p).is_file():
             raise FileNotFoundError(f"checkpoint not found: {p}")
@@ -117,35 +114,35 @@ def _prepare(o: BenchOptions, models: dict, runnable: list[Target], inputs: list
     return infos, artifacts
 
 
+def _time(t: Target, models: list[tuple[str, str]], kind: str, o: BenchOptions, work: Path, folder: Path | None = None,
+          **kw) -> TargetRow | ABResult:
+    """One worker job on `t` (kind row: one model checked and timed; A/A or A/B: models in alternation) in `folder`."""
+    spec = WorkerSpec(target=t.name, models=tuple(models), inputs=str(work / "inputs.npz"), batch=o.batch,
+                      num_runs=o.num_runs, warmup=o.warmup, openvino_int8_hint=o.openvino_int8_hint, kind=kind, **kw)
+    return run_worker(spec, folder or work, o.isolate)
+
+
 def _time_model(t: Target, role: str, art, o: BenchOptions, work: Path, log, rounding: bool = False) -> TargetRow:
     """One model on one target (or the row of its failed export); `rounding`: the model rounds activations."""
     if isinstance(art, ExportError):
         row = TargetRow.of(t, role, status="failed", reason=str(art))
     else:
         path, export_s = art
-        spec = WorkerSpec(target=t.name, model=role, artifact=str(path), inputs=str(work / "inputs.npz"),
-                          refs=str(work / role / "refs.npz"), batch=o.batch, num_runs=o.num_runs, warmup=o.warmup,
-                          min_agreement=o.min_agreement, openvino_int8_hint=o.openvino_int8_hint,
-                          activation_rounding=rounding)
-        row = replace(run_worker(spec, work / role, o.isolate), artifact=str(path), export_s=export_s,
-                      file_mb=file_bytes(path) / MB, file_gz_mb=file_bytes(path, compressed=True) / MB)
+        row = _time(t, [(role, str(path))], "row", o, work, work / role, refs=str(work / role / "refs.npz"),
+                    min_agreement=o.min_agreement, activation_rounding=rounding)
+        row = replace(row, artifact=str(path), export_s=export_s, file_mb=file_bytes(path) / MB,
+                      file_gz_mb=file_bytes(path, compressed=True) / MB)
     log(row.line())
     if row.agreement is not None and row.agreement.explanation:
         log(f"{'':<27} {row.agreement.explanation}")
     return row
 
 
-def _time_pass(t: Target, models: list[tuple[str, str]], kind: str, o: BenchOptions, work: Path) -> ABResult:
-    spec = ABSpec(target=t.name, models=tuple(models), inputs=str(work / "inputs.npz"), batch=o.batch,
-                  num_runs=o.num_runs, warmup=o.warmup, openvino_int8_hint=o.openvino_int8_hint, kind=kind)
-    return run_worker(spec, work, o.isolate)
-
-
 def _interleave(t: Target, pair: list[TargetRow], o: BenchOptions, work: Path, log) -> Interleaved:
     """The A/A check (the baseline against a second copy of its export), then the A/B pass, each in one process."""
     base, quant = pair
-    aa = _time_pass(t, [("baseline", base.artifact), ("baseline-copy", base.artifact)], "A/A", o, work)
-    ab = _time_pass(t, [("baseline", base.artifact), ("quantized", quant.artifact)], "A/B", o, work)
+    aa = _time(t, [("baseline", base.artifact), ("baseline-copy", base.artifact)], "A/A", o, work)
+    ab = _time(t, [("baseline", base.artifact), ("quantized", quant.artifact)], "A/B", o, work)
     i = Interleaved.judged(t.name, aa, ab, o.aa_tolerance)
     log(i.line())
     return i
@@ -172,12 +169,9 @@ def _validated(row: TargetRow, ov_default: str | None, o: BenchOptions, work: Pa
 
 def measure_maps(rows: list[TargetRow], o: BenchOptions, work: Path, log) -> list[TargetRow]:
     """Accuracy of the exports that ran, where Ultralytics' validator runs them as they were timed."""
-    ov_default, out = None, []
-    for row in rows:
-        if row.status == "ok" and row.family == "openvino" and ov_default is None:
-            ov_default = openvino_default_precision(row.artifact)
-        out.append(_validated(row, ov_default, o, work, log) if row.status == "ok" else row)
-    return out
+    ov = next((r.artifact for r in rows if r.status == "ok" and r.family == "openvino"), None)
+    ov_default = openvino_default_precision(ov) if ov else None  # a property of this CPU: any export tells
+    return [_validated(r, ov_default, o, work, log) if r.status == "ok" else r for r in rows]
 
 
 def run_benchmark(o: BenchOptions, log=print) -> BenchResult:

@@ -54,11 +54,6 @@ class CudaEventClock:
         return self._start.elapsed_time(self._end) / 1e3
 
 
-def time_runs(run: Callable[[], Any], num_runs: int, warmup: int, clock=None) -> list[float]:
-    """Call `run` `warmup` times untimed, then `num_runs` times timed; returns the per-run seconds."""
-    return time_interleaved([run], [clock or PerfCounterClock()], num_runs, warmup)[0]
-
-
 def time_interleaved(runs: Sequence[Callable[[], Any]], clocks: Sequence, num_runs: int, warmup: int = 0) \
         -> list[list[float]]:
     """Call each of `runs` `warmup` times untimed, then `num_runs` iterations that call each once, timed by its clock,
@@ -106,17 +101,10 @@ def latency_stats(samples_s: Sequence[float], batch: int = 1) -> Latency:
                    throughput_ips=batch * 1e3 / mean if mean > 0 else math.inf)
 
 
-def ratio(quantized: float | None, baseline: float | None) -> float | None:
-    """quantized / baseline, or None when either is missing or the baseline is zero."""
-    if quantized is None or baseline is None or baseline == 0:
-        return None
-    return float(quantized) / float(baseline)
-
-
 def ratios(quantized: Mapping[str, float | None], baseline: Mapping[str, float | None],
-           figures: Sequence[str] = RATIO_FIGURES) -> dict[str, float]:
-    """Figure -> quantized/baseline for every figure both sides have."""
-    return {f: ratio(quantized.get(f), baseline.get(f)) for f in figures
+           figures: Sequence[str] = RATIO_FIGURES) -> dict[str, float | None]:
+    """Figure -> quantized/baseline for every figure both sides have (None where the baseline is zero)."""
+    return {f: float(quantized[f]) / float(baseline[f]) if baseline[f] else None for f in figures
             if quantized.get(f) is not None and baseline.get(f) is not None}
 
 

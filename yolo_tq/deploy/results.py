@@ -1,4 +1,4 @@
-"""The latency benchmark's typed records (worker specs, rows, passes, the result), each refusing to be built wrong;
+"""The latency benchmark's typed records (the worker spec, rows, passes, the result), each refusing to be built wrong;
 `dataclasses.asdict` of them is the JSON (schema SCHEMA), `from_dict` reads it back. Then comparisons and the table."""
 
 from __future__ import annotations
@@ -42,35 +42,29 @@ def _need(ok: bool, row, what: str) -> None:
         raise ValueError(f"{type(row).__name__} {getattr(row, 'model', '')} {row.target} ({row.status}): {what}")
 
 
+def _need_status(row, statuses: tuple = STATUSES) -> None:
+    """A known status, and a reason exactly when it is not ok."""
+    _need(row.status in statuses, row, f"status must be one of {', '.join(statuses)}")
+    _need((row.status == "ok") != bool(row.reason), row, "a reason is given exactly when the status is not ok")
+
+
 @dataclass(frozen=True)
-class TimingSpec:
-    """What every worker job shares: the target, the check inputs (.npz; the first is the timed one), timing."""
+class WorkerSpec:
+    """One worker job on `target` with the check inputs (.npz; the first is the timed one). kind "row": the one model
+    in `models` ((model, artifact) pairs), checked against PyTorch's outputs in `refs` (.npz), then timed; "A/A" or
+    "A/B": `models` timed in alternation, the first the ratios' reference."""
 
     target: str
+    models: tuple
     inputs: str
     batch: int
     num_runs: int
     warmup: int
-    openvino_int8_hint: str | None
-
-
-@dataclass(frozen=True)
-class WorkerSpec(TimingSpec):
-    """Measure `target` on one model's `artifact`: agreement with PyTorch's outputs in `refs` (.npz), then timing."""
-
-    model: str  # baseline | quantized
-    artifact: str
-    refs: str
-    min_agreement: float
+    openvino_int8_hint: str | None = None
+    kind: str = "row"  # row | A/A | A/B
+    refs: str = ""
+    min_agreement: float = 0.0
     activation_rounding: bool = False  # the model rounds activations (BitLinear): judged by detections
-
-
-@dataclass(frozen=True)
-class ABSpec(TimingSpec):
-    """Time `target` on (model, artifact) pairs in alternation, the first the ratios' reference; `kind` A/A or A/B."""
-
-    models: tuple
-    kind: str = "A/B"
 
 
 @dataclass(frozen=True)
@@ -115,10 +109,9 @@ class TargetRow:
     traceback: str = ""
 
     def __post_init__(self):
-        _need(self.status in STATUSES, self, f"status must be one of {', '.join(STATUSES)}")
+        _need_status(self)
         ok = self.status == "ok"
         _need(ok == (self.latency is not None), self, "latency is measured exactly when the status is ok")
-        _need(ok != bool(self.reason), self, "a reason is given exactly when the status is not ok")
         if ok:
             _need(self.memory is not None and bool(self.clock), self, "an ok row has memory and its clock")
             _need(self.agreement is not None and self.agreement.passed, self, "an ok row agreed with PyTorch")
@@ -135,6 +128,13 @@ class TargetRow:
         parts = {"agreement": Agreement, "latency": Latency, "memory": Memory, "accuracy": Accuracy}
         return cls(**{k: parts[k](**v) if k in parts and v is not None else v for k, v in d.items()})
 
+    @property
+    def memory_mb(self) -> float | None:
+        """The memory figure shown: on CUDA the device memory added, else the peak RSS."""
+        if self.memory is None:
+            return None
+        return self.memory.gpu_mem_mb if self.device == "cuda" else self.memory.peak_rss_mb
+
     def figures(self) -> dict[str, float | None]:
         """Figure -> value (latency, memory, file size), for ratios."""
         parts = [asdict(p) for p in (self.latency, self.memory) if p is not None]
@@ -146,7 +146,7 @@ class TargetRow:
             return f"{head} {self.status}: {self.reason}"
         lat, a = self.latency, self.agreement
         return (f"{head} mean {lat.mean_ms:.2f} ms  median {lat.median_ms:.2f}  p95 {lat.p95_ms:.2f}  "
-                f"{lat.throughput_ips:.1f} img/s  mem {fmt_cell(memory_mb(self), '.0f')} MB  max|Δ| {a.max_abs:.3g}  "
+                f"{lat.throughput_ips:.1f} img/s  mem {fmt_cell(self.memory_mb, '.0f')} MB  max|Δ| {a.max_abs:.3g}  "
                 f"agree {a.det_agreement:.2f}")
 
 
@@ -165,12 +165,10 @@ class ABResult:
     kind: str = "A/B"
 
     def __post_init__(self):
-        _need(self.status in ("ok", "failed"), self, "status must be ok or failed")
-        ok = self.status == "ok"
-        _need(ok != bool(self.reason), self, "a reason is given exactly when the status is not ok")
+        _need_status(self, ("ok", "failed"))
         _need(self.kind in ("A/A", "A/B"), self, "kind must be A/A or A/B")
-        _need(not ok or (self.stats and set(self.stats) == set(self.paired_median_ratio) == set(self.ratio_interval)
-                         and self.clock), self,
+        _need(self.status != "ok" or (self.stats and set(self.stats) == set(self.paired_median_ratio)
+                                      == set(self.ratio_interval) and self.clock), self,
               "an ok pass has latency, a paired ratio and its interval for every model, and its clock")
 
     @classmethod
@@ -195,8 +193,7 @@ class Interleaved:
     ab: ABResult | None = None
 
     def __post_init__(self):
-        _need(self.status in STATUSES, self, f"status must be one of {', '.join(STATUSES)}")
-        _need((self.status == "ok") != bool(self.reason), self, "a reason is given exactly when not ok")
+        _need_status(self)
         _need(self.status != "ok" or (self.aa is not None and self.aa.status == "ok" and self.ab is not None
                                       and self.ab.status == "ok"), self, "an ok target has both passes ok")
 
@@ -324,12 +321,6 @@ def comparisons(rows: list[TargetRow], interleaved: list[Interleaved] = ()) -> l
                   if m2 == "baseline" and name2 != name and b.device == q.device]
 
 
-def memory_mb(r: TargetRow) -> float | None:
-    if r.memory is None:
-        return None
-    return r.memory.gpu_mem_mb if r.device == "cuda" else r.memory.peak_rss_mb
-
-
 def ratio_text(r: tuple[float, float, float] | None) -> str:
     return "-" if r is None else f"{r[0]:.3f} [{r[1]:.3f}, {r[2]:.3f}]"
 
@@ -338,44 +329,51 @@ def fmt_cell(v, spec):
     return "-" if v is None else format(v, spec)
 
 
-def _row_cells(row: TargetRow) -> str:
-    a, lat = row.agreement, row.latency
-    g = lambda obj, name: getattr(obj, name) if obj is not None else None  # noqa: E731
-    return (f"{row.model:<9} {row.target:<17} {row.precision:<5} {row.status:<8} "
-            f"{fmt_cell(g(a, 'max_abs'), '8.3g'):>8} {fmt_cell(g(a, 'det_agreement'), '5.2f'):>5} "
-            f"{fmt_cell(g(lat, 'mean_ms'), '8.2f'):>8} {fmt_cell(g(lat, 'median_ms'), '8.2f'):>8} "
-            f"{fmt_cell(g(lat, 'p95_ms'), '8.2f'):>8} {fmt_cell(g(lat, 'throughput_ips'), '7.1f'):>7} "
-            f"{fmt_cell(memory_mb(row), '7.0f'):>7} {fmt_cell(row.file_mb, '7.2f'):>7} "
-            f"{fmt_cell(row.file_gz_mb, '6.2f'):>6} {fmt_cell(g(row.accuracy, 'map50_95'), '6.4f'):>6}")
+# the table's sections: per column (header, width, number format or "" for text, value: an attribute / key path
+# "a.b" of the row, or a function of it)
+ROW_COLUMNS = (("model", 9, "", "model"), ("target", 17, "", "target"), ("prec", 5, "", "precision"),
+               ("status", 8, "", "status"), ("max|Δ|", 8, ".3g", "agreement.max_abs"),
+               ("agree", 5, ".2f", "agreement.det_agreement"), ("mean ms", 8, ".2f", "latency.mean_ms"),
+               ("median", 8, ".2f", "latency.median_ms"), ("p95", 8, ".2f", "latency.p95_ms"),
+               ("img/s", 7, ".1f", "latency.throughput_ips"), ("mem MB", 7, ".0f", "memory_mb"),
+               ("file MB", 7, ".2f", "file_mb"), ("gz MB", 6, ".2f", "file_gz_mb"),
+               ("mAP", 6, ".4f", "accuracy.map50_95"))
+INTERLEAVED_COLUMNS = (("interleaved", 17, "", "target"),
+                       ("A/A copy / baseline", 22, "", lambda i: ratio_text(i.aa_ratio())),
+                       ("A/B quantized / base", 22, "", lambda i: ratio_text(i.ab and i.ab.ratio("quantized"))),
+                       ("status", 0, "", lambda i: i.status if i.status == "ok" else f"{i.status}: {i.reason}"))
+COMPARISON_COLUMNS = (("quantized / baseline, separate runs", 36, "", lambda c: f"{c.quantized} / {c.baseline}"),
+                      ("mean", 6, ".3f", "ratios.mean_ms"), ("median", 6, ".3f", "ratios.median_ms"),
+                      ("p95", 6, ".3f", "ratios.p95_ms"), ("img/s", 6, ".3f", "ratios.throughput_ips"),
+                      ("mem", 6, ".3f", lambda c: c.ratios.get("gpu_mem_mb", c.ratios.get("peak_rss_mb"))),
+                      ("file", 6, ".3f", "ratios.file_mb"), ("gz", 6, ".3f", "ratios.file_gz_mb"),
+                      ("ΔmAP", 7, "+.4f", "delta_map50_95"))
 
 
-def _ratio_cells(c: Comparison) -> str:
-    q = c.ratios
-    cells = [q.get(k) for k in ("mean_ms", "median_ms", "p95_ms", "throughput_ips")]
-    cells += [q.get("gpu_mem_mb", q.get("peak_rss_mb")), q.get("file_mb"), q.get("file_gz_mb")]
-    return (f"{c.quantized + ' / ' + c.baseline:<36} " + " ".join(f"{fmt_cell(v, '6.3f'):>6}" for v in cells)
-            + f" {fmt_cell(c.delta_map50_95, '+7.4f'):>7}")
+def _value(item, path):
+    """path(item), or the attribute / key path "a.b" of item (None where a part is missing)."""
+    if callable(path):
+        return path(item)
+    for name in path.split("."):
+        item = item.get(name) if isinstance(item, dict) else getattr(item, name, None)
+    return item
 
 
-def _interleaved_cells(i: Interleaved) -> str:
-    ab = i.ab.ratio("quantized") if i.ab is not None else None
-    return (f"{i.target:<17} {ratio_text(i.aa_ratio()):<22} {ratio_text(ab):<22} "
-            + (i.status if i.status == "ok" else f"{i.status}: {i.reason}"))
+def _section(columns: tuple, items: list) -> list[str]:
+    """Header, rule and one line per item: text left-aligned, numbers right-aligned ("-" where missing)."""
+    head = " ".join(f"{h:{'>' if f else '<'}{w}}" for h, w, f, _ in columns)
+    lines = [" ".join(f"{fmt_cell(_value(x, v), f) if f else _value(x, v):{'>' if f else '<'}{w}}"
+                      for _, w, f, v in columns) for x in items]
+    return [head, "-" * len(head), *lines]
 
 
 def format_table(r: BenchResult) -> str:
     """The on-screen table: rows, interleaved ratios, ratios of the separate runs, then refusals and skips."""
-    cols = f"{'model':<9} {'target':<17} {'prec':<5} {'status':<8} {'max|Δ|':>8} {'agree':>5} {'mean ms':>8} " \
-           f"{'median':>8} {'p95':>8} {'img/s':>7} {'mem MB':>7} {'file MB':>7} {'gz MB':>6} {'mAP':>6}"
-    lines = [cols, "-" * len(cols), *map(_row_cells, r.rows)]
+    lines = _section(ROW_COLUMNS, r.rows)
     if r.interleaved:
-        head = f"{'interleaved':<17} {'A/A copy / baseline':<22} {'A/B quantized / base':<22} status"
         lines += ["", f"paired median ratio [{CI_TEXT}]; the A/B counts only where the A/A reads 1.00 ± "
-                      f"{r.options.get('aa_tolerance', AA_TOLERANCE):g}", head, "-" * len(head),
-                  *map(_interleaved_cells, r.interleaved)]
+                      f"{r.options.get('aa_tolerance', AA_TOLERANCE):g}", *_section(INTERLEAVED_COLUMNS, r.interleaved)]
     if r.comparisons:
-        head = (f"{'quantized / baseline, separate runs':<36} {'mean':>6} {'median':>6} {'p95':>6} {'img/s':>6} "
-                f"{'mem':>6} {'file':>6} {'gz':>6} {'ΔmAP':>7}")
-        lines += ["", head, "-" * len(head), *map(_ratio_cells, r.comparisons)]
+        lines += ["", *_section(COMPARISON_COLUMNS, r.comparisons)]
     notes = [f"{x.status} {x.model} {x.target}: {x.reason}" for x in r.rows if x.status != "ok"]
     return "\n".join(lines + [""] + notes + [s.line() for s in r.skipped])

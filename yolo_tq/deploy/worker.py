@@ -15,8 +15,8 @@ from pathlib import Path
 from ..eval.agreement import compare_outputs
 from ..io import atomic_write_text
 from .backends import target
-from .measure import MemoryMeter, cycle_ratios, latency_stats, median_interval, time_interleaved, time_runs
-from .results import ABResult, ABSpec, TargetRow, WorkerSpec, load_arrays, save_record
+from .measure import MemoryMeter, cycle_ratios, latency_stats, median_interval, time_interleaved
+from .results import ABResult, TargetRow, WorkerSpec, load_arrays, save_record
 
 
 def one_line(e: BaseException) -> str:
@@ -24,43 +24,32 @@ def one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg[-1] if msg else ''}".rstrip(": ")
 
 
-def _measure(t, spec: WorkerSpec) -> TargetRow:
+def _measure_row(t, spec: WorkerSpec) -> TargetRow:
+    (model, artifact), = spec.models
     inputs, refs = load_arrays(spec.inputs), load_arrays(spec.refs)
     meter, t0 = MemoryMeter(cuda=t.device == "cuda"), time.perf_counter()
-    runner = t.runner(spec.artifact, spec.openvino_int8_hint)
-    row = dict(artifact=spec.artifact, load_s=time.perf_counter() - t0, inference_precision=runner.precision,
+    runner = t.runner(artifact, spec.openvino_int8_hint)
+    row = dict(artifact=artifact, load_s=time.perf_counter() - t0, inference_precision=runner.precision,
                notes=runner.notes)
     a = row["agreement"] = compare_outputs(refs, [runner.infer(x) for x in inputs], t.precision, spec.min_agreement,
                                            spec.activation_rounding)
     if not a.passed:
         reason = (f"disagrees with PyTorch (max|Δbox| {a.max_abs_box:.3g} px, max|Δscore| {a.max_abs_score:.3g}, "
                   f"detection agreement {a.det_agreement:.2f}); criterion {a.criterion}")
-        return TargetRow.of(t, spec.model, **row, status="refused", reason=reason, memory=meter.read())
+        return TargetRow.of(t, model, **row, status="refused", reason=reason, memory=meter.read())
     clock = runner.clock()
-    latency = latency_stats(time_runs(runner.bind(inputs[0]), spec.num_runs, spec.warmup, clock), spec.batch)
-    return TargetRow.of(t, spec.model, **row, status="ok", clock=clock.name, latency=latency, memory=meter.read())
+    latency = latency_stats(time_interleaved([runner.bind(inputs[0])], [clock], spec.num_runs, spec.warmup)[0],
+                            spec.batch)
+    return TargetRow.of(t, model, **row, status="ok", clock=clock.name, latency=latency, memory=meter.read())
 
 
-def measure_target(spec: WorkerSpec) -> TargetRow:
-    """Row for spec.target on spec.artifact: status ok | refused | failed, agreement, latency, memory."""
-    t = target(spec.target)
-    try:
-        return _measure(t, spec)
-    except Exception as e:  # noqa: BLE001 - one target failing must not stop the others
-        return TargetRow.of(t, spec.model, artifact=spec.artifact, status="failed", reason=one_line(e),
-                            traceback=traceback.format_exc() if os.environ.get("YOLO_TQ_DEBUG") else "")
-
-
-def measure_interleaved(spec: ABSpec) -> ABResult:
-    """An interleaved pass (A/A or A/B) of one target on spec.models in one process, so that slow changes in load hit
-    all alike: per model its latency and its paired median ratio to the first model, with its interval."""
-    t, x, names = target(spec.target), load_arrays(spec.inputs)[0], [model for model, _ in spec.models]
-    try:
-        runners = [t.runner(artifact, spec.openvino_int8_hint) for _, artifact in spec.models]
-        clocks = [r.clock() for r in runners]
-        samples = time_interleaved([r.bind(x) for r in runners], clocks, spec.num_runs, spec.warmup)
-    except Exception as e:  # noqa: BLE001
-        return ABResult(target=t.name, status="failed", reason=one_line(e), kind=spec.kind)
+def _measure_pass(t, spec: WorkerSpec) -> ABResult:
+    """All models in alternation in one process, so that slow changes in load hit all alike: per model its latency
+    and its paired median ratio to the first model, with its interval."""
+    x, names = load_arrays(spec.inputs)[0], [model for model, _ in spec.models]
+    runners = [t.runner(artifact, spec.openvino_int8_hint) for _, artifact in spec.models]
+    clocks = [r.clock() for r in runners]
+    samples = time_interleaved([r.bind(x) for r in runners], clocks, spec.num_runs, spec.warmup)
     paired = {n: median_interval(cycle_ratios(s, samples[0], len(runners))) for n, s in zip(names, samples)}
     return ABResult(target=t.name, status="ok", clock=clocks[0].name, kind=spec.kind,
                     stats={n: latency_stats(s, spec.batch) for n, s in zip(names, samples)},
@@ -68,12 +57,28 @@ def measure_interleaved(spec: ABSpec) -> ABResult:
                     ratio_interval={n: [lo, hi] for n, (_, lo, hi) in paired.items()})
 
 
-def run_worker(spec: WorkerSpec | ABSpec, folder: Path, isolate: bool) -> TargetRow | ABResult:
+def _failed(spec: WorkerSpec, reason: str, trace: str = "") -> TargetRow | ABResult:
+    if spec.kind != "row":
+        return ABResult(spec.target, "failed", reason, kind=spec.kind)
+    (model, artifact), = spec.models
+    return TargetRow.of(target(spec.target), model, artifact=artifact, status="failed", reason=reason, traceback=trace)
+
+
+def measure(spec: WorkerSpec) -> TargetRow | ABResult:
+    """spec.kind "row": the TargetRow (ok | refused | failed: agreement, latency, memory); "A/A" or "A/B": the
+    interleaved pass (ABResult, ok | failed)."""
+    t = target(spec.target)
+    try:
+        return _measure_row(t, spec) if spec.kind == "row" else _measure_pass(t, spec)
+    except Exception as e:  # noqa: BLE001 - one target failing must not stop the others
+        return _failed(spec, one_line(e), traceback.format_exc() if os.environ.get("YOLO_TQ_DEBUG") else "")
+
+
+def run_worker(spec: WorkerSpec, folder: Path, isolate: bool) -> TargetRow | ABResult:
     """Measure `spec` here, or in a fresh `python -m yolo_tq.deploy.worker` (the installed package) run in `folder`."""
-    ab = isinstance(spec, ABSpec)
     if not isolate:
-        return measure_interleaved(spec) if ab else measure_target(spec)
-    stem = spec.target + ({"A/A": ".aa", "A/B": ".ab"}[spec.kind] if ab else "")
+        return measure(spec)
+    stem = spec.target + {"row": "", "A/A": ".aa", "A/B": ".ab"}[spec.kind]
     spec_path, out_path = folder / f"{stem}.spec.json", folder / f"{stem}.result.json"
     save_record(spec, spec_path)
     out_path.unlink(missing_ok=True)
@@ -83,19 +88,16 @@ def run_worker(spec: WorkerSpec | ABSpec, folder: Path, isolate: bool) -> Target
     atomic_write_text(folder / f"{stem}.log", p.stdout)
     if p.returncode != 0 or not out_path.is_file():
         tail = p.stdout.strip().splitlines()
-        reason = f"worker exited {p.returncode}: {tail[-1] if tail else 'no output'}"
-        return ABResult(spec.target, "failed", reason, kind=spec.kind) if ab else \
-            TargetRow.of(target(spec.target), spec.model, status="failed", reason=reason)
+        return _failed(spec, f"worker exited {p.returncode}: {tail[-1] if tail else 'no output'}")
     d = json.loads(out_path.read_text())
-    return ABResult.from_dict(d) if ab else TargetRow.from_dict(d)
+    return TargetRow.from_dict(d) if spec.kind == "row" else ABResult.from_dict(d)
 
 
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print("usage: python -m yolo_tq.deploy.worker SPEC.json RESULT.json", file=sys.stderr)
         return 2
-    d = json.loads(Path(argv[0]).read_text())
-    save_record(measure_interleaved(ABSpec(**d)) if "models" in d else measure_target(WorkerSpec(**d)), argv[1])
+    save_record(measure(WorkerSpec(**json.loads(Path(argv[0]).read_text()))), argv[1])
     return 0
 
 
