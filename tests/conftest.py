@@ -12,7 +12,18 @@ import pytest
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("YOLO_VERBOSE", "False")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread per worker (and its subprocesses): the workers share the cores
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
+# the longest test files, started first so that the two xdist workers (pyproject addopts) finish together
+SLOW_FIRST = ("test_run_sh.py", "test_original_commands.py")
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: item.path.name not in SLOW_FIRST)  # stable: each file keeps its own order
 SHARED = REPO.parent / "shared"
 SHARED_WEIGHTS = SHARED / "weights" / "yolo11n.pt"
 SHARED_DATA = SHARED / "datasets" / "coco128" / "coco128.yaml"
