@@ -192,18 +192,23 @@ def test_a_model_whose_class_count_is_not_the_datas_is_refused(tmp_path, tiny_da
     assert "\n" not in str(e.value) and "detects 3 classes" in str(e.value) and "has 2" in str(e.value)
 
 
-def test_dropped_val_images_are_a_warning_in_the_result(tmp_path, tiny_data, tiny_fp_checkpoint):
-    from yolo_tq.eval.validate import validate
-
+def data_with_nan_labels(tmp_path: Path, tiny_data: Path, n: int) -> Path:
+    """A copy of the tiny dataset whose first `n` val labels hold a NaN coordinate; its data yaml."""
     root = tmp_path / "data"
     shutil.copytree(tiny_data.parent, root)
     data = root / "tiny.yaml"
     data.write_text(data.read_text().replace(str(tiny_data.parent), str(root)))
     for cache in root.rglob("*.cache"):
         cache.unlink()
-    labels = sorted((root / "labels" / "val").glob("*.txt"))
-    for lb in labels[:2]:  # half the val images get a NaN label: Ultralytics drops them
-        lb.write_text("0 nan 0.5 0.2 0.2\n")
+    for label in sorted((root / "labels" / "val").glob("*.txt"))[:n]:
+        label.write_text("0 nan 0.5 0.2 0.2\n")
+    return data
+
+
+def test_dropped_val_images_are_a_warning_in_the_result(tmp_path, tiny_data, tiny_fp_checkpoint):
+    from yolo_tq.eval.validate import validate
+
+    data = data_with_nan_labels(tmp_path, tiny_data, 2)  # half the val images: Ultralytics drops them
     r = validate(tiny_fp_checkpoint, str(data), imgsz=64, batch=4, device="cpu")
     assert r["warnings"] == ["warning: 2 of 4 val images were dropped (corrupt image or label, see Ultralytics' "
                              "warnings): this mAP is over the other 2 only"]
@@ -221,13 +226,7 @@ def test_dropped_images_warning_counts():
 def test_val_prints_the_dropped_images_warning_last(tmp_path, tiny_data, tiny_fp_checkpoint):
     from conftest import run_here
 
-    root = tmp_path / "data"
-    shutil.copytree(tiny_data.parent, root)
-    data = root / "tiny.yaml"
-    data.write_text(data.read_text().replace(str(tiny_data.parent), str(root)))
-    for cache in root.rglob("*.cache"):
-        cache.unlink()
-    (root / "labels" / "val" / "000.txt").write_text("0 nan 0.5 0.2 0.2\n")
+    data = data_with_nan_labels(tmp_path, tiny_data, 1)
     r = run_here("validate.py", str(tiny_fp_checkpoint), "--data", str(data), "--imgsz", "64", "--batch", "4",
                  "--device", "cpu", "--json", str(tmp_path / "m.json"))
     assert r.returncode == 0, r.stderr[-2000:]
