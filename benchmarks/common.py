@@ -89,25 +89,13 @@ def provenance() -> dict:
     import torch
     import ultralytics
 
+    from yolo_tq.machine import package_versions
+
     return {"command": " ".join([Path(sys.executable).name, *sys.argv]), "commit": git("rev-parse", "HEAD"),
             "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node(), "cpu_count": os.cpu_count(),
             "python": platform.python_version(), "torch": torch.__version__, "ultralytics": ultralytics.__version__,
             "packages": package_versions()}
-
-
-def package_versions() -> dict:
-    """Versions of the packages whose numerics reach training (augmentation, resizing, BLAS): training is bit-exact
-    only under the same versions, so every result records them."""
-    from importlib import metadata
-
-    out = {}
-    for name in ("torchvision", "numpy", "opencv-python", "opencv-python-headless", "pillow", "scipy"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
 
 
 def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:

@@ -336,11 +336,11 @@ class _FakeTensorRT:
 def test_tensorrt_engine_or_its_refusal(tiny_models, tmp_path, monkeypatch, refuse):
     from ultralytics.nn.backends.base import BaseBackend
 
-    from yolo_tq.deploy import deployable
+    from yolo_tq.commands import export as export_command
 
     fake = _FakeTensorRT(refuse)
     monkeypatch.setitem(sys.modules, "tensorrt", fake)
-    monkeypatch.setattr(deployable, "tensorrt_available", lambda: True)
+    monkeypatch.setattr(export_command, "tensorrt_available", lambda: True)
     out = tmp_path / "m.onnx"
     r = export(tiny_models["ternary"], "--out", out, "--imgsz", 64, "--tensorrt")
     assert fake.parsed == out.read_bytes()  # TensorRT parsed the deployable file itself
@@ -358,9 +358,9 @@ def test_tensorrt_engine_or_its_refusal(tiny_models, tmp_path, monkeypatch, refu
 
 
 def test_tensorrt_missing_is_one_line_before_any_work(tiny_models, tmp_path, monkeypatch):
-    from yolo_tq.deploy import deployable
+    from yolo_tq.commands import export as export_command
 
-    monkeypatch.setattr(deployable, "tensorrt_available", lambda: False)
+    monkeypatch.setattr(export_command, "tensorrt_available", lambda: False)
     r = export(tiny_models["ternary"], "--out", tmp_path / "m.onnx", "--imgsz", 64, "--tensorrt")
     assert_one_line_error(r, "--tensorrt needs TensorRT")
     assert not (tmp_path / "m.onnx").exists()

@@ -23,7 +23,7 @@ from yolo_tq.deploy.deployable import export_artifact, prepare_checkpoint
 from yolo_tq.deploy.measure import (PerfCounterClock, latency_stats, peak_rss_mb, ratios, reset_peak_rss,
                                     time_interleaved)
 from yolo_tq.deploy.results import (SCHEMA, ABResult, Interleaved, Memory, Skip, TargetRow, WorkerSpec, format_table,
-                                    load_arrays, save_arrays)
+                                    load_arrays, progress_line, save_arrays, save_record)
 from yolo_tq.deploy.worker import measure
 from yolo_tq.eval.agreement import (FP32_BOX_TOL_PX, AgreementError, compare_outputs, f1_score, found_share,
                                    match_detections, output_diffs, verdict)
@@ -179,7 +179,7 @@ def test_device_default_follows_cuda(monkeypatch):
     a = p.parse_args(["--baseline", "yolo11n.pt", "--quantized", "t.pt", "--export-fp16", "--export-int8",
                       "--num-runs", "30"])
     assert a.device is None
-    monkeypatch.setattr(backends, "_importable", lambda m: m != "tensorrt")
+    monkeypatch.setattr(backends, "importable", lambda m: m != "tensorrt")
     for seen, want in ((True, "cuda"), (False, "cpu")):
         monkeypatch.setattr(backends, "cuda_available", lambda seen=seen: seen)
         assert normalize_device(a.device) == want and normalize_device("cpu") == "cpu"
@@ -375,8 +375,8 @@ def test_timing_loop_on_tiny_model(tiny_fp_checkpoint):
 
 # ------------------------------------------------------------------------------------------------ skips and JSON
 def test_missing_backends_give_one_skip_line(monkeypatch):
-    real = backends._importable
-    monkeypatch.setattr(backends, "_importable", lambda m: False if m in ("openvino", "tensorrt", "nncf") else real(m))
+    real = backends.importable
+    monkeypatch.setattr(backends, "importable", lambda m: False if m in ("openvino", "tensorrt", "nncf") else real(m))
     monkeypatch.setattr(backends, "cuda_available", lambda: False)
     def plan_targets(device, fp16, int8, data):
         o = BenchOptions(baseline="b", quantized="q", device=device, export_fp16=fp16, export_int8=int8, data=data)
@@ -397,8 +397,8 @@ def test_missing_backends_give_one_skip_line(monkeypatch):
 
 
 def test_run_benchmark_result(tmp_path, tiny_fp_checkpoint, ternary_checkpoint, tiny_data, monkeypatch):
-    monkeypatch.setattr(backends, "_importable",
-                        lambda m, real=backends._importable: False if m in ("openvino", "tensorrt") else real(m))
+    monkeypatch.setattr(backends, "importable",
+                        lambda m, real=backends.importable: False if m in ("openvino", "tensorrt") else real(m))
     lines = []
     opts = BenchOptions(baseline=str(tiny_fp_checkpoint), quantized=str(ternary_checkpoint), num_runs=3, warmup=1,
                         imgsz=IMGSZ, data=str(tiny_data), export_int8=True, backends=("torch", "onnxruntime", "openvino"),
@@ -429,7 +429,8 @@ def test_run_benchmark_result(tmp_path, tiny_fp_checkpoint, ternary_checkpoint, 
         assert all(s.runs == 3 for p in (i.aa, i.ab) for s in p.stats.values())
         assert i.ab.paired_median_ratio["baseline"] == 1.0 and i.ab.ratio_interval["baseline"] == [1.0, 1.0]
         med, lo, hi = i.aa_ratio()
-        assert lo <= med <= hi and (i.status == "ok") == (abs(med - 1) <= 0.03)
+        # the A/A counts as it is reported, at 3 decimals (1.0304 reads 1.030: inside the band)
+        assert lo <= med <= hi and (i.status == "ok") == (abs(round(med, 3) - 1) <= 0.03 + 1e-12)
         c = next(c for c in r.comparisons if c.quantized == i.target)
         assert (c.interleaved_ratios is not None) == (i.status == "ok")
         if i.status == "ok":
@@ -439,14 +440,41 @@ def test_run_benchmark_result(tmp_path, tiny_fp_checkpoint, ternary_checkpoint, 
     c = r.comparisons[0].ratios
     assert c["file_mb"] == pytest.approx(1.0, rel=0.05) and c["file_gz_mb"] < 1.0  # same size dense, compresses better
     assert r.models["quantized"].kind == "ternary" and r.environment.loadavg_after
-    d = json.loads(json.dumps(asdict(r)))  # what --json writes rebuilds the same typed records
+    d = json.loads(Path(save_record(r, tmp_path / "r.json")).read_text())  # --json's file rebuilds the same records
+    assert d["models"]["quantized"]["checkpoint"] == str(r.models["quantized"].checkpoint)
     assert d["schema"] == SCHEMA and d["options"]["num_runs"] == 3
     assert [TargetRow.from_dict(x) for x in d["rows"]] == r.rows
     assert [Interleaved.from_dict(a) for a in d["interleaved"]] == r.interleaved
+    for x in r.rows:  # each row's progress line as it was timed: its table cells after their headers
+        assert progress_line(x) in lines and f"mean ms {x.latency.mean_ms:.2f}  median" in progress_line(x)
     table = format_table(r)
     assert "onnxruntime-cpu / onnxruntime-cpu" in table and "skip tensorrt-int8:" in table and "A/A copy" in table
     with pytest.raises(BenchError):
         run_benchmark(BenchOptions(baseline=str(tiny_fp_checkpoint), imgsz=50), log=lines.append)
+
+
+def test_machine_facts():
+    from importlib import metadata
+
+    from yolo_tq.machine import CPU_FLAGS, cpu_features, importable, module_versions, package_versions
+
+    assert package_versions(("numpy", "no-such-distribution")) == {"numpy": metadata.version("numpy")}
+    assert importable("numpy") and not importable("no_such_module") and not importable("numpy..bad")
+    assert module_versions(("numpy", "no_such_module")) == {"numpy": np.__version__, "no_such_module": None}
+    assert set(cpu_features()) == set(CPU_FLAGS)
+
+
+def test_progress_lines_show_the_table_cells_and_why_not_ok():
+    agrees, disagrees = (compare_outputs([np.zeros((1, 6, 4), np.float32)], [np.full((1, 6, 4), d, np.float32)],
+                                         "fp32") for d in (0.0, 1.45))
+    common = dict(model="quantized", target="onnxruntime-cpu", family="onnxruntime", device="cpu", precision="fp32")
+    ok = TargetRow(**common, status="ok", clock="perf_counter", agreement=agrees, latency=latency_stats([0.02, 0.03]),
+                   memory=Memory(peak_rss_mb=512.4))
+    assert progress_line(ok) == ("quantized onnxruntime-cpu   prec fp32  status ok  max|Δ| 0  agree 1.00  mean ms 25.00  "
+                                 "median 25.00  p95 29.50  img/s 40.0  mem MB 512  file MB -  gz MB -  mAP -")
+    refused = TargetRow(**common, status="refused", reason="disagrees with PyTorch", agreement=disagrees)
+    assert progress_line(refused).endswith("mean ms -  median -  p95 -  img/s -  mem MB -  file MB -  gz MB -  mAP -; "
+                                           "refused: disagrees with PyTorch")
 
 
 def test_rows_cannot_be_built_wrong():
@@ -555,7 +583,7 @@ def test_openvino_fp32_and_int8(tmp_path, ternary_checkpoint, tiny_data, inputs_
 
 # ------------------------------------------------------------------------------------- the pipeline's INT8 reference
 def test_int8_reference_without_deploy_extras(tmp_path, tiny_fp_checkpoint, tiny_data, monkeypatch):
-    monkeypatch.setattr(backends, "_importable", lambda m, real=backends._importable: m != "openvino" and real(m))
+    monkeypatch.setattr(backends, "importable", lambda m, real=backends.importable: m != "openvino" and real(m))
     out = tmp_path / "int8_reference.json"
     r = run_here("yolo-tq", "int8-reference", "--weights", tiny_fp_checkpoint, "--data", tiny_data, "--imgsz",
                  IMGSZ, "--workdir", tmp_path / "w", "--json", out)

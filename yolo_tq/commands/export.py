@@ -20,9 +20,10 @@ import argparse
 import os
 from pathlib import Path
 
+from ..formats.deploy_onnx import KINDS, REST_CHOICES
+from ..formats.engine import build_tensorrt_engine, tensorrt_available
 from ..io import check_writable, same_file
 from .args import data_path, imgsz_arg, input_file, output_path, positive_int
-from ..formats.deploy_onnx import REST_CHOICES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,11 +48,32 @@ def default_out(ckpt: str) -> str:
     return str(p.with_name(name + ".onnx"))
 
 
+def format_result(r) -> str:
+    """The lines `yolo-tq export` prints of a deploy.deployable.DeployResult."""
+    c, o = r.encoding, r.outputs
+    kinds = ", ".join(f"{c[k]['tensors']} {k}" for k in KINDS if c[k]["tensors"])
+    errs = ", ".join(f"{k.replace('max_rel_error_', '')} {v:.3g}" for k, v in r.decode_errors.items())
+    lines = [
+        f"ternary layers: {c['ternary']['tensors']} (fused PyTorch model: {r.ternary_convs_model})",
+        f"encoded tensors: {kinds or 'none'}; rest {r.rest}",
+        f"decoded in onnxruntime vs the FP export, max relative error: {errs or '-'}",
+        f"ternary weights vs PyTorch's fused weights: max relative error {r.pytorch_weight_rel_error:.3g} "
+        f"({r.pytorch_weights_compared} tensors)",
+        f"outputs on {o['check_inputs']} images: max|Δ| vs PyTorch {o['max_abs_vs_pytorch']:.4g} (FP ONNX "
+        f"{o['max_abs_fp_onnx_vs_pytorch']:.4g}), vs the FP ONNX {o['max_abs_vs_fp_onnx']:.4g}; detection "
+        f"agreement {o['det_agreement_vs_pytorch']:.3f} ({'passed' if o['agreement_passed'] else 'FAILED'})",
+        f"file: {r.out}  {r.bytes:,} bytes ({r.bytes / 1e6:.2f} MB; the FP ONNX: {r.fp_onnx_bytes / 1e6:.2f} MB, "
+        f"{r.fp_onnx_bytes / r.bytes:.1f}x smaller), imgsz {r.imgsz}, {r.seconds:.0f} s",
+    ]
+    return "\n".join(lines)
+
+
 def run(a: argparse.Namespace) -> int:
     os.environ.setdefault("YOLO_OFFLINE", "1")
+    from dataclasses import asdict
+
     from ..config import ConfigError
-    from ..deploy.deployable import (build_tensorrt_engine, export_deployable, format_result, result_dict,
-                                     tensorrt_available)
+    from ..deploy.deployable import export_deployable
     from ..io import write_json
 
     out = a.out or default_out(a.checkpoint)
@@ -72,7 +94,7 @@ def run(a: argparse.Namespace) -> int:
     r = export_deployable(a.checkpoint, out, a.imgsz, a.rest, a.workdir, a.data, a.check_images)
     print(format_result(r))
     if a.json:
-        print(f"JSON: {write_json(result_dict(r), a.json)}")
+        print(f"JSON: {write_json(asdict(r), a.json)}")
     if a.tensorrt:
         built, line = build_tensorrt_engine(out, engine)
         print(line)

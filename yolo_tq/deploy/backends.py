@@ -5,37 +5,20 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ..machine import cpu_features, importable
 from .measure import CudaEventClock, PerfCounterClock
 
 FAMILIES = ("torch", "onnxruntime", "openvino", "tensorrt")
 DEPLOY_REQS = 'pip install -e ".[deploy]"'
 
 
-def _importable(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def cpu_int8_features() -> dict:
-    """Which of the x86 instruction sets that make INT8 / BF16 inference fast this CPU has (per /proc/cpuinfo)."""
-    flags = set()
-    with contextlib.suppress(OSError):
-        line = next((x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags")), "flags:")
-        flags = set(line.split(":", 1)[1].split())
-    return {n: n in flags for n in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile",
-                                    "amx_int8", "amx_bf16")}
-
-
 def cuda_available() -> bool:
-    return _importable("torch") and importlib.import_module("torch").cuda.is_available()
+    return importable("torch") and importlib.import_module("torch").cuda.is_available()
 
 
 # what a target may need -> why it is missing and how to get it (the skip line); a module is there when importable
@@ -56,8 +39,8 @@ def _met(need: str) -> bool:
     if need == "ort-cuda":
         return "CUDAExecutionProvider" in importlib.import_module("onnxruntime").get_available_providers()
     if need == "bf16":
-        return any(cpu_int8_features()[f] for f in ("avx512_bf16", "amx_bf16"))
-    return _importable(need)
+        return any(cpu_features()[f] for f in ("avx512_bf16", "amx_bf16"))
+    return importable(need)
 
 
 @dataclass(frozen=True)
@@ -240,14 +223,3 @@ def openvino_default_precision(artifact: str | Path) -> str | None:
         return OpenVinoRunner(Path(artifact), target("openvino-int8")).precision  # int8: no hint
     except Exception:  # noqa: BLE001
         return None
-
-
-def versions() -> dict:
-    """Versions of the packages the targets use (None where not installed)."""
-    out = {}
-    for mod in ("torch", "ultralytics", "onnx", "onnxslim", "onnxruntime", "openvino", "nncf", "tensorrt"):
-        try:
-            out[mod] = str(getattr(importlib.import_module(mod), "__version__", "?")) if _importable(mod) else None
-        except Exception as e:  # noqa: BLE001 - a broken install is reported, not raised
-            out[mod] = f"import failed: {type(e).__name__}"
-    return out

@@ -15,14 +15,14 @@ import numpy as np
 
 from ..config import ConfigError, imgsz_problem
 from ..eval.agreement import REDUCED_MIN_AGREEMENT, check_inputs
-from ..eval.validate import validate
+from ..eval.validate import Accuracy, validate
 from . import backends
-from .backends import (FAMILIES, TARGETS, Target, cpu_int8_features, openvino_default_precision, reference_outputs,
-                       target, versions)
+from ..machine import cpu_features, module_versions
+from .backends import FAMILIES, TARGETS, Target, openvino_default_precision, reference_outputs, target
 from .deployable import ExportError, export_artifact, prepare_checkpoint
 from .measure import AA_TOLERANCE, MB, file_bytes
-from .results import (ABResult, Accuracy, BenchResult, Environment, Interleaved, ModelInfo, Skip, TargetRow, WorkerSpec,
-                      comparisons, save_arrays)
+from .results import (ABResult, BenchResult, Environment, Interleaved, Skip, TargetRow, WorkerSpec, comparisons,
+                      progress_line, save_arrays)
 from .worker import one_line, run_worker
 
 
@@ -99,7 +99,7 @@ def _prepare(o: BenchOptions, models: dict, runnable: list[Target], inputs: list
     for role, path in models.items():
         pm = prepare_checkpoint(path, work / role, role)
         save_arrays(work / role / "refs.npz", reference_outputs(pm.checkpoint, inputs))
-        infos[role] = ModelInfo(str(pm.source), str(pm.checkpoint), pm.kind, pm.summary)
+        infos[role] = pm
         log(f"{role}: {pm.source} ({pm.kind}; {pm.summary['deploy']['ternary_convs']} of "
             f"{pm.summary['deploy']['fused_convs']} fused convs ternary per channel)")
         for key in dict.fromkeys(t.artifact_for(role) for t in runnable):
@@ -132,7 +132,7 @@ def _time_model(t: Target, role: str, art, o: BenchOptions, work: Path, log, rou
                     min_agreement=o.min_agreement, activation_rounding=rounding)
         row = replace(row, artifact=str(path), export_s=export_s, file_mb=file_bytes(path) / MB,
                       file_gz_mb=file_bytes(path, compressed=True) / MB)
-    log(row.line())
+    log(progress_line(row))
     if row.agreement is not None and row.agreement.explanation:
         log(f"{'':<27} {row.agreement.explanation}")
     return row
@@ -144,7 +144,7 @@ def _interleave(t: Target, pair: list[TargetRow], o: BenchOptions, work: Path, l
     aa = _time(t, [("baseline", base.artifact), ("baseline-copy", base.artifact)], "A/A", o, work)
     ab = _time(t, [("baseline", base.artifact), ("quantized", quant.artifact)], "A/B", o, work)
     i = Interleaved.judged(t.name, aa, ab, o.aa_tolerance)
-    log(i.line())
+    log(progress_line(i))
     return i
 
 
@@ -187,7 +187,7 @@ def run_benchmark(o: BenchOptions, log=print) -> BenchResult:
     work.mkdir(parents=True, exist_ok=True)
     created = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     env = Environment(python=platform.python_version(), machine=platform.machine(), cpu_count=os.cpu_count(),
-                      cpu_features=cpu_int8_features(), versions=versions(), loadavg_before=list(os.getloadavg()))
+                      cpu_features=cpu_features(), versions=module_versions(), loadavg_before=list(os.getloadavg()))
     runnable, skipped = _plan(o, log)
     inputs = check_inputs(o.data, o.imgsz, o.batch, o.check_images)
     save_arrays(work / "inputs.npz", inputs)

@@ -1,15 +1,13 @@
 """Exports: the checkpoint the exporters take, Ultralytics' exports (ONNX simplified with onnxslim, OpenVINO FP32 /
 INT8 via NNCF, TensorRT FP16 / INT8), and the deployable ONNX of any model this project makes (docs/method.md, "The
 deployable ONNX"): Ultralytics' FP ONNX with its weights stored as low-bit codes (formats.deploy_onnx), verified
-before it is written; and its TensorRT engine."""
+before it is written (its TensorRT engine: formats.engine)."""
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +16,7 @@ from ..eval.agreement import check_inputs, compare_outputs
 from ..eval.fused import deploy_weight_summary, fused_weight_error, single_thread
 from ..eval.layers import conv_rows, totals
 from ..eval.validate import captured_output
-from ..formats.deploy_onnx import (KINDS, DeployOnnxError, REST_CHOICES, encode_model, encoding_counts, short_names,
+from ..formats.deploy_onnx import (DeployOnnxError, REST_CHOICES, encode_model, encoding_counts, short_names,
                                    verify_encoding)
 from ..io import CheckpointError, atomic_write_bytes, load_model, save_stock_checkpoint
 from ..quant.apply import export_ternary, quantized_modules
@@ -220,60 +218,3 @@ def export_deployable(source: str | Path, out: str | Path, imgsz: int = 640, res
     atomic_write_bytes(out, data_bytes)
     return DeployResult(str(src), str(out), imgsz, rest, len(data_bytes), fp_path.stat().st_size, n_ternary, counts,
                         errors, pt_err, pt_n, outputs, time.perf_counter() - t0, str(fp_path))
-
-
-def format_result(r: DeployResult) -> str:
-    """The lines `yolo-tq export` prints."""
-    c, o = r.encoding, r.outputs
-    kinds = ", ".join(f"{c[k]['tensors']} {k}" for k in KINDS if c[k]["tensors"])
-    errs = ", ".join(f"{k.replace('max_rel_error_', '')} {v:.3g}" for k, v in r.decode_errors.items())
-    lines = [
-        f"ternary layers: {c['ternary']['tensors']} (fused PyTorch model: {r.ternary_convs_model})",
-        f"encoded tensors: {kinds or 'none'}; rest {r.rest}",
-        f"decoded in onnxruntime vs the FP export, max relative error: {errs or '-'}",
-        f"ternary weights vs PyTorch's fused weights: max relative error {r.pytorch_weight_rel_error:.3g} "
-        f"({r.pytorch_weights_compared} tensors)",
-        f"outputs on {o['check_inputs']} images: max|Δ| vs PyTorch {o['max_abs_vs_pytorch']:.4g} (FP ONNX "
-        f"{o['max_abs_fp_onnx_vs_pytorch']:.4g}), vs the FP ONNX {o['max_abs_vs_fp_onnx']:.4g}; detection "
-        f"agreement {o['det_agreement_vs_pytorch']:.3f} ({'passed' if o['agreement_passed'] else 'FAILED'})",
-        f"file: {r.out}  {r.bytes:,} bytes ({r.bytes / 1e6:.2f} MB; the FP ONNX: {r.fp_onnx_bytes / 1e6:.2f} MB, "
-        f"{r.fp_onnx_bytes / r.bytes:.1f}x smaller), imgsz {r.imgsz}, {r.seconds:.0f} s",
-    ]
-    return "\n".join(lines)
-
-
-result_dict = asdict
-
-
-def tensorrt_available() -> bool:
-    return importlib.util.find_spec("tensorrt") is not None
-
-
-def build_tensorrt_engine(onnx_path: str | Path, out: str | Path, fp16: bool = True) -> tuple[bool, str]:
-    """A TensorRT engine of the deployable ONNX, written as Ultralytics writes its .engine exports (4-byte length,
-    metadata JSON, engine) so that `ultralytics.YOLO(out)` runs it; (built, one line: the file or TensorRT's refusal)."""
-    import onnx
-    import tensorrt as trt
-
-    model_bytes = Path(onnx_path).read_bytes()
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse(model_bytes):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors)) or "no reason given"
-        return False, f"TensorRT {trt.__version__} refused the ONNX: {' '.join(errors.split())}"
-    config = builder.create_builder_config()
-    if fp16:
-        config.set_flag(trt.BuilderFlag.FP16)
-    engine = builder.build_serialized_network(network, config)
-    if engine is None:
-        return False, f"TensorRT {trt.__version__} parsed the ONNX but built no engine (see its log above)"
-    meta = {p.key: p.value for p in onnx.load_from_string(model_bytes).metadata_props if p.key != "yolo_tq"}
-    for k in ("stride", "batch"):
-        if k in meta:
-            meta[k] = int(meta[k])
-    header = json.dumps(meta).encode()
-    atomic_write_bytes(out, len(header).to_bytes(4, "little", signed=True) + header + bytes(engine))
-    return True, f"TensorRT {trt.__version__} engine ({'FP16' if fp16 else 'FP32'}): {out}"
-

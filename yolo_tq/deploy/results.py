@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..eval.agreement import Agreement
+from ..eval.validate import Accuracy
 from ..io import atomic_write_bytes, write_json
 from .measure import AA_TOLERANCE, CI_LEVEL, Latency, Memory, ratios, within_band
 
@@ -65,20 +66,6 @@ class WorkerSpec:
     refs: str = ""
     min_agreement: float = 0.0
     activation_rounding: bool = False  # the model rounds activations (BitLinear): judged by detections
-
-
-@dataclass(frozen=True)
-class Accuracy:
-    """Ultralytics' validator on the val split."""
-
-    map50: float
-    map50_95: float
-    precision: float
-    recall: float
-
-    @classmethod
-    def of(cls, metrics: dict) -> Accuracy:  # eval.validate's metrics
-        return cls(metrics["mAP50"], metrics["mAP50-95"], metrics["precision"], metrics["recall"])
 
 
 @dataclass(frozen=True)
@@ -139,15 +126,6 @@ class TargetRow:
         """Figure -> value (latency, memory, file size), for ratios."""
         parts = [asdict(p) for p in (self.latency, self.memory) if p is not None]
         return {**{k: v for p in parts for k, v in p.items()}, "file_mb": self.file_mb, "file_gz_mb": self.file_gz_mb}
-
-    def line(self) -> str:
-        head = f"{self.model:<9} {self.target:<17}"
-        if self.status != "ok":
-            return f"{head} {self.status}: {self.reason}"
-        lat, a = self.latency, self.agreement
-        return (f"{head} mean {lat.mean_ms:.2f} ms  median {lat.median_ms:.2f}  p95 {lat.p95_ms:.2f}  "
-                f"{lat.throughput_ips:.1f} img/s  mem {fmt_cell(self.memory_mb, '.0f')} MB  max|Δ| {a.max_abs:.3g}  "
-                f"agree {a.det_agreement:.2f}")
 
 
 @dataclass(frozen=True)
@@ -219,11 +197,6 @@ class Interleaved:
     def aa_ratio(self) -> tuple[float, float, float] | None:
         return self.aa.ratio("baseline-copy") if self.aa is not None else None
 
-    def line(self) -> str:
-        tail = "" if self.status == "ok" else f"; {self.status}: {self.reason}"
-        return (f"{'A/A, A/B':<9} {self.target:<17} A/A {ratio_text(self.aa_ratio())}, A/B quantized/baseline "
-                f"{ratio_text(self.ab.ratio('quantized'))} (paired median [{CI_TEXT}]){tail}")
-
 
 @dataclass(frozen=True)
 class Skip:
@@ -238,16 +211,6 @@ class Skip:
 
     def line(self) -> str:
         return f"skip {self.target}: {self.reason}"
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """One of the two models: what the user passed and what the exporter was given."""
-
-    source: str
-    checkpoint: str
-    kind: str  # fp | ternary | ttq-training
-    summary: dict
 
 
 @dataclass(frozen=True)
@@ -284,7 +247,7 @@ class BenchResult:
     created: str
     options: dict
     environment: Environment
-    models: dict  # baseline | quantized -> ModelInfo
+    models: dict  # baseline | quantized -> deployable.PreparedModel
     skipped: list  # Skip
     rows: list  # TargetRow
     interleaved: list  # Interleaved
@@ -365,6 +328,16 @@ def _section(columns: tuple, items: list) -> list[str]:
     lines = [" ".join(f"{fmt_cell(_value(x, v), f) if f else _value(x, v):{'>' if f else '<'}{w}}"
                       for _, w, f, v in columns) for x in items]
     return [head, "-" * len(head), *lines]
+
+
+def progress_line(item: TargetRow | Interleaved) -> str:
+    """One row's or target's figures as the benchmark goes: its table cells after their headers, then why it is not
+    ok."""
+    row = isinstance(item, TargetRow)
+    columns = ROW_COLUMNS[2:] if row else INTERLEAVED_COLUMNS[1:-1]
+    cells = [f"{h} {fmt_cell(_value(item, v), f) if f else _value(item, v)}" for h, _, f, v in columns]
+    head = f"{item.model if row else 'A/A, A/B':<9} {item.target:<17}"
+    return f"{head} {'  '.join(cells)}" + ("" if item.status == "ok" else f"; {item.status}: {item.reason}")
 
 
 def format_table(r: BenchResult) -> str:

@@ -8,6 +8,7 @@ import os
 import sys
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import ConfigError, check_dataset, check_device, dataset_errors
@@ -16,6 +17,20 @@ from ..io import CheckpointError, atomic_write_bytes, load_model, safe_loading
 EXPORTED = (".onnx", ".engine", "_openvino_model")  # exports Ultralytics' validator runs as they are
 
 BOX_METRICS = ("precision", "recall", "mAP50", "mAP50-95")  # the order of Ultralytics' box.mean_results()
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    """The box metrics of one validation (the latency benchmark's mAP of an export)."""
+
+    map50: float
+    map50_95: float
+    precision: float
+    recall: float
+
+    @classmethod
+    def of(cls, metrics: dict) -> Accuracy:  # validate's metrics
+        return cls(metrics["mAP50"], metrics["mAP50-95"], metrics["precision"], metrics["recall"])
 
 
 def box_metrics(results) -> dict[str, float]:
