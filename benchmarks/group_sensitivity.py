@@ -1,10 +1,13 @@
 #!/usr/bin/env python
-"""Sensitivity of each layer group to each weight kind, for choosing a mixed plan: every group of the wide plan
-(wide_plan_order.GROUPS) quantized alone, post-training (no training: TTQ's Wp/Wn and LSQ's steps initialised from the
-weights as training starts), at 4 and 2 bits (LSQ) and ternary (TTQ), then validated; with each group's parameter
-count, so the mAP lost can be set against the bytes saved. A cheap proxy for trained sensitivity.
+"""Sensitivity of each layer group to each weight kind, for choosing a mixed plan and the wide plan's stage order
+(the group that loses least goes first): every group of the wide plan (GROUPS) quantized alone, post-training (no
+training: TTQ's Wp/Wn and LSQ's steps initialised from the weights as training starts), at 4 and 2 bits (LSQ) and
+ternary (TTQ), then validated; with each group's parameter count, so the mAP lost can be set against the bytes
+saved. A cheap proxy for trained sensitivity.
 
   python benchmarks/group_sensitivity.py --out benchmarks/results/group_sensitivity.json
+  python benchmarks/group_sensitivity.py --kinds ttq --out ...  (the wide plan's order; wide_plan_order.json came
+                                                                 from its predecessor wide_plan_order.py, 40fc91f)
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ import dataclasses
 from pathlib import Path
 
 from common import REPO, parser, print_table, provenance, require
-from wide_plan_order import GROUPS
 
 from yolo_tq.config import StageConfig, load_config
 from yolo_tq.eval.validate import validate
@@ -22,6 +24,12 @@ from yolo_tq.io import save_stock_checkpoint, write_json
 from yolo_tq.quant.apply import export_ternary, quantized_modules
 from yolo_tq.train.stages import post_training_model
 
+GROUPS = {  # name: (layers, include_1x1, detect_head)
+    "neck P4/P5 (17,19,20,22)": ([17, 19, 20, 22], True, False),
+    "backbone deep + neck P3 (7,8,9,13,16)": ([7, 8, 9, 13, 16], True, False),
+    "backbone early (1-6)": ([1, 2, 3, 4, 5, 6], True, False),
+    "Detect head inner convs": ([23], True, True),
+}
 KINDS = {"int4": {"kind": "int", "bits": 4}, "int2": {"kind": "int", "bits": 2}, "ttq": {"kind": "ttq"}}
 
 
