@@ -89,13 +89,13 @@ def provenance() -> dict:
     import torch
     import ultralytics
 
-    from yolo_tq.machine import package_versions
+    from yolo_tq.machine import cpu_identity, package_versions
 
     return {"command": " ".join([Path(sys.executable).name, *sys.argv]), "commit": git("rev-parse", "HEAD"),
             "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node(), "cpu_count": os.cpu_count(),
             "python": platform.python_version(), "torch": torch.__version__, "ultralytics": ultralytics.__version__,
-            "packages": package_versions()}
+            "packages": package_versions(), "cpu": cpu_identity()}
 
 
 def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:

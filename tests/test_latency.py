@@ -456,12 +456,15 @@ def test_run_benchmark_result(tmp_path, tiny_fp_checkpoint, ternary_checkpoint, 
 def test_machine_facts():
     from importlib import metadata
 
-    from yolo_tq.machine import CPU_FLAGS, cpu_features, importable, module_versions, package_versions
+    from yolo_tq.machine import CPU_FLAGS, cpu_features, cpu_identity, importable, module_versions, package_versions
 
     assert package_versions(("numpy", "no-such-distribution")) == {"numpy": metadata.version("numpy")}
     assert importable("numpy") and not importable("no_such_module") and not importable("numpy..bad")
     assert module_versions(("numpy", "no_such_module")) == {"numpy": np.__version__, "no_such_module": None}
     assert set(cpu_features()) == set(CPU_FLAGS)
+    if Path("/proc/cpuinfo").is_file() and "model name" in Path("/proc/cpuinfo").read_text():
+        assert cpu_identity()["model name"] and set(cpu_identity()) <= {"model name", "cpu family", "model", "stepping",
+                                                                         "microcode"}
 
 
 def test_progress_lines_show_the_table_cells_and_why_not_ok():

@@ -31,6 +31,18 @@ def cpu_features() -> dict[str, bool]:
     return {n: n in flags for n in CPU_FLAGS}
 
 
+def cpu_identity() -> dict[str, str]:
+    """The CPU's name, family, model, stepping and microcode (per /proc/cpuinfo's first processor): two machines with
+    the same name and flags can still differ here, and training is bit-exact only on the same CPU."""
+    keys, out = ("model name", "cpu family", "model", "stepping", "microcode"), {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines():
+            key, _, value = (part.strip() for part in line.partition(":"))
+            if key in keys:
+                out[key] = value
+    return out
+
+
 def module_versions(modules=RUNTIME_MODULES) -> dict[str, str | None]:
     """Each module's __version__ (None where not installed; an import failure is reported, not raised)."""
     out = {}
