@@ -50,6 +50,31 @@ def test_reconstruction_fits_the_stage_layers_to_the_teacher():
     assert all(p.grad is None for p in teacher.parameters())
 
 
+def test_detect_head_stage_reconstructs_on_its_raw_predictions():
+    """A stage that quantizes the Detect head's inner convs (layer 23): the student (train mode) returns the raw
+    prediction dict, the teacher (eval mode) (decoded, dict); both are compared by their boxes and scores. Before this,
+    such a stage (configs/plans/int4_all.yaml's last) stopped at its first reconstruction step."""
+    from yolo_tq.train.reconstruct import output_tensors
+
+    torch.manual_seed(0)
+    teacher = build_model(nc=2).eval()
+    student = copy.deepcopy(teacher).train()
+    install_stage(student, StagePlan("head", (23,), include_1x1=True, detect_head=True,
+                                     spec=QuantSpec(kind="int", bits=4)))
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        raw = teacher(images)[1]
+        got = forward_outputs(teacher, images, [22, 23])
+    assert [t.shape for t in got[1:]] == [raw["boxes"].shape, raw["scores"].shape]
+    assert torch.equal(got[1], raw["boxes"]) and torch.equal(got[2], raw["scores"]) and got[0].dim() == 4
+    params = [p for p in student.model[23].parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=1e-3)
+    losses = [reconstruction_step(student, teacher, [23], images, opt) for _ in range(10)]
+    assert torch.isfinite(torch.tensor(losses)).all() and losses[-1] < losses[0]
+    with pytest.raises(TypeError, match="a list"):
+        output_tensors([torch.zeros(1)])
+
+
 def _config(tmp_path, weights, data, steps) -> str:
     path = tmp_path / "rec.yaml"
     path.write_text(textwrap.dedent(f"""

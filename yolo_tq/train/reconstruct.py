@@ -26,9 +26,23 @@ from .distillation import feature_distillation
 from .resolution import train_loader_at
 
 
+def output_tensors(out) -> list[torch.Tensor]:
+    """The tensors a layer's output is compared by: a tensor itself; for the Detect head, its raw box and class
+    predictions, which training mode returns as a dict and eval mode (the teacher) as (decoded, dict); its "feats"
+    are the head's inputs, not its outputs."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict):
+        out = out[1]
+    if isinstance(out, dict):
+        raw = out.get("one2many", out)  # an end-to-end head: its one-to-many branch
+        return [raw["boxes"], raw["scores"]]
+    raise TypeError(f"cannot reconstruct a layer whose output is a {type(out).__name__}")
+
+
 def forward_outputs(model: nn.Module, x: torch.Tensor, layers: list[int]) -> list[torch.Tensor]:
-    """Outputs of `layers` (model.model indices), running the DetectionModel's layers in order with its routing
-    (`m.f`) and stopping after the deepest one."""
+    """Outputs of `layers` (model.model indices) as tensors (output_tensors, in layer order), running the
+    DetectionModel's layers in order with its routing (`m.f`) and stopping after the deepest one."""
     keep, saved, outputs = set(layers), {}, {}
     for m in model.model[: max(layers) + 1]:
         if m.f != -1:
@@ -38,7 +52,7 @@ def forward_outputs(model: nn.Module, x: torch.Tensor, layers: list[int]) -> lis
             saved[m.i] = x
         if m.i in keep:
             outputs[m.i] = x
-    return [outputs[i] for i in layers]
+    return [t for i in layers for t in output_tensors(outputs[i])]
 
 
 def reconstruction_step(student: nn.Module, teacher: nn.Module, layers: list[int], images: torch.Tensor,
