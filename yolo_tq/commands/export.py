@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 from ..formats.deploy_onnx import KINDS, REST_CHOICES
@@ -70,8 +71,6 @@ def format_result(r) -> str:
 
 def run(a: argparse.Namespace) -> int:
     os.environ.setdefault("YOLO_OFFLINE", "1")
-    from dataclasses import asdict
-
     from ..config import ConfigError
     from ..deploy.deployable import export_deployable
     from ..io import write_json
