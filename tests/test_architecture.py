@@ -1,6 +1,6 @@
 """The package's shape: every module imports, imports run downward only (quant → formats → train, eval → deploy →
-commands → cli, with io, its pickle_scan and machine at the bottom and the plan and config above formats), there is no import
-circle, and no file or function outgrows its room."""
+commands → cli, with io, its pickle_scan and machine at the bottom and the plan and config above formats), there is
+no import circle, and no file or function outgrows its room."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from conftest import REPO
 
 PACKAGE = REPO / "yolo_tq"
 # bottom to top; a module may import from its own layer or any layer below it
-LAYERS = [("io", "pickle_scan", "machine"), ("quant",), ("formats",), ("plan", "config"), ("train", "eval"), ("deploy",),
-          ("commands", "report"), ("cli", "__main__")]
+LAYERS = [("io", "pickle_scan", "machine"), ("quant",), ("formats",), ("plan", "config"), ("train", "eval"),
+          ("deploy",), ("commands", "report"), ("cli", "__main__")]
 MAX_FILE_LINES, MAX_FUNCTION_LINES = 400, 50
 FILE_LIMITS = {"formats/packed.py": 450}
 
