@@ -226,6 +226,28 @@ def test_int8_rest_is_smaller_and_stock_ultralytics_runs_it(tiny_models, tmp_pat
     assert "names {0: 'c0', 1: 'c1'}" in p.stdout
 
 
+def test_export_leaves_no_temporary_folder(tiny_models, tmp_path, monkeypatch):
+    """Without --workdir the intermediate files go to a temporary folder that is removed, after success and after a
+    refused export alike; with --workdir they stay there."""
+    import tempfile
+
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    ok = export(tiny_models["ternary"], "--out", tmp_path / "t.onnx", "--imgsz", 64, "--json", tmp_path / "t.json")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert json.loads((tmp_path / "t.json").read_text())["fp_onnx"] == ""
+    from ultralytics.nn.tasks import ClassificationModel
+
+    from yolo_tq.io import save_stock_checkpoint
+
+    cls = save_stock_checkpoint(ClassificationModel("yolo11n-cls.yaml", nc=3, verbose=False), tmp_path / "cls.pt")
+    assert export(cls, "--out", tmp_path / "c.onnx", "--imgsz", 64).returncode != 0
+    assert list(temp.iterdir()) == []
+    kept = export(tiny_models["ternary"], "--out", tmp_path / "k.onnx", "--imgsz", 64, "--workdir", tmp_path / "w")
+    assert kept.returncode == 0 and list((tmp_path / "w").rglob("*.onnx")) and list(temp.iterdir()) == []
+
+
 def test_packed_file_exports(tiny_models, tmp_path):
     from yolo_tq.formats.packed import write_packed
     from yolo_tq.io import load_model

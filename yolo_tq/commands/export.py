@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="data yaml whose val images the output check uses (default: Ultralytics' samples)")
     p.add_argument("--check-images", type=positive_int, default=4, help="images for the output check (default 4)")
     p.add_argument("--workdir", type=output_path,
-                   help="where the intermediate FP export goes (default: a new temporary folder)")
+                   help="keep the intermediate files (the FP export) here (default: a temporary folder, removed after)")
     p.add_argument("--json", type=output_path, help="also write what was written and measured to this JSON file")
     p.add_argument("--tensorrt", action="store_true",
                    help="also build a TensorRT FP16 engine from the ONNX (beside it, .engine; needs TensorRT)")

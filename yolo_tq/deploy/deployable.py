@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -140,7 +140,7 @@ class DeployResult:
     pytorch_weights_compared: int
     outputs: dict = field(default_factory=dict)  # agreement with PyTorch and the FP ONNX
     seconds: float = 0.0
-    fp_onnx: str = ""  # the plain FP32 export it was made from (in the work folder)
+    fp_onnx: str = ""  # the plain FP32 export it was made from, in --workdir ("" without one: it was temporary)
 
 
 def _stock_input(path: Path, work: Path):
@@ -180,7 +180,6 @@ def export_deployable(source: str | Path, out: str | Path, imgsz: int = 640, res
                       workdir: str | Path | None = None, data: str | None = None, check_images: int = 4,
                       batch: int = 1, log=print) -> DeployResult:
     """Write the deployable ONNX of `source` to `out` (atomically, only after every check passed)."""
-    import onnx
     import onnxruntime as ort
 
     if rest not in REST_CHOICES:
@@ -188,8 +187,18 @@ def export_deployable(source: str | Path, out: str | Path, imgsz: int = 640, res
     if tuple(int(x) for x in ort.__version__.split(".")[:2]) < tuple(int(x) for x in ORT_MIN_VERSION.split(".")):
         raise CheckpointError(f"onnxruntime {ort.__version__} is too old for the deployable ONNX; it needs "
                               f">= {ORT_MIN_VERSION} (pip install -U onnxruntime)")
-    t0, src = time.perf_counter(), Path(source)
-    work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="yolo_tq_export_"))
+    if workdir:
+        return _export_in(Path(workdir), Path(source), out, imgsz, rest, data, check_images, batch, log)
+    with tempfile.TemporaryDirectory(prefix="yolo_tq_export_") as tmp:  # removed on success and on error alike
+        return replace(_export_in(Path(tmp), Path(source), out, imgsz, rest, data, check_images, batch, log),
+                       fp_onnx="")
+
+
+def _export_in(work: Path, src: Path, out, imgsz, rest, data, check_images, batch, log) -> DeployResult:
+    """export_deployable's work, its intermediate files (the FP ONNX among them) kept in `work`."""
+    import onnx
+
+    t0 = time.perf_counter()
     prepared, model = _stock_input(src, work)
     n_ternary = prepared.summary["deploy"]["ternary_convs"]
     log(f"{src}: {n_ternary} of the fused model's convs are ternary per channel")
