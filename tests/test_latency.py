@@ -89,8 +89,8 @@ def test_latency_stats_known_values():
 def test_ratios():
     assert ratios({"mean_ms": 2.0}, {"mean_ms": 4.0}) == {"mean_ms": 0.5}
     assert ratios({"mean_ms": 1.0}, {"mean_ms": 0}) == {"mean_ms": None}  # no ratio to a zero baseline
-    r = ratios({"mean_ms": 5.0, "file_mb": 2.0, "gpu_mem_mb": None}, {"mean_ms": 10.0, "file_mb": 2.0})
-    assert r == {"mean_ms": 0.5, "file_mb": 1.0}
+    r = ratios({"mean_ms": 5.0, "file_bytes": 2000, "gpu_mem_mb": None}, {"mean_ms": 10.0, "file_bytes": 2000})
+    assert r == {"mean_ms": 0.5, "file_bytes": 1.0}
 
 
 def test_cycle_ratios_cancel_a_position_bias():
@@ -438,7 +438,7 @@ def test_run_benchmark_result(tmp_path, tiny_fp_checkpoint, ternary_checkpoint, 
         else:
             assert i.status == "refused" and i.reason.startswith(f"A/A check read {med:.3f}")
     c = r.comparisons[0].ratios
-    assert c["file_mb"] == pytest.approx(1.0, rel=0.05) and c["file_gz_mb"] < 1.0  # same size dense, compresses better
+    assert c["file_bytes"] == pytest.approx(1.0, rel=0.05) and c["file_gz_bytes"] < 1.0  # same size dense, compresses better
     assert r.models["quantized"].kind == "ternary" and r.environment.loadavg_after
     d = json.loads(Path(save_record(r, tmp_path / "r.json")).read_text())  # --json's file rebuilds the same records
     assert d["models"]["quantized"]["checkpoint"] == str(r.models["quantized"].checkpoint)
@@ -472,11 +472,11 @@ def test_progress_lines_show_the_table_cells_and_why_not_ok():
                                          "fp32") for d in (0.0, 1.45))
     common = dict(model="quantized", target="onnxruntime-cpu", family="onnxruntime", device="cpu", precision="fp32")
     ok = TargetRow(**common, status="ok", clock="perf_counter", agreement=agrees, latency=latency_stats([0.02, 0.03]),
-                   memory=Memory(peak_rss_mb=512.4))
+                   memory=Memory(peak_rss_mb=512.4), file_bytes=1_994_999, file_gz_bytes=1_004_999)
     assert progress_line(ok) == ("quantized onnxruntime-cpu   prec fp32  status ok  max|Δ| 0  agree 1.00  mean ms 25.00  "
-                                 "median 25.00  p95 29.50  img/s 40.0  mem MB 512  file MB -  gz MB -  mAP -")
+                                 "median 25.00  p95 29.50  img/s 40.0  mem MiB 512  file MB 1.99  gz MB 1.00  mAP -")
     refused = TargetRow(**common, status="refused", reason="disagrees with PyTorch", agreement=disagrees)
-    assert progress_line(refused).endswith("mean ms -  median -  p95 -  img/s -  mem MB -  file MB -  gz MB -  mAP -; "
+    assert progress_line(refused).endswith("mean ms -  median -  p95 -  img/s -  mem MiB -  file MB -  gz MB -  mAP -; "
                                            "refused: disagrees with PyTorch")
 
 

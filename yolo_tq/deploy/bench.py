@@ -20,7 +20,7 @@ from . import backends
 from ..machine import cpu_features, module_versions
 from .backends import FAMILIES, TARGETS, Target, openvino_default_precision, reference_outputs, target
 from .deployable import ExportError, export_artifact, prepare_checkpoint
-from .measure import AA_TOLERANCE, MB, file_bytes
+from .measure import AA_TOLERANCE, file_bytes
 from .results import (ABResult, BenchResult, Environment, Interleaved, Skip, TargetRow, WorkerSpec, comparisons,
                       progress_line, save_arrays)
 from .worker import one_line, run_worker
@@ -130,8 +130,8 @@ def _time_model(t: Target, role: str, art, o: BenchOptions, work: Path, log, rou
         path, export_s = art
         row = _time(t, [(role, str(path))], "row", o, work, work / role, refs=str(work / role / "refs.npz"),
                     min_agreement=o.min_agreement, activation_rounding=rounding)
-        row = replace(row, artifact=str(path), export_s=export_s, file_mb=file_bytes(path) / MB,
-                      file_gz_mb=file_bytes(path, compressed=True) / MB)
+        row = replace(row, artifact=str(path), export_s=export_s, file_bytes=file_bytes(path),
+                      file_gz_bytes=file_bytes(path, compressed=True))
     log(progress_line(row))
     if row.agreement is not None and row.agreement.explanation:
         log(f"{'':<27} {row.agreement.explanation}")

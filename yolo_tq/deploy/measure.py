@@ -18,9 +18,9 @@ import numpy as np
 AA_TOLERANCE = 0.03  # an A/A check (baseline against itself) must read 1.00 ± this for a target's A/B to count
 CI_LEVEL = 0.95
 BOOTSTRAP_RESAMPLES = 2000
-MB = 1024 * 1024
+MIB = 1024 * 1024  # memory figures (*_mb) are in MiB, as RSS is usually read; file sizes are in bytes
 RATIO_FIGURES = ("mean_ms", "median_ms", "p95_ms", "throughput_ips", "peak_rss_mb", "added_rss_mb", "gpu_mem_mb",
-                 "file_mb", "file_gz_mb")
+                 "file_bytes", "file_gz_bytes")
 
 
 class PerfCounterClock:
@@ -172,12 +172,12 @@ def _cuda_used_mb() -> float:
 
     torch.cuda.synchronize()
     free, total = torch.cuda.mem_get_info()
-    return (total - free) / MB
+    return (total - free) / MIB
 
 
 @dataclass(frozen=True)
 class Memory:
-    """Peak RSS of the measuring process (since its reset, else its start); on CUDA the device memory added."""
+    """Peak RSS of the measuring process (since its reset, else its start); on CUDA the device memory added. MiB."""
 
     peak_rss_mb: float
     rss_base_mb: float | None = None
@@ -207,7 +207,7 @@ class MemoryMeter:
             import torch
 
             gpu = {"gpu_mem_mb": _cuda_used_mb() - self.cuda_base,
-                   "torch_peak_alloc_mb": torch.cuda.max_memory_allocated() / MB}
+                   "torch_peak_alloc_mb": torch.cuda.max_memory_allocated() / MIB}
         return Memory(peak_rss_mb=peak, rss_base_mb=base, added_rss_mb=None if base is None else peak - base,
                       peak_rss_reset=self.reset, **gpu)
 

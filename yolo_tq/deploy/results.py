@@ -14,8 +14,9 @@ from ..eval.validate import Accuracy
 from ..io import atomic_write_bytes, write_json
 from .measure import AA_TOLERANCE, CI_LEVEL, Latency, Memory, ratios, within_band
 
-SCHEMA = "yolo-tq/latency/3"  # 2: rows hold typed parts (agreement, latency, memory, accuracy) instead of flat keys;
-# 3: per target an A/A check and the A/B pass (`interleaved`: Interleaved), ratios per rotation cycle with an interval
+SCHEMA = "yolo-tq/latency/4"  # 2: rows hold typed parts (agreement, latency, memory, accuracy) instead of flat keys;
+# 3: per target an A/A check and the A/B pass (`interleaved`: Interleaved), ratios per rotation cycle with an interval;
+# 4: file sizes in bytes (file_bytes, file_gz_bytes; 3 held file_mb in MiB), the table's MB are 10^6 bytes
 STATUSES = ("ok", "refused", "failed")
 CI_TEXT = f"{CI_LEVEL:.0%} bootstrap interval"
 LATENCY_FIGURES = ("mean_ms", "median_ms", "p95_ms", "throughput_ips")
@@ -81,8 +82,8 @@ class TargetRow:
     reason: str = ""
     artifact: str = ""
     export_s: float | None = None
-    file_mb: float | None = None
-    file_gz_mb: float | None = None
+    file_bytes: int | None = None
+    file_gz_bytes: int | None = None  # after zlib (measure.file_bytes)
     load_s: float | None = None
     inference_precision: str = ""
     notes: str = ""
@@ -122,10 +123,20 @@ class TargetRow:
             return None
         return self.memory.gpu_mem_mb if self.device == "cuda" else self.memory.peak_rss_mb
 
+    @property
+    def file_mb(self) -> float | None:
+        """The file's size in MB of 10^6 bytes, as every size in this project is given."""
+        return None if self.file_bytes is None else self.file_bytes / 1e6
+
+    @property
+    def file_gz_mb(self) -> float | None:
+        return None if self.file_gz_bytes is None else self.file_gz_bytes / 1e6
+
     def figures(self) -> dict[str, float | None]:
         """Figure -> value (latency, memory, file size), for ratios."""
         parts = [asdict(p) for p in (self.latency, self.memory) if p is not None]
-        return {**{k: v for p in parts for k, v in p.items()}, "file_mb": self.file_mb, "file_gz_mb": self.file_gz_mb}
+        return {**{k: v for p in parts for k, v in p.items()}, "file_bytes": self.file_bytes,
+                "file_gz_bytes": self.file_gz_bytes}
 
 
 @dataclass(frozen=True)
@@ -298,7 +309,7 @@ ROW_COLUMNS = (("model", 9, "", "model"), ("target", 17, "", "target"), ("prec",
                ("status", 8, "", "status"), ("max|Δ|", 8, ".3g", "agreement.max_abs"),
                ("agree", 5, ".2f", "agreement.det_agreement"), ("mean ms", 8, ".2f", "latency.mean_ms"),
                ("median", 8, ".2f", "latency.median_ms"), ("p95", 8, ".2f", "latency.p95_ms"),
-               ("img/s", 7, ".1f", "latency.throughput_ips"), ("mem MB", 7, ".0f", "memory_mb"),
+               ("img/s", 7, ".1f", "latency.throughput_ips"), ("mem MiB", 7, ".0f", "memory_mb"),
                ("file MB", 7, ".2f", "file_mb"), ("gz MB", 6, ".2f", "file_gz_mb"),
                ("mAP", 6, ".4f", "accuracy.map50_95"))
 INTERLEAVED_COLUMNS = (("interleaved", 17, "", "target"),
@@ -309,7 +320,7 @@ COMPARISON_COLUMNS = (("quantized / baseline, separate runs", 36, "", lambda c: 
                       ("mean", 6, ".3f", "ratios.mean_ms"), ("median", 6, ".3f", "ratios.median_ms"),
                       ("p95", 6, ".3f", "ratios.p95_ms"), ("img/s", 6, ".3f", "ratios.throughput_ips"),
                       ("mem", 6, ".3f", lambda c: c.ratios.get("gpu_mem_mb", c.ratios.get("peak_rss_mb"))),
-                      ("file", 6, ".3f", "ratios.file_mb"), ("gz", 6, ".3f", "ratios.file_gz_mb"),
+                      ("file", 6, ".3f", "ratios.file_bytes"), ("gz", 6, ".3f", "ratios.file_gz_bytes"),
                       ("ΔmAP", 7, "+.4f", "delta_map50_95"))
 
 
