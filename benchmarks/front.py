@@ -11,6 +11,7 @@ interrupted stage resumes from its last.pt.
 
   python benchmarks/front.py --seeds 0 1 --out benchmarks/results/front.json
   python benchmarks/front.py --train-only --plans configs/plans/int4.yaml --seeds 0
+  python benchmarks/front.py --merge core0.json core1.json --out benchmarks/results/front.json   (one run per core)
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--workdir", default=str(REPO / "benchmarks" / "work" / "front"))
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "front.json"))
     p.add_argument("--plot", default=None, help="front.png path (default: next to --out)")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="train and measure nothing: add the rows and training records of these front JSONs (runs "
+                        "made one per core) to --out, then write its table and plot")
     return p.parse_args()
 
 
@@ -131,8 +135,35 @@ def references(a, work: Path) -> list[dict]:
     return rows + [ref]
 
 
+def merge_results(result: dict, others: list[dict]) -> dict:
+    """`result` with the rows and training records of `others` added; a plan and seed measured twice must read the
+    same bytes and mAPs (kept once), a stage trained twice under one seed is refused."""
+    figures = lambda r: {k: v for k, v in r.items() if k == "bytes" or k.startswith("mAP50-95@")}
+    for other in others:
+        for row in other["rows"]:
+            same = [r for r in result["rows"] if (r["plan"], r["seed"]) == (row["plan"], row["seed"])]
+            if same and figures(same[0]) != figures(row):
+                raise SystemExit(f"error: {row['plan']} seed {row['seed']} reads {figures(row)} in one file and "
+                                 f"{figures(same[0])} in another; measure it once")
+            if not same:
+                result["rows"].append(row)
+        for seed, stages in other.get("training", {}).items():
+            mine = result["training"].setdefault(seed, {})
+            for stage in set(stages) & set(mine):
+                if stages[stage] != mine[stage]:
+                    raise SystemExit(f"error: stage {stage} of {seed} was trained in two runs; keep one")
+            mine.update(stages)
+    return result
+
+
 def main() -> None:
     a = parse_args()
+    if a.merge:
+        out = Path(a.out)
+        result = json.loads(out.read_text()) if out.is_file() else {"benchmark": "front", "rows": [], "training": {}}
+        merge_results(result, [json.loads(Path(require(f, "front JSON")).read_text()) for f in a.merge])
+        result["merged_from"] = sorted(set(result.get("merged_from", [])) | {str(f) for f in a.merge})
+        return finish(result, a, out)
     a.weights, a.data = require(a.weights, "weights"), require(a.data, "data yaml")
     files = plan_files(a)
     out = Path(a.out)
@@ -151,7 +182,7 @@ def main() -> None:
             if a.train_only or any(r["plan"] == name and r["seed"] == seed for r in result["rows"]):
                 continue
             row = {"plan": name, "seed": seed, "checkpoints": used,
-                   **measure(used[-1], f"{name}_s{seed}", a, Path(a.workdir) / "measure")}
+                   **measure(used[-1], f"{name}_s{seed}", a, Path(a.workdir) / "measure"), "provenance": provenance()}
             result["rows"].append(row)
             write_json(result, out)
             print(f"[front] {name} seed {seed}: {row['bytes']:,} B, " +

@@ -82,3 +82,19 @@ def test_front_summary_and_points_by_hand():
     assert s[0]["mean@640"] == pytest.approx(0.31) and s[0]["seeds@640"] == "0.3000 / 0.3200"
     # b is larger and less accurate than a: off the front; c and d trade size for accuracy; e ties a's size
     assert front([(1.0, 0.31), (2.0, 0.29), (0.5, 0.2), (3.0, 0.4), (1.0, 0.30)]) == [2, 0, 3]
+
+
+def test_front_merge_adds_rows_and_refuses_disagreeing_ones():
+    """Runs made one per core write separate JSONs; --merge joins their rows and training records, keeps a row
+    read the same twice once, and refuses a plan and seed (or a trained stage) that two files disagree on."""
+    front = front_module()
+    row = lambda plan, seed, m: {"plan": plan, "seed": seed, "bytes": 1000, "mAP50-95@320": m, "mAP50-95@640": m}
+    mine = {"rows": [row("a", 0, 0.3)], "training": {"s0": {"st1": {"wall_s": 5.0}}}}
+    other = {"rows": [row("a", 0, 0.3), row("b", 0, 0.2), row("a", 1, 0.31)], "training": {"s0": {"st2": {"wall_s": 7.0}}}}
+    merged = front.merge_results(mine, [other])
+    assert [(r["plan"], r["seed"]) for r in merged["rows"]] == [("a", 0), ("b", 0), ("a", 1)]
+    assert merged["training"] == {"s0": {"st1": {"wall_s": 5.0}, "st2": {"wall_s": 7.0}}}
+    with pytest.raises(SystemExit, match="b seed 0 reads"):
+        front.merge_results(merged, [{"rows": [row("b", 0, 0.25)], "training": {}}])
+    with pytest.raises(SystemExit, match="stage st1 of s0 was trained in two runs"):
+        front.merge_results(merged, [{"rows": [], "training": {"s0": {"st1": {"wall_s": 6.0}}}}])
