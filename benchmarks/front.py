@@ -140,6 +140,9 @@ def merge_results(result: dict, others: list[dict]) -> dict:
     same bytes and mAPs (kept once), a stage trained twice under one seed is refused."""
     figures = lambda r: {k: v for k, v in r.items() if k == "bytes" or k.startswith("mAP50-95@")}
     for other in others:
+        budget = {k: v for k, v in other.get("budget", {}).items() if k != "seeds"}
+        if budget and result.setdefault("budget", budget) != budget:
+            raise SystemExit(f"error: the files were trained on different budgets: {result['budget']} and {budget}")
         for row in other["rows"]:
             same = [r for r in result["rows"] if (r["plan"], r["seed"]) == (row["plan"], row["seed"])]
             if same and figures(same[0]) != figures(row):

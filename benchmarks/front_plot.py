@@ -48,6 +48,13 @@ def plot_front(summary: list[dict], size: int, path: Path) -> Path:
     best = front(pts)
     ax.plot([pts[i][0] for i in best], [pts[i][1] for i in best], "--", color="black", lw=1, label="front")
     ax.set_xscale("log")
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+
+    lo, hi = min(p[0] for p in pts), max(p[0] for p in pts)
+    ax.xaxis.set_major_locator(FixedLocator([t for t in (1, 1.25, 1.5, 2, 2.5, 3, 4, 5, 7, 10, 15, 20, 30, 50, 100)
+                                             if lo / 1.3 <= t <= hi * 1.3]))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))  # plain MB numbers, not powers of ten
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("deployable file (MB, log scale)")
     ax.set_ylabel(f"mAP50-95 at {size} (coco128 val half)")
     ax.set_title("yolo11n: accuracy against file size (mean of seeds; bars: seed range)")

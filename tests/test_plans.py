@@ -96,5 +96,7 @@ def test_front_merge_adds_rows_and_refuses_disagreeing_ones():
     assert merged["training"] == {"s0": {"st1": {"wall_s": 5.0}, "st2": {"wall_s": 7.0}}}
     with pytest.raises(SystemExit, match="b seed 0 reads"):
         front.merge_results(merged, [{"rows": [row("b", 0, 0.25)], "training": {}}])
+    with pytest.raises(SystemExit, match="different budgets"):
+        front.merge_results({**merged, "budget": {"epochs_per_stage": 10}}, [{"rows": [], "budget": {"epochs_per_stage": 5}}])
     with pytest.raises(SystemExit, match="stage st1 of s0 was trained in two runs"):
         front.merge_results(merged, [{"rows": [], "training": {"s0": {"st1": {"wall_s": 6.0}}}}])
