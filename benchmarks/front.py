@@ -81,8 +81,9 @@ def check_shared_names(plans: dict) -> dict[str, list[str]]:
     return users
 
 
-def train_plan_stages(cfg, log: dict) -> list[str]:
-    """Train the plan's stages that are not done (resuming an interrupted one); the checkpoints it used."""
+def train_plan_stages(cfg, log: dict, save=lambda: None) -> list[str]:
+    """Train the plan's stages that are not done (resuming an interrupted one); the checkpoints it used. `save` runs
+    after each trained stage, so a run stopped in a later stage keeps the earlier ones' records."""
     from yolo_tq.train.stages import train_stages
 
     used = []
@@ -96,6 +97,7 @@ def train_plan_stages(cfg, log: dict) -> list[str]:
         t0 = time.perf_counter()
         train_stages(cfg, [n], resume=resume)
         log[stage.name] = {"wall_s": time.perf_counter() - t0, "resumed": resume, "provenance": provenance()}
+        save()
     return used
 
 
@@ -180,7 +182,7 @@ def main() -> None:
             if a.measure_only and not all(stage_outputs(cfg, s).ternary.is_file() for s in cfg.stages):
                 print(f"[front] {name} seed {seed}: not trained yet, skipped (--measure-only)", flush=True)
                 continue
-            used = train_plan_stages(cfg, result["training"].setdefault(f"s{seed}", {}))
+            used = train_plan_stages(cfg, result["training"].setdefault(f"s{seed}", {}), lambda: write_json(result, out))
             write_json(result, out)
             if a.train_only or any(r["plan"] == name and r["seed"] == seed for r in result["rows"]):
                 continue

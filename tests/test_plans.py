@@ -100,3 +100,31 @@ def test_front_merge_adds_rows_and_refuses_disagreeing_ones():
         front.merge_results({**merged, "budget": {"epochs_per_stage": 10}}, [{"rows": [], "budget": {"epochs_per_stage": 5}}])
     with pytest.raises(SystemExit, match="stage st1 of s0 was trained in two runs"):
         front.merge_results(merged, [{"rows": [], "training": {"s0": {"st1": {"wall_s": 6.0}}}}])
+
+
+def test_front_keeps_each_trained_stage_record_before_the_next_stage(tmp_path, monkeypatch):
+    """A run stopped in stage 2 has already saved stage 1's record; finished stages are not trained again."""
+    import yolo_tq.train.stages as stages
+    from yolo_tq.config import stage_outputs
+
+    front = front_module()
+    cfg = load_config(REPO / "configs" / "plans" / "ttq12_int4_stage3.yaml", {"checkpoint_dir": str(tmp_path)})
+    saved, trained = [], []
+
+    def fake_train(cfg_, numbers, resume=False):
+        stage = cfg_.stages[numbers[0] - 1]
+        if numbers == [2]:
+            raise KeyboardInterrupt  # the run is stopped during stage 2
+        out = stage_outputs(cfg_, stage)
+        out.ternary.parent.mkdir(parents=True)
+        out.ternary.write_bytes(b"x")
+        trained.append(stage.name)
+
+    monkeypatch.setattr(stages, "train_stages", fake_train)
+    log = {}
+    with pytest.raises(KeyboardInterrupt):
+        front.train_plan_stages(cfg, log, lambda: saved.append(sorted(log)))
+    assert trained == ["stage1"] and saved == [["stage1"]] and log["stage1"]["resumed"] is False
+    monkeypatch.setattr(stages, "train_stages", lambda cfg_, numbers, resume=False: trained.append(numbers))
+    used = front.train_plan_stages(cfg, {})
+    assert trained == ["stage1", [2], [3]] and [u.split("/")[-2] for u in used] == ["stage1", "stage2", "stage3_int4"]
