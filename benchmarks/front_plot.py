@@ -31,6 +31,15 @@ def front(points: list[tuple[float, float]]) -> list[int]:
     return sorted(keep, key=lambda i: points[i][0])
 
 
+def label_below(pts: list[tuple[float, float]], dx_log: float = 0.15, dy: float = 0.012) -> list[bool]:
+    """For each (MB, mAP) point, whether its label goes below it: when another point sits close to its right (within
+    `dx_log` in log10 MB and `dy` in mAP), where the label would run into that point's label."""
+    import math
+
+    return [any(0 <= math.log10(b[0] / a[0]) < dx_log and abs(b[1] - a[1]) < dy for j, b in enumerate(pts) if j != i)
+            for i, a in enumerate(pts)]
+
+
 def plot_front(summary: list[dict], size: int, path: Path) -> Path:
     """mAP50-95 at `size` against deployable MB: a marker per plan with its seed range, the front as a line."""
     import matplotlib
@@ -40,11 +49,11 @@ def plot_front(summary: list[dict], size: int, path: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
     pts = [(r["MB"], r[f"mean@{size}"]) for r in summary]
-    for r, (mb, acc) in zip(summary, pts):
+    for r, (mb, acc), below in zip(summary, pts, label_below(pts)):
         ref = r["seeds"] == [None]
         err = [[acc - r[f"min@{size}"]], [r[f"max@{size}"] - acc]]
         ax.errorbar(mb, acc, yerr=err, fmt="s" if ref else "o", color="gray" if ref else None, capsize=3)
-        ax.annotate(r["plan"], (mb, acc), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.annotate(r["plan"], (mb, acc), textcoords="offset points", xytext=(5, -11 if below else 4), fontsize=8)
     best = front(pts)
     ax.plot([pts[i][0] for i in best], [pts[i][1] for i in best], "--", color="black", lw=1, label="front")
     ax.set_xscale("log")

@@ -128,3 +128,12 @@ def test_front_keeps_each_trained_stage_record_before_the_next_stage(tmp_path, m
     monkeypatch.setattr(stages, "train_stages", lambda cfg_, numbers, resume=False: trained.append(numbers))
     used = front.train_plan_stages(cfg, {})
     assert trained == ["stage1", [2], [3]] and [u.split("/")[-2] for u in used] == ["stage1", "stage2", "stage3_int4"]
+
+
+def test_front_labels_go_below_when_a_point_sits_close_to_the_right():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from front_plot import label_below
+
+    # int2 / ttq12_int4_stage3 and the FP INT8 / OpenVINO pair of front.png; a point far away keeps its label above
+    assert label_below([(1.722, 0.3128), (1.737, 0.3138), (2.734, 0.4498), (3.426, 0.4535), (1.2, 0.247)]) == \
+        [True, False, True, False, False]
