@@ -183,7 +183,6 @@ def main() -> None:
                 print(f"[front] {name} seed {seed}: not trained yet, skipped (--measure-only)", flush=True)
                 continue
             used = train_plan_stages(cfg, result["training"].setdefault(f"s{seed}", {}), lambda: write_json(result, out))
-            write_json(result, out)
             if a.train_only or any(r["plan"] == name and r["seed"] == seed for r in result["rows"]):
                 continue
             row = {"plan": name, "seed": seed, "checkpoints": used,
