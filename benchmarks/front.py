@@ -141,10 +141,13 @@ def merge_results(result: dict, others: list[dict]) -> dict:
     """`result` with the rows and training records of `others` added; a plan and seed measured twice must read the
     same bytes and mAPs (kept once), a stage trained twice under one seed is refused."""
     figures = lambda r: {k: v for k, v in r.items() if k == "bytes" or k.startswith("mAP50-95@")}
+    trained_on = lambda r: {k: v for k, v in r.get("budget", {}).items() if k != "seeds"}  # files differ in seeds
     for other in others:
-        budget = {k: v for k, v in other.get("budget", {}).items() if k != "seeds"}
-        if budget and result.setdefault("budget", budget) != budget:
-            raise SystemExit(f"error: the files were trained on different budgets: {result['budget']} and {budget}")
+        budget, mine = trained_on(other), trained_on(result)
+        if budget and mine and mine != budget:
+            raise SystemExit(f"error: the files were trained on different budgets: {mine} and {budget}")
+        if budget or mine:
+            result["budget"] = mine or budget
         for row in other["rows"]:
             same = [r for r in result["rows"] if (r["plan"], r["seed"]) == (row["plan"], row["seed"])]
             if same and figures(same[0]) != figures(row):
@@ -165,6 +168,8 @@ def main() -> None:
     a = parse_args()
     if a.merge:
         out = Path(a.out)
+        if any(Path(f).resolve() == out.resolve() for f in a.merge):
+            raise SystemExit(f"error: --out {out} is one of the --merge files; --out is the file they are added to")
         result = json.loads(out.read_text()) if out.is_file() else {"benchmark": "front", "rows": [], "training": {}}
         merge_results(result, [json.loads(Path(require(f, "front JSON")).read_text()) for f in a.merge])
         result["merged_from"] = sorted(set(result.get("merged_from", [])) | {str(f) for f in a.merge})

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, run
 from yolo_tq.config import ConfigError, load_config, stage_plan
 
 PLANS = sorted((REPO / "configs" / "plans").glob("*.yaml"))
@@ -137,3 +137,24 @@ def test_front_labels_go_below_when_a_point_sits_close_to_the_right():
     # int2 / ttq12_int4_stage3 and the FP INT8 / OpenVINO pair of front.png; a point far away keeps its label above
     assert label_below([(1.722, 0.3128), (1.737, 0.3138), (2.734, 0.4498), (3.426, 0.4535), (1.2, 0.247)]) == \
         [True, False, True, False, False]
+
+
+def test_front_merge_into_a_run_file_compares_budgets_without_the_seeds():
+    """A run's JSON records the seeds it ran in its budget; merging another seed's run into it is the same budget."""
+    front = front_module()
+    budget = {"epochs_per_stage": 10, "batch": 16, "imgsz": 640}
+    run_s0 = {"rows": [], "training": {}, "budget": {**budget, "seeds": [0]}}
+    merged = front.merge_results(run_s0, [{"rows": [], "training": {}, "budget": {**budget, "seeds": [1]}}])
+    assert merged["budget"] == budget  # a merged file holds several seeds: its budget names none
+    with pytest.raises(SystemExit, match="different budgets"):
+        front.merge_results(merged, [{"rows": [], "budget": {**budget, "batch": 8, "seeds": [1]}}])
+
+
+def test_front_merge_refuses_an_out_that_is_one_of_its_inputs(tmp_path):
+    import json
+
+    run_json = tmp_path / "run_s0.json"
+    run_json.write_text(json.dumps({"rows": [], "training": {}}))
+    p = run(REPO / "benchmarks" / "front.py", "--merge", run_json, "--out", run_json)
+    assert p.returncode != 0 and "is one of the --merge files" in p.stderr and "Traceback" not in p.stderr
+    assert json.loads(run_json.read_text()) == {"rows": [], "training": {}}
